@@ -1,0 +1,279 @@
+"""The one training loop: stages, optimiser, LR schedule, evaluation and per-term loss logging.
+
+`Trainer` trains one student under one `TrialConfig` (a teacher is trained the same way, with method 'none').
+It yields one metrics dict per epoch; the caller (a Tune trial, a teacher task, a test) decides what to do
+with it. Its whole state fits in `state_dict()`, so a trial resumes from its last finished epoch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from kdtune import distill, models
+from kdtune.config import TrialConfig
+from kdtune.data import Dataset, DeviceData
+from kdtune.distill.base import Outputs
+from kdtune.errors import ConfigError, TrainingDiverged
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA when available (Ray restricts CUDA_VISIBLE_DEVICES to the trial's GPUs), else the CPU."""
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    def __init__(self, config: TrialConfig, dataset: Dataset, teacher_state: dict | None = None,
+                 device: torch.device | None = None, teacher_logits: torch.Tensor | None = None):
+        self.config = config
+        self.device = device or pick_device()
+        self.method = distill.method_class(config.method)(config)
+        torch.manual_seed(config.seed)
+
+        train_idx, val_idx = dataset.split(config.val_fraction)
+        mean, std = dataset.channel_stats(train_idx)
+        self.train = DeviceData(dataset, train_idx, mean, std, self.device, augment=config.uses_augmentation())
+        self.val = DeviceData(dataset, val_idx, mean, std, self.device)
+        self.test = DeviceData.test_split(dataset, mean, std, self.device)
+        # Stored with checkpoints and logged models so inputs can be normalised the same way at serving time.
+        self.normalisation = {"mean": mean.tolist(), "std": std.tolist(), "scale": dataset.scale}
+
+        self.student = models.build_model(config.student, dataset.num_classes, dataset.input_shape).to(self.device)
+        if self.device.type == "cuda" and config.precision == "bf16":
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.teacher = None
+        self.teacher_logits = None
+        if self.method.needs_teacher:
+            self._setup_teacher(dataset, teacher_state, teacher_logits)
+        self._student_tap = models.FeatureTap(self.student, _points(config.student, self.method.link_numbers()))
+        self._teacher_tap = None
+        if self.teacher is not None:
+            self._teacher_tap = models.FeatureTap(self.teacher, _points(config.teacher, self.method.link_numbers()))
+        self._probe_and_setup_method()
+        self.method.to(self.device)
+
+        parameters = list(self.student.parameters()) + list(self.method.parameters())
+        self.optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step_epochs,
+                                                         gamma=config.lr_gamma)
+        self.stages = self.method.stages()
+        self.total_epochs = sum(stage.epochs for stage in self.stages)
+        self.epoch = 0  # epochs finished, counted across stages
+        self.best_val_acc = -1.0
+        self.best_epoch = 0
+        self.best_state: dict | None = None
+        self.training_time_s = 0.0  # seconds spent in epochs (training + validation), across resumes
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _setup_teacher(self, dataset: Dataset, teacher_state, teacher_logits) -> None:
+        config = self.config
+        use_cache = teacher_logits is not None and config.teacher_cache != "off"
+        if config.teacher_cache == "on" and teacher_logits is None:
+            raise ConfigError("teacher_cache='on' but no cached teacher logits were provided to the trial")
+        if use_cache and (self.method.needs_teacher_features or self.train.augment):
+            if config.teacher_cache == "on":
+                raise ConfigError(
+                    f"teacher_cache='on': method {config.method!r} with augment={self.train.augment} needs the "
+                    "teacher run on every batch (features or augmented inputs); set teacher_cache='auto' or 'off'"
+                )
+            use_cache = False
+        if use_cache:
+            if teacher_logits.shape != (len(dataset.train_labels), dataset.num_classes):
+                raise ConfigError(f"cached teacher logits have shape {tuple(teacher_logits.shape)}; expected "
+                                  f"({len(dataset.train_labels)}, {dataset.num_classes})")
+            self.teacher_logits = teacher_logits.to(self.device)
+            return
+        if teacher_state is None:
+            raise ConfigError(f"method {config.method!r} needs a teacher, but none was given to the trial")
+        teacher = models.build_model(config.teacher, dataset.num_classes, dataset.input_shape)
+        teacher.load_state_dict(teacher_state)
+        teacher.eval().requires_grad_(False)
+        self.teacher = teacher.to(self.device)
+        if self.device.type == "cuda" and config.precision == "bf16":
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+
+    def _probe_and_setup_method(self) -> None:
+        """One forward pass on a single batch to learn the linked feature shapes."""
+        images, _, _ = next(self.val.batches(2))
+        with torch.no_grad():
+            self.student.eval()
+            self.student(images)
+            if self._teacher_tap is not None:
+                self.teacher(images)
+        student_shapes = {k: v.shape for k, v in self._student_tap.features.items()}
+        teacher_shapes = {k: v.shape for k, v in (self._teacher_tap.features if self._teacher_tap else {}).items()}
+        self.method.setup(student_shapes, teacher_shapes)
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ---- training -----------------------------------------------------------------------------
+    def epochs(self) -> Iterator[dict]:
+        """Train the remaining epochs; yield each epoch's metrics. The last one includes test accuracy."""
+        while self.epoch < self.total_epochs:
+            stage = self._stage_of(self.epoch)
+            started = time.perf_counter()
+            term_means = self._train_one_epoch(stage)
+            self.scheduler.step()
+            self.epoch += 1
+            val_acc, val_loss = self.evaluate(self.val)
+            epoch_time = time.perf_counter() - started
+            self.training_time_s += epoch_time
+            if val_acc > self.best_val_acc:
+                self.best_val_acc, self.best_epoch = val_acc, self.epoch
+                self.best_state = copy.deepcopy(self.student.state_dict())
+            metrics = {
+                "epoch": self.epoch,
+                "stage": stage.name,
+                "val_acc": val_acc,
+                "val_loss": val_loss,
+                "best_val_acc": self.best_val_acc,
+                "best_epoch": self.best_epoch,
+                "train_loss": sum(term_means.values()),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_time_s": epoch_time,
+                "training_time_s": self.training_time_s,
+                **{f"loss_{name}": value for name, value in term_means.items()},
+            }
+            if self.epoch == self.total_epochs:
+                metrics.update(self.final_test_metrics())
+            yield metrics
+
+    def _stage_of(self, epoch: int):
+        for stage in self.stages:
+            if epoch < stage.epochs:
+                return stage
+            epoch -= stage.epochs
+        return self.stages[-1]
+
+    def _train_one_epoch(self, stage) -> dict[str, float]:
+        self.student.train()
+        self.method.train()
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        for images, labels, indices in self.train.batches(self.config.batch_size, generator):
+            if self.device.type == "cuda" and self.config.precision == "bf16":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out = self._forward(images, labels, indices)
+                terms = self.method.losses(out)
+            if stage.terms is not None:
+                terms = {name: value for name, value in terms.items() if name in stage.terms}
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            batches += 1
+        # One device sync per epoch, not per step; a NaN anywhere in the epoch shows in its sum.
+        means = {name: float(total) / batches for name, total in sums.items()}
+        bad = [name for name, value in means.items() if not math.isfinite(value)]
+        if bad:
+            raise TrainingDiverged(
+                f"loss term {bad[0]!r} became {means[bad[0]]} in epoch {self.epoch + 1} "
+                f"(lr={self.config.lr}); the trial is stopped"
+            )
+        return means
+
+    def _forward(self, images, labels, indices) -> Outputs:
+        student_logits = self.student(images)
+        out = Outputs(labels=labels, indices=indices, student_logits=student_logits,
+                      student_features=dict(self._student_tap.features))
+        if self.teacher_logits is not None:
+            out.teacher_logits = self.teacher_logits[indices]
+        elif self.teacher is not None:
+            with torch.inference_mode():
+                out.teacher_logits = self.teacher(images)
+            # inference tensors cannot enter autograd; clone to normal tensors (cheap, no grad needed)
+            out.teacher_logits = out.teacher_logits.clone()
+            out.teacher_features = {k: v.clone() for k, v in self._teacher_tap.features.items()}
+        return out
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: DeviceData, model: nn.Module | None = None) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of the student (or `model`) on a split."""
+        model = model or self.student
+        model.eval()
+        correct = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for images, labels, _ in split.batches(max(256, self.config.batch_size)):
+            with self._autocast():
+                logits = model(images)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+        return float(correct) / len(split), float(loss_sum) / len(split)
+
+    def final_test_metrics(self) -> dict:
+        test_acc, test_loss = self.evaluate(self.test)
+        metrics = {"test_acc": test_acc, "test_loss": test_loss}
+        if self.best_state is not None:
+            current = copy.deepcopy(self.student.state_dict())
+            self.student.load_state_dict(self.best_state)
+            metrics["test_acc_at_best_val"] = self.evaluate(self.test)[0]
+            self.student.load_state_dict(current)
+        return metrics
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "student": self.student.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "training_time_s": self.training_time_s,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+        self.best_val_acc = state["best_val_acc"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.training_time_s = state["training_time_s"]
+
+    def close(self) -> None:
+        self._student_tap.remove()
+        if self._teacher_tap is not None:
+            self._teacher_tap.remove()
+
+
+def _points(model_name: str, links: tuple[int, ...]) -> dict[int, str]:
+    points = models.model_spec(model_name).link_points
+    return {k: points[k] for k in links}
+
+
+@torch.no_grad()
+def teacher_logits_for(teacher_name: str, teacher_state: dict, dataset: Dataset, val_fraction: float,
+                       device: torch.device | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Teacher logits for every training sample, on un-augmented inputs, row i = sample index i."""
+    device = device or pick_device()
+    train_idx, _ = dataset.split(val_fraction)
+    mean, std = dataset.channel_stats(train_idx)
+    teacher = models.build_model(teacher_name, dataset.num_classes, dataset.input_shape)
+    teacher.load_state_dict(teacher_state)
+    teacher.eval().to(device)
+    every = DeviceData(dataset, torch.arange(len(dataset.train_labels)), mean, std, device)
+    logits = torch.empty(len(every), dataset.num_classes)
+    for images, _, indices in every.batches(batch_size):
+        logits[indices.cpu()] = teacher(images).float().cpu()
+    return logits

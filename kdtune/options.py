@@ -1,0 +1,105 @@
+"""Command-line options every study script shares, and the one way a study script ends.
+
+    parser = study_parser("Temperature sweep (seed 000 Table 3)")
+    args = parser.parse_args()
+    spec = spec_from_args(args, name="temperature_sweep", variants=[...])
+    finish(run_study, spec)      # prints the table; a KdtuneError becomes one line on stderr and exit 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdtune.config import TrialConfig
+from kdtune.errors import ConfigError, KdtuneError
+
+
+def study_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    where = parser.add_argument_group("where it runs")
+    where.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local Ray")
+    where.add_argument("--storage", help="Tune storage path (shared NFS path or s3://... on a cluster); "
+                                         "default: <store>/ray_results")
+    where.add_argument("--tracking-uri", help="MLflow tracking server (http://host:5000); default: an embedded "
+                                              "server over <store>/mlflow.db")
+    where.add_argument("--store", default=".kdtune", help="local folder for the embedded MLflow store and Tune results")
+    where.add_argument("--data-dir", help="where datasets live or are downloaded to (default: $KDTUNE_DATA_DIR or "
+                                          "~/.cache/kdtune/data)")
+    where.add_argument("--no-download", action="store_true", help="never download a dataset; fail if it is missing")
+    what = parser.add_argument_group("what it trains")
+    what.add_argument("--dataset", default="digits", help="digits (bundled, no download), cifar10, cifar100")
+    what.add_argument("--teacher", help="teacher architecture (default: the dataset's, e.g. vgg16 for CIFAR)")
+    what.add_argument("--student", help="student architecture (default: the dataset's, e.g. vgg7 for CIFAR)")
+    what.add_argument("--teacher-source", help="teacher weights: models:/name@alias or a .pt file; default: the "
+                                               "registered teacher for this dataset, else train one")
+    what.add_argument("--epochs", type=int, help="student epochs (default: the dataset recipe's)")
+    what.add_argument("--teacher-epochs", type=int, help="teacher epochs when it must be trained")
+    what.add_argument("--lr", type=float, help="student learning rate (default: the dataset recipe's)")
+    what.add_argument("--batch-size", type=int, help="student batch size (default: the dataset recipe's)")
+    what.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (GPUs, CPUs with AMX)")
+    what.add_argument("--seeds", type=int, default=1, help="repeats of every configuration (seeds 0..N-1)")
+    what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other trial config value for every student trial, e.g. --set weight_decay=5e-4")
+    how = parser.add_argument_group("resources")
+    how.add_argument("--cpus-per-trial", type=float, default=1.0)
+    how.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials, e.g. 0.25")
+    how.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    how.add_argument("--register-as", help="registered model name for the best student "
+                                           "(default: kdtune-<dataset>-<student>)")
+    return parser
+
+
+def parse_set_options(pairs: list[str]) -> dict:
+    known = TrialConfig.field_names()
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set weight_decay=5e-4")
+        if key not in known:
+            raise ConfigError(f"--set {key}: unknown config key; allowed: {', '.join(sorted(known))}")
+        values[key] = value
+    return values
+
+
+def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **spec_fields):
+    from kdtune.study import StudySpec
+
+    overrides = parse_set_options(args.set)
+    for key in ("epochs", "lr", "batch_size", "precision"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    teacher_overrides = {"epochs": args.teacher_epochs} if args.teacher_epochs is not None else {}
+    if args.precision:
+        teacher_overrides["precision"] = args.precision
+    return StudySpec(
+        name=name, dataset=args.dataset, variants=variants, overrides=overrides,
+        teacher_overrides=teacher_overrides, seeds=args.seeds, teacher=args.teacher, student=args.student,
+        teacher_source=args.teacher_source, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
+        storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
+        download=not args.no_download, register_as=args.register_as, **spec_fields,
+    )
+
+
+def finish(run, spec) -> int:
+    """Run the study, print its table; turn a user error into one line and exit status 2."""
+    try:
+        result = run(spec)
+    except KdtuneError as error:
+        print(f"kdtune: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print()
+    if spec.title:
+        print(spec.title)
+    print(result.table())
+    failed = [t for t in result.trials if t["error"]]
+    for trial in failed:
+        print(f"failed: {trial['label']} seed={trial['seed']}: {trial['error']}")
+    share = result.training_time_s / result.wall_time_s if result.wall_time_s else 0.0
+    print(f"\nbest (by validation): {result.best_label}; registered as champion version {result.champion_version}")
+    print(f"wall time {result.wall_time_s:.1f}s; trial training time {result.training_time_s:.1f}s "
+          f"(sum over trials = {share:.2f} x wall time)")
+    print(f"mlflow: {result.tracking_uri} experiment {result.experiment_id}, study run {result.parent_run_id}")
+    return 0

@@ -1,0 +1,250 @@
+"""The MLflow layer: the embedded server, parent and child runs, batched metrics, models and the registry.
+
+Trials talk HTTP to one tracking server (never to a shared SQLite file directly, which locks under parallel
+writers). Without `--tracking-uri`, kdtune serves a SQLite-backed MLflow on a loopback port for the study.
+A trial's child run is found again by its `kdtune.trial_key` tag, so a retried or resumed trial continues its
+own run instead of opening a second one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdtune.errors import TrackingError
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_KEY_TAG = "kdtune.trial_key"
+UI_SUFFIX = "?workflowType=machine_learning"  # MLflow 3.17 opens the GenAI view otherwise
+
+
+# ---- the embedded server ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedServer:
+    """`mlflow server` on 127.0.0.1 over a SQLite store and a local artifact folder."""
+
+    def __init__(self, store_dir: str | Path, port: int | None = None):
+        self.store_dir = Path(store_dir).resolve()
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def backend_uri(self) -> str:
+        return f"sqlite:///{self.store_dir / 'mlflow.db'}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", self.backend_uri,
+            "--artifacts-destination", str(self.store_dir / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+
+    def start(self, timeout_s: float = 120.0) -> "EmbeddedServer":
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.store_dir / "server.log", "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TrackingError(f"the embedded MLflow server exited with code {self.process.returncode}; "
+                                    f"see {self.store_dir / 'server.log'}")
+            if _healthy(self.uri):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise TrackingError(f"the embedded MLflow server did not answer on {self.uri} within {timeout_s:.0f}s; "
+                            f"see {self.store_dir / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+        self.process = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _healthy(uri: str, timeout_s: float = 3.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail early, with one line, if the tracking URI cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        if not _healthy(uri, timeout_s=5.0):
+            raise TrackingError(
+                f"tracking URI {uri} is unreachable (no answer from {uri.rstrip('/')}/health); start a server "
+                "(`kdtune mlflow serve`) or leave out --tracking-uri to use kdtune's embedded one"
+            )
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
+    else:
+        raise TrackingError(f"tracking URI {uri!r}: use http(s)://host:port (an MLflow server) or sqlite:///path.db")
+
+
+def ui_link(uri: str, experiment_id: str) -> str:
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_SUFFIX}"
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """What a trial needs to find its place in MLflow (picklable, shipped through Ray)."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def client_for(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def find_child_run(client, context: TrackingContext, trial_key: str):
+    runs = client.search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and tags.`{TRIAL_KEY_TAG}` = '{trial_key}'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
+class ChildRun:
+    """A trial's child run: opened once, continued after a retry or resume, closed with the model logged."""
+
+    def __init__(self, context: TrackingContext, trial_key: str, run_name: str, params: dict, tags: dict | None = None):
+        self.context = context
+        self.client = client_for(context.uri)
+        existing = find_child_run(self.client, context, trial_key)
+        if existing is not None:
+            self.run_id = existing.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                context.experiment_id,
+                run_name=run_name,
+                tags={PARENT_TAG: context.parent_run_id, TRIAL_KEY_TAG: trial_key, **(tags or {})},
+            )
+            self.run_id = run.info.run_id
+            log_params(self.client, self.run_id, params)
+
+    def log_epoch(self, metrics: dict, step: int) -> None:
+        log_metrics(self.client, self.run_id, numeric_metrics(metrics), step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_model(self, model: nn.Module, input_example: torch.Tensor, name: str = "student") -> str:
+        """Log the model with an input example; return its model URI (what the registry takes)."""
+        import mlflow
+
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name=name, input_example=input_example.numpy(),
+                pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "kdtune"],
+            )
+        # start_run's context marks the run FINISHED on exit; the caller decides the final status
+        self.set_tags({"kdtune.model_uri": info.model_uri})
+        return info.model_uri
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def fail(self, reason: str) -> None:
+        self.set_tags({"kdtune.failure": reason[:4000]})
+        self.finish("FAILED")
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+class ServableModel(nn.Module):
+    """The student with its input normalisation built in: takes images scaled to [0, 1], returns logits."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def register_model(model_uri: str, name: str, alias: str, tags: dict) -> str:
+    """Register a logged model as a new version of `name`, tag it and point `alias` at it; return the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="kdtune students (alias 'champion' = current best)")
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version
