@@ -158,8 +158,14 @@ def _cifar_loader(name: str) -> Callable[[Path, bool], Dataset]:
                     f"{name}: {folder / missing[0]} not found and downloads are off; download "
                     f"{_CIFAR_URL + files.archive} and extract it into {data_dir} (so that {folder} exists)"
                 )
+            created = not data_dir.exists()
             data_dir.mkdir(parents=True, exist_ok=True)
-            _download_cifar(files, data_dir)
+            try:
+                _download_cifar(files, data_dir)
+            except DatasetError:
+                if created and not any(data_dir.iterdir()):
+                    data_dir.rmdir()  # leave nothing behind that we made
+                raise
         train_images, train_labels = _read_cifar_batches(folder, files.train_files, files.label_key)
         test_images, test_labels = _read_cifar_batches(folder, files.test_files, files.label_key)
         for split, labels in (("train", train_labels), ("test", test_labels)):

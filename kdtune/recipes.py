@@ -28,6 +28,9 @@ RECIPES: dict[str, dict] = {
 
 
 def recipe_for(dataset: str) -> dict:
+    from kdtune.data import dataset_info
+
+    dataset_info(dataset)  # an unknown dataset gets the same message everywhere
     if dataset not in RECIPES:
         raise ConfigError(f"dataset={dataset!r}: no recipe; allowed: {', '.join(sorted(RECIPES))}")
     return RECIPES[dataset]

@@ -42,7 +42,9 @@ def load_teacher_state(source: str, arch: str, dataset: Dataset) -> dict:
         except Exception as error:  # MLflow raises several types for a missing model/alias
             raise TrackingError(f"teacher {source}: could not be loaded from MLflow ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0] if str(error) else ''})") from None
-        state = (loaded.model if isinstance(loaded, ServableModel) else loaded).state_dict()
+        # kdtune logs a ServableModel (normalisation + network); MLflow may hand it back as an exported
+        # GraphModule, so take the network's weights by their "model." prefix rather than by class.
+        state = {k[len("model."):]: v for k, v in loaded.state_dict().items() if k.startswith("model.")}
     else:
         path = Path(source)
         if not path.is_file():

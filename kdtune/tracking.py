@@ -133,7 +133,8 @@ def client_for(uri: str):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
+    mlflow.set_registry_uri(uri)  # else the registry may default to a local ./mlflow.db
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def get_or_create_experiment(client, name: str) -> str:

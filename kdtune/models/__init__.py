@@ -69,7 +69,7 @@ def check_links(teacher: str, student: str, links: tuple[int, ...]) -> None:
     for link in links:
         if link not in common:
             raise ConfigError(
-                f"links: link {link} is not a link point of both {teacher} and {student}; "
+                f"links={','.join(map(str, links))}: link {link} is not a link point of both {teacher} and {student}; "
                 f"allowed: {', '.join(map(str, common)) or 'none'}"
             )
 

@@ -1,0 +1,77 @@
+"""The loss terms against values worked out by hand (see the comments) on small tensors."""
+import math
+
+import pytest
+import torch
+
+from kdtune.config import TrialConfig
+from kdtune.distill import method_class
+from kdtune.distill.base import Outputs
+from kdtune.distill.links import make_adapter
+from kdtune.distill.losses import feature_mse, hard_loss, soft_loss
+
+STUDENT = torch.tensor([[1.0, 2.0, 3.0]])
+TEACHER = torch.tensor([[3.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize("temperature, expected", [
+    # p = softmax(teacher / T), q = softmax(student / T); T^2 * sum p log(p / q)
+    (1.0, 1.6851240160639807),
+    (2.0, 2.0738163287413798),
+    (4.0, 2.1545412566786353),
+])
+def test_soft_loss_is_t_squared_kl_of_temperature_softmaxes(temperature, expected):
+    assert soft_loss(STUDENT, TEACHER, temperature).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_loss_averages_over_the_batch_and_vanishes_when_student_matches():
+    batch_s = torch.cat([STUDENT, TEACHER])
+    batch_t = torch.cat([TEACHER, TEACHER])
+    assert soft_loss(batch_s, batch_t, 2.0).item() == pytest.approx(2.0738163287413798 / 2, rel=1e-6)
+    assert soft_loss(TEACHER, TEACHER, 0.6).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hard_loss_is_cross_entropy_at_t1():
+    # -log softmax([1, 2, 3])[0] = -log(e / (e + e^2 + e^3))
+    expected = -math.log(math.e / (math.e + math.e**2 + math.e**3))
+    assert hard_loss(STUDENT, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_method_weights_each_term():
+    config = TrialConfig.from_flat({"method": "kd", "alpha": 0.6, "hard_weight": 0.05, "temperature": 2.0})
+    terms = method_class("kd")(config).losses(
+        Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT, teacher_logits=TEACHER))
+    assert terms["hard"].item() == pytest.approx(0.05 * 2.40760596444438, rel=1e-6)
+    assert terms["soft"].item() == pytest.approx(0.6 * 2.0738163287413798, rel=1e-6)
+    # the default hard weight is 1 - alpha
+    config = TrialConfig.from_flat({"method": "kd", "alpha": 0.75, "temperature": 1.0})
+    terms = method_class("kd")(config).losses(
+        Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT, teacher_logits=TEACHER))
+    assert terms["hard"].item() == pytest.approx(0.25 * 2.40760596444438, rel=1e-6)
+
+
+def test_intermediate_term_is_beta_times_sum_of_mse_over_links():
+    config = TrialConfig.from_flat({"method": "links", "links": "1,2", "beta": 10, "alpha": 0.0, "hard_weight": 0.0})
+    method = method_class("links")(config)
+    student_features = {1: torch.zeros(1, 2, 2, 2), 2: torch.ones(1, 3)}
+    teacher_features = {1: torch.full((1, 2, 2, 2), 2.0), 2: torch.full((1, 3), 4.0)}
+    method.setup({k: v.shape for k, v in student_features.items()}, {k: v.shape for k, v in teacher_features.items()})
+    terms = method.losses(Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT,
+                                  teacher_logits=TEACHER, student_features=student_features,
+                                  teacher_features=teacher_features))
+    # link 1: mean((0-2)^2) = 4, link 2: mean((1-4)^2) = 9 -> 10 * 13; no hard or soft term at weight 0
+    assert set(terms) == {"intermediate"}
+    assert terms["intermediate"].item() == pytest.approx(130.0)
+
+
+def test_adapters_only_where_widths_differ():
+    assert isinstance(make_adapter(torch.Size([1, 64, 8, 8]), torch.Size([1, 64, 8, 8]), 1), torch.nn.Identity)
+    conv = make_adapter(torch.Size([1, 8, 8, 8]), torch.Size([1, 32, 8, 8]), 1)
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) and conv.out_channels == 32
+    assert isinstance(make_adapter(torch.Size([1, 32]), torch.Size([1, 256]), 4), torch.nn.Linear)
+    with pytest.raises(Exception, match="differ in spatial size"):
+        make_adapter(torch.Size([1, 8, 4, 4]), torch.Size([1, 8, 8, 8]), 2)
+
+
+def test_feature_mse():
+    assert feature_mse(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])).item() == pytest.approx(5.0)
