@@ -45,6 +45,8 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     how.add_argument("--cpus-per-trial", type=float, default=1.0)
     how.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials, e.g. 0.25")
     how.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    how.add_argument("--resume", metavar="STUDY_FOLDER",
+                     help="continue a stopped study from the folder it printed at its start")
     how.add_argument("--register-as", help="registered model name for the best student "
                                            "(default: kdtune-<dataset>-<student>)")
     return parser
@@ -79,27 +81,47 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
         teacher_source=args.teacher_source, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
-        download=not args.no_download, register_as=args.register_as, **spec_fields,
+        download=not args.no_download, register_as=args.register_as, resume=args.resume, **spec_fields,
     )
 
 
-def finish(run, spec) -> int:
-    """Run the study, print its table; turn a user error into one line and exit status 2."""
+def finish(run, spec, table=None) -> int:
+    """Run the study and print its table (`table(result)` for a paper-specific shape); a user error becomes
+    one line on stderr and exit status 2."""
     try:
         result = run(spec)
     except KdtuneError as error:
         print(f"kdtune: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print()
+    if "search" in result.phases:
+        print(search_table(result.phases["search"]))
+        print()
     if spec.title:
         print(spec.title)
-    print(result.table())
-    failed = [t for t in result.trials if t["error"]]
-    for trial in failed:
-        print(f"failed: {trial['label']} seed={trial['seed']}: {trial['error']}")
+    print(table(result) if table else result.table())
+    for phase, trials in result.phases.items():
+        for trial in trials:
+            if trial["error"]:
+                print(f"failed ({phase}): {trial['label']} seed={trial['seed']}: {trial['error']}")
     share = result.training_time_s / result.wall_time_s if result.wall_time_s else 0.0
     print(f"\nbest (by validation): {result.best_label}; registered as champion version {result.champion_version}")
     print(f"wall time {result.wall_time_s:.1f}s; trial training time {result.training_time_s:.1f}s "
           f"(sum over trials = {share:.2f} x wall time)")
     print(f"mlflow: {result.tracking_uri} experiment {result.experiment_id}, study run {result.parent_run_id}")
     return 0
+
+
+def search_table(trials: list[dict], top: int = 10) -> str:
+    """The search phase: best trials by validation accuracy, and how many epochs each one ran."""
+    ranked = sorted(trials, key=lambda t: t["metrics"].get("val_acc", -1.0), reverse=True)
+    stopped = sum(1 for t in trials if not t["error"] and "test_acc" not in t["metrics"])
+    epochs = sum(t["metrics"].get("epoch", 0) for t in trials)
+    lines = [f"search: {len(trials)} trials, {stopped} stopped early by ASHA, {epochs} epochs in all; best {top}:",
+             f"{'val acc':>8}  {'epochs':>6}  configuration"]
+    for t in ranked[:top]:
+        val = t["metrics"].get("val_acc")
+        note = "" if "test_acc" in t["metrics"] or t["error"] else " (stopped)"
+        lines.append(f"{'-' if val is None else f'{100 * val:.2f}%':>8}  {t['metrics'].get('epoch', 0):>6}  "
+                     f"{t['label']}{note}{' FAILED' if t['error'] else ''}")
+    return "\n".join(lines)

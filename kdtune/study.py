@@ -1,40 +1,61 @@
-"""The Ray Tune layer: validate a study, start or join Ray, run one trial per configuration, collect results.
+"""The Ray Tune layer: validate a study, start or join Ray, run its phases, collect and record the results.
 
     run_study(spec) -> StudyResult
-      validate every trial config, the dataset and the tracking server (before any trial starts)
+      validate every trial config (a search: its space, by sampling it), the dataset and the tracking server
       -> teacher (registry | file | trained once) -> object store (dataset, teacher weights, cached logits)
-      -> Tuner(grid over variants x seeds) -> distill_trial(config) per trial
+      -> phases, each one Tune experiment under the study folder:
+           grid study:   "grid"    variants x seeds, FIFO
+           search study: "search"  Optuna TPE (define-by-run) + ASHA on the trial's own epoch counter,
+                         "confirm" baseline and the best configuration found, x seeds
       -> summary table, results logged to the parent run, best student registered as @champion
+
+A study folder holds kdtune_study.json (the MLflow parent run, the phases); `resume` continues it: finished
+trials are kept, unfinished ones continue from their checkpoints, each in its own MLflow run.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Callable
 
 from kdtune import recipes, teachers, tracking
 from kdtune.config import TrialConfig
-from kdtune.data import Dataset, load_dataset
+from kdtune.data import load_dataset
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.models import count_parameters
+from kdtune.results import BASELINE_LABEL, format_table, pick_best, summarise
+from kdtune.trial import close_runs_callback, distill_trial, variant_of
 
-log = logging.getLogger("kdtune")
+STUDY_FILE = "kdtune_study.json"
+
+
+@dataclass
+class Search:
+    """An Optuna TPE search with ASHA early stopping. `suggest(trial)` is define-by-run: it calls
+    trial.suggest_*(name, ...) for the TrialConfig fields it searches (conditionally, as it likes) and may
+    return a dict of constants."""
+
+    suggest: Callable
+    num_samples: int = 30
+    time_budget_s: float | None = None
+    points_to_evaluate: list[dict] = field(default_factory=list)
+    grace_period: int = 1
+    reduction_factor: int = 3
+    seed: int = 0
 
 
 @dataclass
 class StudySpec:
-    """A study: a dataset, teacher and student, and the variants (partial trial configs) to compare."""
+    """A study: a dataset, teacher and student, and what to compare (grid variants or a search)."""
 
     name: str
     dataset: str = "digits"
-    variants: list[dict] = field(default_factory=list)  # each: {"label": ..., <TrialConfig fields>}
+    variants: list[dict] = field(default_factory=list)  # grid: each {"label": ..., <TrialConfig fields>}
+    search: Search | None = None
     overrides: dict = field(default_factory=dict)  # applied to every student trial (after the dataset recipe)
     teacher_overrides: dict = field(default_factory=dict)
     seeds: int = 1
@@ -52,6 +73,7 @@ class StudySpec:
     data_dir: str | None = None
     download: bool = True
     register_as: str | None = None
+    resume: str | None = None  # a study folder to continue
     label_header: str = "setting"
     title: str = ""
 
@@ -59,13 +81,15 @@ class StudySpec:
 @dataclass
 class StudyResult:
     spec: StudySpec
-    trials: list[dict]  # one per trial: label, seed, config, final metrics, error
-    summary: list[dict]  # one per label: mean/std over seeds
+    trials: list[dict]  # the trials that make the final table (grid, or confirm after a search)
+    summary: list[dict]
+    phases: dict[str, list[dict]]
     best_label: str | None
     champion_version: str | None
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
+    study_dir: str
     wall_time_s: float
     training_time_s: float
 
@@ -75,25 +99,50 @@ class StudyResult:
 
 # ---- validation -----------------------------------------------------------------------------------
 
-def trial_configs(spec: StudySpec) -> list[tuple[str, TrialConfig]]:
-    """Every (label, config) of the study, validated; raises ConfigError naming the bad value."""
-    if not spec.variants:
-        raise ConfigError(f"study {spec.name!r}: no variants to run")
+def check_spec(spec: StudySpec) -> list[TrialConfig]:
+    """Every trial config the study can produce, validated; raises ConfigError naming the bad value."""
     if not isinstance(spec.seeds, int) or spec.seeds < 1:
         raise ConfigError(f"seeds={spec.seeds!r}: must be a whole number >= 1")
     if not spec.cpus_per_trial > 0:
         raise ConfigError(f"cpus_per_trial={spec.cpus_per_trial}: must be > 0")
     if not spec.gpus_per_trial >= 0:
         raise ConfigError(f"gpus_per_trial={spec.gpus_per_trial}: must be >= 0")
+    if spec.max_concurrent is not None and spec.max_concurrent < 1:
+        raise ConfigError(f"max_concurrent={spec.max_concurrent}: must be >= 1")
+    if spec.search is None and not spec.variants:
+        raise ConfigError(f"study {spec.name!r}: no variants and no search to run")
     labels = [v.get("label") for v in spec.variants]
     if len(set(labels)) != len(labels) or None in labels:
         raise ConfigError(f"study {spec.name!r}: every variant needs a distinct 'label' (got {labels})")
     base = student_base(spec)
-    configs = []
-    for variant in spec.variants:
-        overrides = {k: v for k, v in variant.items() if k != "label"}
-        for seed in range(spec.seeds):
-            configs.append((variant["label"], TrialConfig.from_flat({**base, **overrides, "seed": seed})))
+    configs = [TrialConfig.from_flat({**base, **_without_label(v), "seed": seed})
+               for v in spec.variants for seed in range(spec.seeds)]
+    if spec.search is not None:
+        configs += _sample_search_space(spec.search, base)
+    return configs
+
+
+def _without_label(variant: dict) -> dict:
+    return {k: v for k, v in variant.items() if k != "label"}
+
+
+def _sample_search_space(search: Search, base: dict, samples: int = 48) -> list[TrialConfig]:
+    """Draw configurations from the define-by-run space (random sampler) and validate each one now,
+    so a bad range fails before any trial instead of inside one."""
+    import optuna
+
+    if search.num_samples < 1:
+        raise ConfigError(f"num_samples={search.num_samples}: must be >= 1")
+    if search.time_budget_s is not None and search.time_budget_s <= 0:
+        raise ConfigError(f"time_budget_s={search.time_budget_s}: must be > 0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
+    configs = [TrialConfig.from_flat({**base, **point}) for point in search.points_to_evaluate]
+    for _ in range(samples):
+        trial = study.ask()
+        constants = search.suggest(trial) or {}
+        configs.append(TrialConfig.from_flat({**base, **trial.params, **constants}))
+        study.tell(trial, 0.0)
     return configs
 
 
@@ -117,77 +166,17 @@ def teacher_config(spec: StudySpec) -> TrialConfig:
     })
 
 
-# ---- the trial ------------------------------------------------------------------------------------
-
-def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, teacher_logits, context,
-                  base: dict, threads: int) -> None:
-    """A Ray Tune function trainable: one student under one configuration."""
-    from ray import tune
-
-    from kdtune.engine import Trainer
-    from kdtune.errors import TrainingDiverged
-
-    torch.set_num_threads(max(1, threads))
-    variant = dict(config["variant"])
-    label = variant.pop("label")
-    trial_config = TrialConfig.from_flat({**base, **variant, "seed": config["seed"]})
-    trial_id = tune.get_context().get_trial_id()
-    run = tracking.ChildRun(context, trial_key=trial_id, run_name=f"{label} seed={trial_config.seed}",
-                            params=trial_config.to_flat(),
-                            tags={"kdtune.role": "student", "kdtune.label": label})
-    trainer = Trainer(trial_config, dataset, teacher_state, teacher_logits=teacher_logits)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(torch.load(Path(folder) / "trainer.pt", map_location=trainer.device,
-                                               weights_only=True))
-    run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(trainer.device)})
-    try:
-        for metrics in trainer.epochs():
-            run.log_epoch(metrics, step=metrics["epoch"])
-            extra = {"mlflow_run_id": run.run_id, "label": label, "seed": trial_config.seed}
-            if "test_acc" in metrics:
-                trainer.close()
-                servable = tracking.ServableModel(trainer.student, trainer.normalisation["mean"],
-                                                  trainer.normalisation["std"])
-                example = dataset.test_images[:2].float() * dataset.scale
-                extra["model_uri"] = run.log_model(_cpu_copy(servable), example)
-                run.finish()
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(trainer.state_dict(), Path(folder) / "trainer.pt")
-                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
-    except TrainingDiverged as error:
-        run.fail(str(error))
-        raise
-
-
-def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(module).cpu().eval()
-
-
-def _node_id() -> str:
-    import ray
-
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (tests calling the trainable directly)
-        return "local"
-
-
 # ---- the study ------------------------------------------------------------------------------------
 
 def run_study(spec: StudySpec, echo=print) -> StudyResult:
     started = time.perf_counter()
-    configs = trial_configs(spec)  # every bad value stops here, before anything starts
-    base = student_base(spec)
+    configs = check_spec(spec)  # every bad value stops here, before anything starts
     teacher_cfg = teacher_config(spec)
-    needs_teacher = any(c.method != "none" for _, c in configs)
+    saved = _read_study_file(spec) if spec.resume else None
     dataset = load_dataset(spec.dataset, spec.data_dir, spec.download)
     store = Path(spec.store_dir).resolve()
     server = None
-    uri = spec.tracking_uri
+    uri = spec.tracking_uri or (saved or {}).get("tracking_uri_external")
     if uri:
         tracking.check_tracking_uri(uri)
     else:
@@ -195,78 +184,184 @@ def run_study(spec: StudySpec, echo=print) -> StudyResult:
         server = tracking.EmbeddedServer(store).start()
         uri = server.uri
     try:
-        return _run(spec, configs, base, teacher_cfg, needs_teacher, dataset, uri, store, started, echo)
+        return _Study(spec, configs, teacher_cfg, dataset, uri, store, saved, echo).run(started)
     finally:
         if server:
             server.stop()
             echo(f"mlflow: embedded server stopped; browse the results with: kdtune mlflow serve --store {store}")
 
 
-def _run(spec, configs, base, teacher_cfg, needs_teacher, dataset, uri, store, started, echo) -> StudyResult:
-    import ray
-    from ray import tune
+class _Study:
+    def __init__(self, spec, configs, teacher_cfg, dataset, uri, store, saved, echo):
+        self.spec, self.configs, self.teacher_cfg, self.dataset = spec, configs, teacher_cfg, dataset
+        self.uri, self.store, self.saved, self.echo = uri, store, saved, echo
+        self.base = student_base(spec)
+        self.client = tracking.client_for(uri)
 
-    client = tracking.client_for(uri)
-    experiment_id = tracking.get_or_create_experiment(client, spec.name)
-    parent = client.create_run(experiment_id, run_name=f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                               tags={"kdtune.role": "study", "kdtune.study": spec.name})
-    parent_id = parent.info.run_id
-    echo(f"mlflow: study run {parent_id}: {tracking.ui_link(uri, experiment_id)}")
-    tracking.log_params(client, parent_id, {
-        "dataset": spec.dataset, "teacher": teacher_cfg.student, "student": base["student"],
-        "seeds": spec.seeds, "variants": len(spec.variants), "trials": len(configs),
-        "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
-        **{f"base.{k}": v for k, v in base.items() if k not in ("dataset", "teacher", "student")},
-    })
-    context = tracking.TrackingContext(uri, experiment_id, parent_id)
-    status = "FAILED"
-    try:
-        _init_ray(spec.address)
+    def run(self, started: float) -> StudyResult:
+        spec = self.spec
+        experiment_id, parent_id = self._open_parent_run()
+        self.echo(f"mlflow: study run {parent_id}: {tracking.ui_link(self.uri, experiment_id)}")
+        context = tracking.TrackingContext(self.uri, experiment_id, parent_id)
+        status = "FAILED"
+        try:
+            study_dir = self._study_dir()
+            _write_study_file(study_dir, {"name": spec.name, "parent_run_id": parent_id,
+                                          "experiment_id": experiment_id,
+                                          "tracking_uri_external": spec.tracking_uri})
+            self.echo(f"study folder: {study_dir}  (continue it with --resume {study_dir})")
+            _init_ray(spec.address)
+            trainable = self._trainable(context)
+            phases: dict[str, list[dict]] = {}
+            if spec.search is None:
+                phases["grid"] = self._run_phase("grid", trainable, study_dir, context,
+                                                 self._grid_space(spec.variants))
+            else:
+                phases["search"] = self._run_phase("search", trainable, study_dir, context, None)
+                best = _best_search_trial(phases["search"])
+                if best is None:
+                    raise KdtuneError("the search finished no trial; see the failures above")
+                confirm = [{"label": BASELINE_LABEL, "method": "none"},
+                           {"label": f"best: {best['label']}", **best["params"]}]
+                phases["confirm"] = self._run_phase("confirm", trainable, study_dir, context,
+                                                    self._grid_space(confirm))
+            final = phases.get("confirm") or phases["grid"]
+            summary = summarise(final)
+            best_label = pick_best(summary)
+            champion = self._register_best(final, best_label) if best_label else None
+            training_time = sum(t["metrics"].get("training_time_s", 0.0) for p in phases.values() for t in p)
+            result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
+                                 self.uri, str(study_dir), time.perf_counter() - started, training_time)
+            _log_study_results(self.client, parent_id, result)
+            status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.client.set_terminated(parent_id, status=status)
+
+    # ---- parts ------------------------------------------------------------------------------------
+    def _open_parent_run(self) -> tuple[str, str]:
+        spec = self.spec
+        if self.saved:
+            parent_id = self.saved["parent_run_id"]
+            self.client.update_run(parent_id, status="RUNNING")
+            return self.saved["experiment_id"], parent_id
+        experiment_id = tracking.get_or_create_experiment(self.client, spec.name)
+        parent = self.client.create_run(experiment_id, run_name=f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                        tags={"kdtune.role": "study", "kdtune.study": spec.name})
+        tracking.log_params(self.client, parent.info.run_id, {
+            "dataset": spec.dataset, "teacher": self.teacher_cfg.student, "student": self.base["student"],
+            "seeds": spec.seeds, "variants": len(spec.variants), "search": spec.search is not None,
+            "search.num_samples": spec.search.num_samples if spec.search else 0,
+            "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
+            **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
+        })
+        return experiment_id, parent.info.run_id
+
+    def _study_dir(self) -> Path:
+        if self.spec.resume:
+            return Path(self.spec.resume).resolve()
+        storage = self.spec.storage or str(self.store / "ray_results")
+        if "://" in storage:
+            raise ConfigError(f"storage={storage!r}: kdtune keeps its study folder on a mounted path; use a shared "
+                              "filesystem path (e.g. /shared/ray_results on NFS)")
+        folder = Path(storage).resolve() / f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder.mkdir(parents=True, exist_ok=False)
+        return folder
+
+    def _trainable(self, context):
+        from ray import tune
+
+        spec = self.spec
         teacher_state, teacher_logits = None, None
-        if needs_teacher:
-            teacher = teachers.obtain_teacher(teacher_cfg, dataset, spec.teacher_source, context,
-                                              spec.cpus_per_trial, spec.gpus_per_trial, log=echo)
-            client.set_tag(parent_id, "kdtune.teacher", teacher.source)
+        if any(c.method != "none" for c in self.configs):
+            teacher = teachers.obtain_teacher(self.teacher_cfg, self.dataset, spec.teacher_source, context,
+                                              spec.cpus_per_trial, spec.gpus_per_trial, log=self.echo)
+            self.client.set_tag(context.parent_run_id, "kdtune.teacher", teacher.source)
             teacher_state = teacher.state_dict
-            teacher_logits = _teacher_logits_if_useful(configs, teacher_cfg.student, teacher_state, dataset, spec)
-        trainable = tune.with_resources(
-            tune.with_parameters(distill_trial, dataset=dataset, teacher_state=teacher_state,
-                                 teacher_logits=teacher_logits, context=context, base=base,
+            teacher_logits = _teacher_logits_if_useful(self.configs, self.teacher_cfg.student, teacher_state,
+                                                       self.dataset, spec)
+        return tune.with_resources(
+            tune.with_parameters(distill_trial, dataset=self.dataset, teacher_state=teacher_state,
+                                 teacher_logits=teacher_logits, context=context, base=self.base,
                                  threads=int(spec.cpus_per_trial)),
             {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
         )
-        storage = spec.storage or str(store / "ray_results")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"variant": tune.grid_search(spec.variants), "seed": tune.grid_search(list(range(spec.seeds)))},
-            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.max_concurrent,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=storage if "://" in storage else str(Path(storage).resolve()),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1,
-            ),
+
+    def _grid_space(self, variants: list[dict]) -> dict:
+        from ray import tune
+
+        return {"variant": tune.grid_search(variants), "seed": tune.grid_search(list(range(self.spec.seeds)))}
+
+    def _run_phase(self, name: str, trainable, study_dir: Path, context, param_space: dict | None) -> list[dict]:
+        from ray import tune
+
+        path = study_dir / name
+        if self.spec.resume and tune.Tuner.can_restore(str(path)):
+            self.echo(f"{name}: resuming {path}")
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=param_space or {},
+                               tune_config=self._tune_config(name),
+                               run_config=self._run_config(name, study_dir, context))
+        return _collect(tuner.fit())
+
+    def _tune_config(self, phase: str):
+        from ray import tune
+
+        common = dict(reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        if phase != "search":
+            return tune.TuneConfig(max_concurrent_trials=self.spec.max_concurrent, **common)
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = self.spec.search
+        import optuna
+
+        searcher = OptunaSearch(space=search.suggest, metric="val_acc", mode="max",
+                                points_to_evaluate=search.points_to_evaluate or None,
+                                sampler=optuna.samplers.TPESampler(seed=search.seed))
+        limited = ConcurrencyLimiter(searcher, max_concurrent=self.spec.max_concurrent or 2)
+        epochs = max(c.epochs for c in self.configs)
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=epochs,
+                                  grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+        return tune.TuneConfig(search_alg=limited, scheduler=scheduler, num_samples=search.num_samples,
+                               time_budget_s=search.time_budget_s, **common)
+
+    def _run_config(self, name: str, study_dir: Path, context):
+        from ray import tune
+
+        return tune.RunConfig(
+            name=name, storage_path=str(study_dir),
+            failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[close_runs_callback(context)], verbose=1,
         )
-        grid = tuner.fit()
-        trials = _collect(grid)
-        summary = summarise(trials)
-        best_label = pick_best(summary)
-        champion = None
-        if best_label is not None:
-            champion = _register_best(spec, trials, best_label, base, dataset, teacher_cfg.student)
-        training_time = sum(t["metrics"].get("training_time_s", 0.0) for t in trials)
-        result = StudyResult(spec, trials, summary, best_label, champion, parent_id, experiment_id, uri,
-                             time.perf_counter() - started, training_time)
-        _log_study_results(client, parent_id, result)
-        status = "FINISHED"
-        return result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(parent_id, status=status)
+
+    def _register_best(self, trials: list[dict], best_label: str) -> str | None:
+        from kdtune.models import build_model, count_parameters
+
+        candidates = [t for t in trials if t["label"] == best_label and not t["error"] and "model_uri" in t["metrics"]]
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda t: t["metrics"]["val_acc"])
+        spec, base = self.spec, self.base
+        student = build_model(base["student"], self.dataset.num_classes, self.dataset.input_shape)
+        tags = {
+            "study": spec.name, "dataset": spec.dataset, "teacher": self.teacher_cfg.student,
+            "student": base["student"], "label": best_label, "seed": best["seed"],
+            "run_id": best["metrics"]["mlflow_run_id"], "val_acc": f"{best['metrics']['val_acc']:.4f}",
+            "test_acc": f"{best['metrics']['test_acc']:.4f}", "parameters": count_parameters(student),
+            **{f"hp.{k}": v for k, v in best["params"].items()},
+        }
+        return tracking.register_model(best["metrics"]["model_uri"], registered_name(spec, base), "champion", tags)
+
+
+def registered_name(spec: StudySpec, base: dict) -> str:
+    return spec.register_as or f"kdtune-{spec.dataset}-{base['student']}"
 
 
 def _init_ray(address: str | None) -> None:
@@ -276,8 +371,7 @@ def _init_ray(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True, configure_logging=True)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise KdtuneError(f"address={address!r}: could not connect to a Ray cluster ({error})") from None
 
@@ -286,13 +380,11 @@ def _teacher_logits_if_useful(configs, teacher_arch, teacher_state, dataset, spe
     """Cache teacher logits (one Ray task) when some trial can use them: logits-only method, no augmentation."""
     from kdtune import distill
 
-    usable = [c for _, c in configs if c.method != "none" and c.teacher_cache != "off"
-              and not c.uses_augmentation() and not distill.method_class(c.method)(c).needs_teacher_features]
-    if not usable:
-        return None
+    usable = [c for c in configs if c.method != "none" and c.teacher_cache != "off" and not c.uses_augmentation()
+              and not distill.method_class(c.method)(c).needs_teacher_features]
     fractions = {c.val_fraction for c in usable}
-    if len(fractions) > 1:
-        return None  # normalisation differs per split; trials run the teacher online instead
+    if len(fractions) != 1:
+        return None  # nothing can use it, or normalisation differs per split: trials run the teacher online
     import ray
 
     from kdtune.engine import teacher_logits_for
@@ -302,94 +394,45 @@ def _teacher_logits_if_useful(configs, teacher_arch, teacher_state, dataset, spe
 
 
 def _trial_name(trial) -> str:
-    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(trial.config["variant"]["label"]))
-    return f"{label}_seed{trial.config['seed']}_{trial.trial_id}"
+    label, _, seed = variant_of(trial.config)
+    return f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)[:60]}_seed{seed}_{trial.trial_id}"
 
 
 def _collect(grid) -> list[dict]:
     trials = []
     for result in grid:
-        metrics = dict(result.metrics or {})
         config = result.config or {}
-        trials.append({
-            "label": config.get("variant", {}).get("label"),
-            "seed": config.get("seed"),
-            "metrics": metrics,
-            "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:500],
-            "path": result.path,
-        })
+        label, params, seed = variant_of(config) if config else ("?", {}, 0)
+        error = None
+        if result.error is not None:
+            lines = str(result.error).strip().splitlines()
+            error = (lines[-1] if lines else type(result.error).__name__)[:500]
+        trials.append({"label": label, "params": params, "seed": seed, "metrics": dict(result.metrics or {}),
+                       "error": error, "path": result.path})
     return trials
 
 
-def summarise(trials: list[dict]) -> list[dict]:
-    """Per label, in the order first seen: mean/std of validation and test accuracy over finished seeds."""
-    rows: dict[str, dict] = {}
-    for trial in trials:
-        row = rows.setdefault(trial["label"], {"label": trial["label"], "val": [], "test": [], "failed": 0})
-        metrics = trial["metrics"]
-        if trial["error"] or "test_acc" not in metrics:
-            row["failed"] += 1
-            continue
-        row["val"].append(metrics["val_acc"])
-        row["test"].append(metrics["test_acc"])
-    summary = []
-    for row in rows.values():
-        n = len(row["test"])
-        summary.append({
-            "label": row["label"], "n": n, "failed": row["failed"],
-            "val_mean": statistics.fmean(row["val"]) if n else float("nan"),
-            "test_mean": statistics.fmean(row["test"]) if n else float("nan"),
-            "test_std": statistics.stdev(row["test"]) if n > 1 else 0.0,
-            "test_median": statistics.median(row["test"]) if n else float("nan"),
-        })
-    baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
-    for row in summary:
-        row["gain"] = row["test_mean"] - baseline["test_mean"] if baseline and row["n"] else float("nan")
-    return summary
+def _best_search_trial(trials: list[dict]) -> dict | None:
+    """The search trial with the best validation accuracy among those that ran to the end."""
+    finished = [t for t in trials if not t["error"] and "test_acc" in t["metrics"]]
+    return max(finished, key=lambda t: t["metrics"]["val_acc"]) if finished else None
 
 
-BASELINE_LABEL = "baseline"
+def _write_study_file(study_dir: Path, content: dict) -> None:
+    path = study_dir / STUDY_FILE
+    if not path.exists():
+        path.write_text(json.dumps(content, indent=2))
 
 
-def pick_best(summary: list[dict]) -> str | None:
-    """The configuration with the best mean validation accuracy (selection never looks at the test set)."""
-    finished = [r for r in summary if r["n"]]
-    return max(finished, key=lambda r: r["val_mean"])["label"] if finished else None
-
-
-def format_table(summary: list[dict], label_header: str) -> str:
-    lines = [f"{label_header:>12}  {'val acc':>8}  {'test acc':>16}  {'vs baseline':>11}  {'n':>2}"]
-    for row in summary:
-        if not row["n"]:
-            lines.append(f"{row['label']:>12}  {'failed':>8}  {'':>16}  {'':>11}  {0:>2}")
-            continue
-        test = f"{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f} %"
-        gain = "" if row["label"] == BASELINE_LABEL or row["gain"] != row["gain"] else f"{100 * row['gain']:+.2f} pt"
-        failed = f"  ({row['failed']} failed)" if row["failed"] else ""
-        lines.append(f"{row['label']:>12}  {100 * row['val_mean']:7.2f}%  {test:>16}  {gain:>11}  {row['n']:>2}{failed}")
-    return "\n".join(lines)
-
-
-def registered_name(spec: StudySpec, base: dict) -> str:
-    return spec.register_as or f"kdtune-{spec.dataset}-{base['student']}"
-
-
-def _register_best(spec, trials, best_label, base, dataset, teacher_arch) -> str | None:
-    candidates = [t for t in trials if t["label"] == best_label and not t["error"] and "model_uri" in t["metrics"]]
-    if not candidates:
-        return None
-    best = max(candidates, key=lambda t: t["metrics"]["val_acc"])
-    variant = next(v for v in spec.variants if v["label"] == best_label)
-    from kdtune.models import build_model
-
-    tags = {
-        "study": spec.name, "dataset": spec.dataset, "teacher": teacher_arch, "student": base["student"],
-        "label": best_label, "seed": best["seed"], "run_id": best["metrics"]["mlflow_run_id"],
-        "val_acc": f"{best['metrics']['val_acc']:.4f}", "test_acc": f"{best['metrics']['test_acc']:.4f}",
-        "parameters": count_parameters(build_model(base["student"], dataset.num_classes, dataset.input_shape)),
-        **{f"hp.{k}": v for k, v in variant.items() if k != "label"},
-    }
-    return tracking.register_model(best["metrics"]["model_uri"], registered_name(spec, base), "champion", tags)
+def _read_study_file(spec: StudySpec) -> dict:
+    path = Path(spec.resume) / STUDY_FILE
+    if not path.is_file():
+        raise ConfigError(f"resume={spec.resume!r}: not a kdtune study folder (no {STUDY_FILE}); "
+                          "give the folder printed as 'study folder: ...' when the study started")
+    saved = json.loads(path.read_text())
+    if saved.get("name") != spec.name:
+        raise ConfigError(f"resume={spec.resume!r}: that folder holds study {saved.get('name')!r}, not {spec.name!r}")
+    return saved
 
 
 def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
@@ -398,8 +441,11 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
 
     best = next((r for r in result.summary if r["label"] == result.best_label), None)
     baseline = next((r for r in result.summary if r["label"] == BASELINE_LABEL and r["n"]), None)
+    all_trials = [t for p in result.phases.values() for t in p]
     metrics = {"wall_time_s": result.wall_time_s, "training_time_s": result.training_time_s,
-               "trials_failed": sum(1 for t in result.trials if t["error"])}
+               "trials": len(all_trials), "trials_failed": sum(1 for t in all_trials if t["error"]),
+               "trials_stopped_early": sum(1 for t in all_trials if not t["error"] and "test_acc" not in t["metrics"]),
+               "epochs_trained": sum(t["metrics"].get("epoch", 0) for t in all_trials)}
     if best:
         metrics.update(best_test_acc=best["test_mean"], best_val_acc=best["val_mean"])
     if baseline:
@@ -407,12 +453,14 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     tracking.log_metrics(client, parent_id, metrics, step=0)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["label", "seed", "val_acc", "test_acc", "test_acc_at_best_val", "best_epoch", "epochs",
-                     "mlflow_run_id", "error"])
-    for t in result.trials:
-        m = t["metrics"]
-        writer.writerow([t["label"], t["seed"], m.get("val_acc"), m.get("test_acc"), m.get("test_acc_at_best_val"),
-                         m.get("best_epoch"), m.get("epoch"), m.get("mlflow_run_id"), t["error"] or ""])
+    writer.writerow(["phase", "label", "seed", "params", "val_acc", "test_acc", "test_acc_at_best_val",
+                     "best_epoch", "epochs", "mlflow_run_id", "error"])
+    for phase, trials in result.phases.items():
+        for t in trials:
+            m = t["metrics"]
+            writer.writerow([phase, t["label"], t["seed"], json.dumps(t["params"], sort_keys=True), m.get("val_acc"),
+                             m.get("test_acc"), m.get("test_acc_at_best_val"), m.get("best_epoch"), m.get("epoch"),
+                             m.get("mlflow_run_id"), t["error"] or ""])
     client.log_text(parent_id, buffer.getvalue(), "results/trials.csv")
     client.log_text(parent_id, result.table() + "\n", "results/table.txt")
     client.set_tag(parent_id, "kdtune.best", str(result.best_label))

@@ -178,6 +178,9 @@ class ChildRun:
             self.run_id = run.info.run_id
             log_params(self.client, self.run_id, params)
 
+    def tags(self) -> dict:
+        return self.client.get_run(self.run_id).data.tags
+
     def log_epoch(self, metrics: dict, step: int) -> None:
         log_metrics(self.client, self.run_id, numeric_metrics(metrics), step=step)
 

@@ -5,7 +5,8 @@
         --tracking-uri http://head:5000 --storage /shared/ray_results
 """
 from kdtune.options import finish, spec_from_args, study_parser
-from kdtune.study import BASELINE_LABEL, run_study
+from kdtune.results import BASELINE_LABEL
+from kdtune.study import run_study
 
 TEMPERATURES = [0.6, 1, 1.5, 2, 2.5, 3, 5, 10, 40]
 

@@ -40,6 +40,8 @@ _MODELS: dict[str, ModelSpec] = {
     # A pair sized for 8x8 digits with the same link structure (3 conv stages + 1 hidden FC = links 1-4).
     "digits_teacher": _vgg([[32, 32], [64, 64], [128]], [256]),
     "digits_student": _vgg([[8], [16], [16]], [32]),
+    # between the two in size: the teacher assistant of a digits chain (seed 001 section 3.2)
+    "digits_assistant": _vgg([[16], [32], [64]], [64]),
 }
 
 

@@ -1,0 +1,133 @@
+"""One Ray Tune trial: a student distilled under one configuration, reported every epoch.
+
+A grid trial's Tune config is {"variant": {...partial config, "label"}, "seed": s}; an Optuna trial's is the
+flat set of sampled values. Either way it becomes a validated TrialConfig on top of the study's base.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdtune import tracking
+from kdtune.config import TrialConfig
+from kdtune.data import Dataset
+from kdtune.errors import TrainingDiverged
+
+FAILURE_TAG = "kdtune.failure"
+
+
+def variant_of(config: dict) -> tuple[str, dict, int]:
+    """(label, overrides, seed) from a Tune config of either form."""
+    if "variant" in config:
+        variant = dict(config["variant"])
+        return variant.pop("label"), variant, int(config.get("seed", 0))
+    overrides = {k: v for k, v in config.items() if k != "seed"}
+    return describe(overrides), overrides, int(config.get("seed", 0))
+
+
+def describe(overrides: dict) -> str:
+    """A short label for a sampled configuration, e.g. 'kd T=3.2 a=0.61'."""
+    short = {"temperature": "T", "alpha": "a", "beta": "b", "links": "L", "hard_weight": "h"}
+    parts = [str(overrides.get("method", ""))]
+    for key, value in overrides.items():
+        if key == "method":
+            continue
+        name = short.get(key, key)
+        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    return " ".join(p for p in parts if p)
+
+
+def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, teacher_logits, context,
+                  base: dict, threads: int) -> None:
+    """The Ray Tune function trainable."""
+    from ray import tune
+
+    from kdtune.engine import Trainer
+
+    torch.set_num_threads(max(1, threads))
+    label, overrides, seed = variant_of(config)
+    trial_config = TrialConfig.from_flat({**base, **overrides, "seed": seed})
+    trial_id = tune.get_context().get_trial_id()
+    run = tracking.ChildRun(context, trial_key=trial_id, run_name=f"{label} seed={seed}",
+                            params=trial_config.to_flat(), tags={"kdtune.role": "student", "kdtune.label": label})
+    previous_failure = run.tags().get(FAILURE_TAG, "")
+    if previous_failure.startswith("TrainingDiverged"):
+        # a retry cannot fix a diverging configuration: fail again at once instead of retraining
+        raise TrainingDiverged(previous_failure.split(": ", 1)[-1])
+    trainer = Trainer(trial_config, dataset, teacher_state, teacher_logits=teacher_logits)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "trainer.pt", map_location=trainer.device, weights_only=True)
+        trainer.load_state_dict(state)
+    run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(trainer.device)})
+    try:
+        for metrics in trainer.epochs():
+            run.log_epoch(metrics, step=metrics["epoch"])
+            extra = {"mlflow_run_id": run.run_id, "label": label, "seed": seed}
+            if "test_acc" in metrics:
+                extra["model_uri"] = _log_student(run, trainer, dataset)
+                run.finish()
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(trainer.state_dict(), Path(folder) / "trainer.pt")
+                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
+    except TrainingDiverged as error:
+        run.fail(f"TrainingDiverged: {error}")
+        raise
+
+
+def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:
+    trainer.close()  # forward hooks hold closures: remove them before the model is serialised
+    servable = tracking.ServableModel(copy.deepcopy(trainer.student).cpu().eval(),
+                                      trainer.normalisation["mean"], trainer.normalisation["std"])
+    example = dataset.test_images[:2].float() * dataset.scale
+    return run.log_model(servable, example)
+
+
+def _node_id() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        return "local"
+
+
+def close_runs_callback(context):
+    """A Tune callback that closes the MLflow run of a trial the scheduler stopped early or that failed for good.
+
+    A trial stopped by ASHA never reaches the end of its function, so its run would stay RUNNING forever.
+    """
+    from ray import tune
+
+    class CloseRuns(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED")
+
+        def _close(self, trial, status):
+            client = tracking.client_for(context.uri)
+            run = tracking.find_child_run(client, context, trial.trial_id)
+            if run is None or run.info.status != "RUNNING":
+                return
+            last = trial.last_result or {}
+            if status == "FINISHED" and "test_acc" not in last:
+                client.set_tag(run.info.run_id, "kdtune.stopped_early_at_epoch", str(last.get("epoch", 0)))
+            if status == "FAILED" and getattr(trial, "error_file", None):
+                client.set_tag(run.info.run_id, FAILURE_TAG, _last_line(trial))
+            client.set_terminated(run.info.run_id, status=status)
+
+    return CloseRuns()
+
+
+def _last_line(trial) -> str:
+    try:
+        text = Path(trial.error_file).read_text().strip().splitlines()
+        return text[-1][:4000] if text else "unknown error"
+    except OSError:
+        return "unknown error"
