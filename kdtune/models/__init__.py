@@ -14,6 +14,10 @@ from torch import nn
 
 from kdtune.errors import ConfigError
 from kdtune.models.vgg import VGG, VGG7_STAGES, VGG16_STAGES, vgg_link_points
+from kdtune.models import cnn
+from kdtune.models.mlp import MLP, mlp_link_points
+from kdtune.models.resnet import RESNET_LINK_POINTS, CifarResNet
+from kdtune.models.wrn import WRN_LINK_POINTS, WideResNet
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,38 @@ def _vgg(stages, hidden, batch_norm=False) -> ModelSpec:
     )
 
 
+def _cnn(stages, hidden, batch_norm=False, what="") -> ModelSpec:
+    return ModelSpec(
+        build=lambda num_classes, shape: VGG(stages, hidden, num_classes, shape, batch_norm=batch_norm),
+        link_points=cnn.cnn_link_points(len(stages), len(hidden)),
+        description=f"seed 001 {what}: conv {stages} FC {hidden}" + (" with BatchNorm" if batch_norm else ""),
+    )
+
+
+def _mlp(hidden, what, links=None) -> ModelSpec:
+    return ModelSpec(
+        build=lambda num_classes, shape: MLP(hidden, num_classes, shape),
+        link_points=links or mlp_link_points(len(hidden)),
+        description=f"{what}: MLP with hidden ReLU layers {hidden} on the flattened input",
+    )
+
+
+def _resnet(depth) -> ModelSpec:
+    return ModelSpec(
+        build=lambda num_classes, shape: CifarResNet(depth, num_classes, shape),
+        link_points=dict(RESNET_LINK_POINTS),
+        description=f"seed 002: CIFAR ResNet-{depth} (He et al.), links at section starts/ends for FSP",
+    )
+
+
+def _wrn(depth, widen, dropout, what) -> ModelSpec:
+    return ModelSpec(
+        build=lambda num_classes, shape: WideResNet(depth, widen, num_classes, shape, dropout=dropout),
+        link_points=dict(WRN_LINK_POINTS),
+        description=f"seed 003 {what}: WRN-{depth}-{widen}" + (f" with dropout {dropout}" if dropout else ""),
+    )
+
+
 _MODELS: dict[str, ModelSpec] = {
     # Seed 000 Table 1, sized for 32x32 inputs (five pools leave 1x1x512 before the FC layers).
     "vgg16": _vgg(VGG16_STAGES, [4096, 4096]),
@@ -40,6 +76,27 @@ _MODELS: dict[str, ModelSpec] = {
     # A pair sized for 8x8 digits with the same link structure (3 conv stages + 1 hidden FC = links 1-4).
     "digits_teacher": _vgg([[32, 32], [64, 64], [128]], [256]),
     "digits_student": _vgg([[8], [16], [16]], [32]),
+    # Seed 001 §3 (widths in kdtune/models/cnn.py): links 1-4 = conv blocks, 5 = last hidden dense layer.
+    "cnn11": _cnn(cnn.TEACHER_STAGES, cnn.TEACHER_HIDDEN, what="teacher"),
+    "cnn11_bn": _cnn(cnn.TEACHER_STAGES, cnn.TEACHER_HIDDEN, batch_norm=True, what="teacher"),
+    "cnn2": _cnn(cnn.STUDENT2_STAGES, cnn.STUDENT2_HIDDEN, what="2-block student / teacher assistant"),
+    "cnn1": _cnn(cnn.STUDENT1_STAGES, cnn.STUDENT1_HIDDEN, what="1-block student"),
+    "dense_student": _mlp(cnn.DENSE_HIDDEN, "seed 001 dense student", {cnn.DENSE_LINK: f"hidden{len(cnn.DENSE_HIDDEN)}"}),
+    # Seed 004 §4: link k = hidden layer k.
+    "mlp_2x1200": _mlp([1200, 1200], "seed 004 MNIST teacher"),
+    "mlp_2x800": _mlp([800, 800], "seed 004 MNIST student"),
+    "mlp_3x1200": _mlp([1200, 1200, 1200], "seed 004 notMNIST teacher"),
+    "mlp_3x800": _mlp([800, 800, 800], "seed 004 notMNIST student"),
+    "mlp_2x4096": _mlp([4096, 4096], "seed 004 SVHN teacher (its sizes count svhn28 input)"),
+    "mlp_2x3072": _mlp([3072, 3072], "seed 004 SVHN student (its sizes count svhn28 input)"),
+    # Seed 002: links 1-6 = start/end of sections 1-3 (FSP pairs (1,2), (3,4), (5,6)).
+    "resnet8": _resnet(8),
+    "resnet26": _resnet(26),
+    "resnet32": _resnet(32),
+    # Seed 003: links 1-3 = group outputs; the students train with dropout 0.3 as in the paper.
+    "wrn_40_10": _wrn(40, 10, 0.0, "teacher"),
+    "wrn_22_4": _wrn(22, 4, 0.3, "ImageNet32 student"),
+    "wrn_10_4": _wrn(10, 4, 0.3, "CIFAR student"),
     # between the two in size: the teacher assistant of a digits chain (seed 001 section 3.2)
     "digits_assistant": _vgg([[16], [32], [64]], [64]),
 }
