@@ -152,3 +152,16 @@ def test_each_new_datasets_recipe_pair_builds_for_its_shape_and_shares_links(dat
     assert len(shared) >= 2
     for part in ("student_recipe", "teacher_recipe"):
         assert recipe[part]["lr_step_epochs"] < recipe[part]["epochs"]  # the decay happens within the budget
+
+
+@pytest.mark.parametrize("name, shape", [("resnet8", CIFAR), ("wrn_10_4", CIFAR), ("cnn2", CIFAR),
+                                         ("dense_student", CIFAR), ("mlp_2x800", MNIST)])
+def test_a_loss_on_every_link_trains_through_the_model(name, shape):
+    # Hooked features feed hint/FSP losses: nothing may modify them in place before backward.
+    model = models.build_model(name, 10, shape).train()
+    tap = models.FeatureTap(model, models.model_spec(name).link_points)
+    logits = model(torch.randn(4, *shape))
+    loss = logits.logsumexp(1).mean() + sum(f.pow(2).mean() for f in tap.features.values())
+    loss.backward()
+    first = next(model.parameters())
+    assert first.grad is not None and first.grad.abs().sum() > 0
