@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from kdtune.config import TrialConfig
@@ -28,7 +29,8 @@ def study_parser(description: str) -> argparse.ArgumentParser:
                                           "~/.cache/kdtune/data)")
     where.add_argument("--no-download", action="store_true", help="never download a dataset; fail if it is missing")
     what = parser.add_argument_group("what it trains")
-    what.add_argument("--dataset", default="digits", help="digits (bundled, no download), cifar10, cifar100")
+    what.add_argument("--dataset", default="digits", help="digits (bundled, no download), cifar10, cifar100, mnist, "
+                      "fashion_mnist, svhn, svhn28, notmnist, imagenet32 (see README)")
     what.add_argument("--teacher", help="teacher architecture (default: the dataset's, e.g. vgg16 for CIFAR)")
     what.add_argument("--student", help="student architecture (default: the dataset's, e.g. vgg7 for CIFAR)")
     what.add_argument("--teacher-source", help="teacher weights: models:/name@alias or a .pt file; default: the "
@@ -75,14 +77,37 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
     teacher_overrides = {"epochs": args.teacher_epochs} if args.teacher_epochs is not None else {}
     if args.precision:
         teacher_overrides["precision"] = args.precision
-    return StudySpec(
+    fields = dict(
         name=name, dataset=args.dataset, variants=variants, overrides=overrides,
         teacher_overrides=teacher_overrides, seeds=args.seeds, teacher=args.teacher, student=args.student,
         teacher_source=args.teacher_source, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
-        download=not args.no_download, register_as=args.register_as, resume=args.resume, **spec_fields,
+        download=not args.no_download, register_as=args.register_as, resume=args.resume,
     )
+    fields.update(spec_fields)
+    return StudySpec(**fields)
+
+
+@contextlib.contextmanager
+def shared_tracking(args: argparse.Namespace):
+    """For scripts that run several studies: one embedded MLflow server for all of them (unless
+    --tracking-uri names one), so the assistant a first study registers is there for the next."""
+    if args.tracking_uri:
+        yield args.tracking_uri
+        return
+    from kdtune.tracking import EmbeddedServer
+
+    try:
+        server = EmbeddedServer(args.store).start()
+    except KdtuneError as error:
+        print(f"kdtune: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args.tracking_uri = server.uri
+    try:
+        yield server.uri
+    finally:
+        server.stop()
 
 
 def finish(run, spec, table=None) -> int:

@@ -12,10 +12,11 @@ import statistics
 BASELINE_LABEL = "baseline"
 
 
-def summarise(trials: list[dict]) -> list[dict]:
-    """One row per label (in the order first seen): mean/std/median over finished seeds, gain vs baseline."""
+def summarise(trials: list[dict], order: list[str] | None = None) -> list[dict]:
+    """One row per label (in `order`, else as first seen): mean/std/median over finished seeds, gain vs baseline."""
     rows: dict[str, dict] = {}
-    for trial in trials:
+    rank = {label: i for i, label in enumerate(order or [])}
+    for trial in sorted(trials, key=lambda t: (rank.get(t["label"], len(rank)), t["seed"])):
         row = rows.setdefault(trial["label"], {"label": trial["label"], "params": trial.get("params", {}),
                                                "val": [], "test": [], "failed": 0, "stopped": 0})
         metrics = trial["metrics"]

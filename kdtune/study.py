@@ -213,6 +213,7 @@ class _Study:
             _init_ray(spec.address)
             trainable = self._trainable(context)
             phases: dict[str, list[dict]] = {}
+            confirm: list[dict] = []
             if spec.search is None:
                 phases["grid"] = self._run_phase("grid", trainable, study_dir, context,
                                                  self._grid_space(spec.variants))
@@ -226,7 +227,7 @@ class _Study:
                 phases["confirm"] = self._run_phase("confirm", trainable, study_dir, context,
                                                     self._grid_space(confirm))
             final = phases.get("confirm") or phases["grid"]
-            summary = summarise(final)
+            summary = summarise(final, order=[v["label"] for v in (confirm if spec.search else spec.variants)])
             best_label = pick_best(summary)
             champion = self._register_best(final, best_label) if best_label else None
             training_time = sum(t["metrics"].get("training_time_s", 0.0) for p in phases.values() for t in p)
