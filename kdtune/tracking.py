@@ -61,7 +61,7 @@ class EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.store_dir / "server.log", "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -88,6 +88,18 @@ class EmbeddedServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies (even by SIGKILL), so a killed
+    study leaves no orphan server behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _healthy(uri: str, timeout_s: float = 3.0) -> bool:
@@ -166,9 +178,15 @@ class ChildRun:
         self.context = context
         self.client = client_for(context.uri)
         existing = find_child_run(self.client, context, trial_key)
+        # A run that finished with its model logged is complete even if Tune never heard of it (the driver
+        # died between the trial's end and Tune's next save): the trial reports it instead of training again.
+        self.completed = (existing is not None and existing.info.status == "FINISHED"
+                          and "kdtune.model_uri" in existing.data.tags)
+        self.recorded = existing.data if existing is not None else None
         if existing is not None:
             self.run_id = existing.info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
+            if not self.completed:
+                self.client.update_run(self.run_id, status="RUNNING")
         else:
             run = self.client.create_run(
                 context.experiment_id,

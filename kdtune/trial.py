@@ -6,6 +6,7 @@ flat set of sampled values. Either way it becomes a validated TrialConfig on top
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from pathlib import Path
 
@@ -52,7 +53,15 @@ def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, te
     trial_config = TrialConfig.from_flat({**base, **overrides, "seed": seed})
     trial_id = tune.get_context().get_trial_id()
     run = tracking.ChildRun(context, trial_key=trial_id, run_name=f"{label} seed={seed}",
-                            params=trial_config.to_flat(), tags={"kdtune.role": "student", "kdtune.label": label})
+                            params=trial_config.to_flat(),
+                            tags={"kdtune.role": "student", "kdtune.label": label,
+                                  # what this trial set on top of the study's base: for a search, exactly
+                                  # the parameters the space sampled for this method
+                                  "kdtune.overrides": json.dumps(overrides, sort_keys=True)})
+    if run.completed:
+        tune.report({**run.recorded.metrics, "mlflow_run_id": run.run_id, "label": label, "seed": seed,
+                     "model_uri": run.recorded.tags["kdtune.model_uri"]})
+        return
     previous_failure = run.tags().get(FAILURE_TAG, "")
     if previous_failure.startswith("TrainingDiverged"):
         # a retry cannot fix a diverging configuration: fail again at once instead of retraining
