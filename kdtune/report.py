@@ -1,0 +1,659 @@
+"""The study report: the paper-shaped tables and figures of one study, rebuilt from MLflow alone.
+
+    build_report(client, parent_run_id, out_dir)  -> out_dir/report.html, the PNGs and text tables beside it
+    log_report(client, parent_run_id, out_dir)    -> the same, logged under "report/" of the study's parent run
+    find_study_run(client, "alpha_temperature")   -> the latest study run of that study (a run id passes through)
+
+Everything comes from MLflow (the parent run, its child runs, their tags, params and metric histories), never
+from the Ray results folder, so a report can be rebuilt after that folder is gone, and while a study runs.
+Which figures appear depends on what the study varied:
+
+    temperature varies          test accuracy vs T, error bars over seeds, baseline as a line (seed 000 Table 3)
+    alpha and temperature vary  alpha x T heatmap and matrix table (seed 001 Tables 1/3)
+    link sets vary              test accuracy per link set (seed 000 Table 4)
+    always                      loss terms per epoch of the best trial and the baseline (seed 000 section 2.3);
+                                validation accuracy per epoch of every trial, ASHA's stopping points marked
+    a search                    parameter importance (fANOVA on an Optuna study rebuilt from the trials)
+
+Statistics come from kdtune.results: child runs are turned back into the trial dicts it takes.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdtune import tracking
+from kdtune.errors import KdtuneError
+from kdtune.results import BASELINE_LABEL, format_gain, format_matrix, format_table, pick_best, summarise
+from kdtune.trial import FAILURE_TAG
+
+REPORT_ARTIFACT_PATH = "report"
+STOPPED_TAG = "kdtune.stopped_early_at_epoch"
+CONFIRM_PREFIX = "best: "  # study.py labels the re-run of a search's best configuration "best: <label>"
+MATRIX_CORNER = ("T", "alpha")
+
+
+# ---- finding a study -------------------------------------------------------------------------------
+
+def find_study_run(client, study: str) -> str:
+    """The parent run id of `study`: a study (experiment) name gives its latest study run; a run id is checked."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(study)
+    if experiment is not None:
+        runs = client.search_runs([experiment.experiment_id], "tags.`kdtune.role` = 'study'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise KdtuneError(f"study {study!r}: experiment {study!r} holds no kdtune study run "
+                              "(no run tagged kdtune.role=study)")
+        return runs[0].info.run_id
+    try:
+        run = client.get_run(study)
+    except MlflowException:
+        names = sorted(e.name for e in client.search_experiments())
+        raise KdtuneError(f"study {study!r}: neither a study name nor a run id on {client.tracking_uri}; "
+                          f"studies there: {', '.join(names) or 'none'}") from None
+    if run.data.tags.get("kdtune.role") != "study":
+        raise KdtuneError(f"run {study}: not a study run (kdtune.role={run.data.tags.get('kdtune.role')!r}); "
+                          "give a study's parent run id or the study name")
+    return run.info.run_id
+
+
+# ---- reading a study from MLflow -------------------------------------------------------------------
+
+@dataclass
+class StudyRuns:
+    """One study as MLflow holds it: the parent run and its student runs, oldest first."""
+
+    client: object
+    parent: object
+    experiment_name: str
+    students: list
+    histories: dict = field(default_factory=dict)  # (run_id, metric) -> [(step, value)], fetched on demand
+
+    @property
+    def params(self) -> dict:
+        return self.parent.data.params
+
+    @property
+    def is_search(self) -> bool:
+        return self.params.get("search") == "True" or any(STOPPED_TAG in r.data.tags for r in self.students)
+
+    def history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
+        key = (run_id, metric)
+        if key not in self.histories:
+            points = self.client.get_metric_history(run_id, metric)
+            self.histories[key] = sorted((m.step, m.value) for m in points)
+        return self.histories[key]
+
+
+def load_study(client, parent_run_id: str) -> StudyRuns:
+    parent = client.get_run(parent_run_id)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    children = _all_runs(client, parent.info.experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'")
+    students = sorted((r for r in children if r.data.tags.get("kdtune.role") == "student"),
+                      key=lambda r: r.info.start_time)
+    return StudyRuns(client, parent, experiment.name, students)
+
+
+def _all_runs(client, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def trial_of(run) -> dict:
+    """A child run as the trial dict kdtune.results takes (the shape study._collect builds from Tune)."""
+    tags = run.data.tags
+    error = tags.get(FAILURE_TAG) or ("failed" if run.info.status == "FAILED" else None)
+    return {"label": tags["kdtune.label"], "params": json.loads(tags.get("kdtune.overrides", "{}")),
+            "seed": int(run.data.params.get("seed", 0)), "metrics": dict(run.data.metrics), "error": error,
+            "run_id": run.info.run_id, "status": run.info.status, "stopped_at": tags.get(STOPPED_TAG)}
+
+
+def is_confirm(trial: dict) -> bool:
+    return trial["label"] == BASELINE_LABEL or trial["label"].startswith(CONFIRM_PREFIX)
+
+
+def outcome(trial: dict) -> str:
+    if trial["error"]:
+        return "failed"
+    if trial["stopped_at"] is not None:
+        return "stopped early"
+    if "test_acc" in trial["metrics"]:
+        return "finished"
+    return "unfinished"  # still running, or its driver was killed
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+@dataclass
+class Plot:
+    name: str  # file name without .png
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Report:
+    study: StudyRuns
+    trials: list[dict]  # every student trial
+    final: list[dict]  # the trials of the study's table: the grid, or a search's confirm phase
+    summary: list[dict]
+    plots: list[Plot]
+    texts: dict[str, str]  # file name -> text table
+
+
+def build_report(client, parent_run_id: str, out_dir) -> Path:
+    """Write out_dir/report.html (self-contained), a PNG per figure and the text tables; return the HTML path."""
+    report = make_report(load_study(client, parent_run_id))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for plot in report.plots:
+        (out / f"{plot.name}.png").write_bytes(plot.png)
+    for name, text in report.texts.items():
+        (out / name).write_text(text + "\n")
+    page = out / "report.html"
+    page.write_text(render_html(report))
+    return page
+
+
+def log_report(client, parent_run_id: str, out_dir) -> Path:
+    """Build the report and log its folder as the artifacts "report/" of the study's parent run."""
+    page = build_report(client, parent_run_id, out_dir)
+    client.log_artifacts(parent_run_id, str(page.parent), REPORT_ARTIFACT_PATH)
+    return page
+
+
+def make_report(study: StudyRuns) -> Report:
+    trials = [trial_of(r) for r in study.students]
+    search = study.is_search
+    final = [t for t in trials if is_confirm(t)] if search else trials
+    # summarise counts a trial without test accuracy as stopped early: keep running ones out of the table
+    summary = summarise([t for t in final if outcome(t) != "unfinished"],
+                        order=_label_order(final))
+    texts = {"table.txt": format_table(summary, "setting")}
+    plots = [p for p in (accuracy_vs_temperature(summary), heatmap(summary), accuracy_per_link_set(summary),
+                         loss_terms(study, final, summary), val_acc_per_epoch(study, trials, summary, search))
+             if p is not None]
+    if _varies(summary, "temperature") and _varies(summary, "alpha") and _unique_cells(summary):
+        texts["matrix.txt"] = format_matrix(summary, "temperature", "alpha", *MATRIX_CORNER)
+    if search:
+        importance = parameter_importance([t for t in trials if not is_confirm(t)])
+        if importance is not None:
+            plots.append(importance)
+    return Report(study, trials, final, summary, plots, texts)
+
+
+def _label_order(trials: list[dict]) -> list[str]:
+    """Baseline first, then labels in the order their first trial started (the study's variant order)."""
+    labels = [BASELINE_LABEL] + [t["label"] for t in trials]
+    return list(dict.fromkeys(labels))
+
+
+def _finished_rows(summary: list[dict], key: str) -> list[dict]:
+    return [r for r in summary if r["n"] and key in r["params"] and r["label"] != BASELINE_LABEL]
+
+
+def _varies(summary: list[dict], key: str) -> bool:
+    return len({r["params"][key] for r in _finished_rows(summary, key)}) > 1
+
+
+def _unique_cells(summary: list[dict]) -> bool:
+    """True when no two rows share a (T, alpha) cell (else another varied parameter would be hidden)."""
+    rows = [r for r in summary if "temperature" in r["params"] and "alpha" in r["params"]]
+    return len({(r["params"]["temperature"], r["params"]["alpha"]) for r in rows}) == len(rows)
+
+
+def _baseline(summary: list[dict]) -> dict | None:
+    return next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
+
+
+# ---- figures -------------------------------------------------------------------------------------
+
+def _figure(width: float = 7.0, height: float = 4.5, columns: int = 1):
+    # a bare Figure, not pyplot: no global backend or state in the caller's process (Agg renders the PNG)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width * columns, height), layout="constrained")
+    return figure, figure.subplots(1, columns, squeeze=False)[0]
+
+
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _draw_baseline(ax, baseline: dict | None) -> None:
+    if baseline:
+        mean, std = 100 * baseline["test_mean"], 100 * baseline["test_std"]
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1.2,
+                   label=f"baseline (no distillation) {mean:.2f} ± {std:.2f} %")
+        if std:
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+
+
+def _series_name(params: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k}={params[k]:g}" if isinstance(params[k], (int, float)) else f"{k}={params[k]}"
+                     for k in keys)
+
+
+def accuracy_vs_temperature(summary: list[dict]) -> Plot | None:
+    rows = _finished_rows(summary, "temperature")
+    if len({r["params"]["temperature"] for r in rows}) < 2:
+        return None
+    # one line per combination of the other varied parameters (e.g. alpha)
+    others = sorted({k for r in rows for k in r["params"] if k != "temperature"
+                     and len({json.dumps(x["params"].get(k)) for x in rows}) > 1})
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        series.setdefault(_series_name(row["params"], others) if others else "distilled", []).append(row)
+    figure, (ax,) = _figure()
+    for name, points in sorted(series.items()):
+        points.sort(key=lambda r: r["params"]["temperature"])
+        ax.errorbar([r["params"]["temperature"] for r in points], [100 * r["test_mean"] for r in points],
+                    yerr=[100 * r["test_std"] for r in points], marker="o", capsize=3, label=name)
+    _draw_baseline(ax, _baseline(summary))
+    temperatures = [r["params"]["temperature"] for r in rows]
+    if max(temperatures) / min(temperatures) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy vs temperature")
+    ax.legend(fontsize="small")
+    seeds = max(r["n"] for r in rows)
+    return Plot("accuracy_vs_temperature", "Test accuracy vs temperature",
+                f"Mean test accuracy per temperature; error bars: standard deviation over up to {seeds} seed(s). "
+                "Dashed line: the student trained without distillation (band: ± std).", _png(figure))
+
+
+def heatmap(summary: list[dict]) -> Plot | None:
+    if not (_varies(summary, "temperature") and _varies(summary, "alpha") and _unique_cells(summary)):
+        return None
+    rows = [r for r in summary if r["n"] and "temperature" in r["params"] and "alpha" in r["params"]]
+    temperatures = sorted({r["params"]["temperature"] for r in rows})
+    alphas = sorted({r["params"]["alpha"] for r in rows})
+    import numpy as np
+
+    cells = np.full((len(temperatures), len(alphas)), np.nan)
+    for r in rows:
+        cells[temperatures.index(r["params"]["temperature"]), alphas.index(r["params"]["alpha"])] = 100 * r["test_mean"]
+    baseline = _baseline(summary)
+    figure, (ax,) = _figure(width=max(5.0, 1.3 * len(alphas) + 2.5), height=max(3.5, 0.6 * len(temperatures) + 1.8))
+    image = ax.imshow(cells, cmap="viridis", aspect="auto", origin="lower")
+    middle = np.nanmean(cells)
+    for i, j in zip(*np.where(~np.isnan(cells))):
+        text = f"{cells[i, j]:.2f}"
+        if baseline:
+            text += f"\n({cells[i, j] - 100 * baseline['test_mean']:+.2f})"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if cells[i, j] < middle else "black")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
+    ax.set_xlabel("alpha (weight of the soft term)")
+    ax.set_ylabel("temperature T")
+    note = f"; baseline {100 * baseline['test_mean']:.2f} %" if baseline else ""
+    ax.set_title(f"Test accuracy (%) over alpha x T{note}")
+    figure.colorbar(image, ax=ax, label="test accuracy (%)")
+    return Plot("heatmap_alpha_temperature", "Test accuracy over alpha x T",
+                "Mean test accuracy over seeds per (T, alpha); in brackets: points above (+) or below (-) "
+                "the baseline student.", _png(figure))
+
+
+def accuracy_per_link_set(summary: list[dict]) -> Plot | None:
+    if len({r["params"]["links"] for r in _finished_rows(summary, "links")}) < 2:
+        return None
+    rows = [r for r in summary if r["n"] and r["label"] != BASELINE_LABEL]
+    figure, (ax,) = _figure(width=max(6.0, 0.8 * len(rows) + 2))
+    ax.errorbar(range(len(rows)), [100 * r["test_mean"] for r in rows], yerr=[100 * r["test_std"] for r in rows],
+                fmt="o", capsize=4, label="distilled student (mean ± std)")
+    _draw_baseline(ax, _baseline(summary))
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right")
+    ax.set_xlabel("link set (and weights)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy per link set")
+    ax.legend(fontsize="small")
+    return Plot("accuracy_per_link_set", "Test accuracy per link set",
+                "Mean test accuracy per setting (error bars: std over seeds); rows without links transfer the "
+                "last layer only. Dashed line: the baseline student.", _png(figure))
+
+
+def _chosen_trials(final: list[dict], summary: list[dict]) -> list[dict]:
+    """The best distilled configuration's best seed (by validation accuracy) and the baseline's first seed."""
+    chosen = []
+    for label in (pick_best(summary, include_baseline=False), BASELINE_LABEL):
+        finished = [t for t in final if t["label"] == label and outcome(t) == "finished"]
+        if finished:
+            chosen.append(max(finished, key=lambda t: (t["metrics"]["val_acc"], -t["seed"])))
+    return chosen
+
+
+def loss_terms(study: StudyRuns, final: list[dict], summary: list[dict]) -> Plot | None:
+    chosen = _chosen_trials(final, summary)
+    if not chosen:
+        return None
+    figure, axes = _figure(width=6.0, columns=len(chosen))
+    for ax, trial in zip(axes, chosen):
+        terms = sorted(k for k in trial["metrics"] if k.startswith("loss_"))
+        for term in terms:
+            steps, values = zip(*study.history(trial["run_id"], term))
+            ax.plot(steps, values, marker="o", markersize=3, label=term[len("loss_"):])
+        if len(terms) > 1:
+            steps, values = zip(*study.history(trial["run_id"], "train_loss"))
+            ax.plot(steps, values, color="black", linestyle="--", label="total")
+        _epoch_axis(ax)
+        ax.set_ylabel("training loss (weighted term, epoch mean)")
+        ax.set_title(f"{trial['label']} (seed {trial['seed']})")
+        ax.legend(fontsize="small")
+    return Plot("loss_terms", "Loss terms per epoch",
+                "The training loss split into its terms, each already multiplied by its weight (what the engine "
+                "sums), for the best distilled configuration (by validation accuracy) and the baseline.",
+                _png(figure))
+
+
+OUTCOME_STYLE = {  # outcome -> (colour, line width, marker at the last epoch)
+    "finished": ("tab:blue", 1.0, None),
+    "stopped early": ("tab:gray", 1.0, "x"),
+    "failed": ("tab:red", 1.0, "X"),
+    "unfinished": ("tab:purple", 1.0, ">"),
+}
+
+
+def val_acc_per_epoch(study: StudyRuns, trials: list[dict], summary: list[dict], search: bool) -> Plot | None:
+    if not trials:
+        return None
+    best = pick_best(summary, include_baseline=False)
+    figure, (ax,) = _figure(width=8.0, height=5.0)
+    labelled, stops = set(), set()
+    for trial in trials:
+        points = study.history(trial["run_id"], "val_acc")
+        if not points:
+            continue
+        kind, (colour, width, marker) = _trial_style(trial, best, search)
+        steps, values = zip(*points)
+        ax.plot(steps, [100 * v for v in values], color=colour, linewidth=width, alpha=0.8,
+                label=None if kind in labelled else kind)
+        labelled.add(kind)
+        if marker:
+            ax.plot(steps[-1], 100 * values[-1], marker=marker, color=colour, markersize=9, linestyle="none",
+                    zorder=3)
+        if trial["stopped_at"] is not None:
+            stops.add(int(trial["stopped_at"]))
+    for epoch in sorted(stops):
+        ax.axvline(epoch, color="tab:gray", linestyle=":", linewidth=1)
+    _epoch_axis(ax)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"Validation accuracy per epoch, {len(trials)} trials")
+    ax.legend(fontsize="small")
+    where = f"; dotted lines: epochs where ASHA stopped trials ({', '.join(map(str, sorted(stops)))})" if stops else ""
+    return Plot("val_acc_per_epoch", "Validation accuracy per epoch",
+                f"Every trial's validation accuracy; x: stopped early by ASHA, X: failed, >: not finished{where}.",
+                _png(figure))
+
+
+def _trial_style(trial: dict, best: str | None, search: bool) -> tuple[str, tuple]:
+    """What a trial's line shows: the baseline and the best setting stand out; the rest by how they ended."""
+    kind = outcome(trial)
+    if kind == "finished" and trial["label"] == BASELINE_LABEL:
+        return "baseline", ("black", 2.0, None)
+    if kind == "finished" and trial["label"] == best:
+        return f"best: {best}" if not search else best, ("tab:orange", 2.0, None)
+    if kind == "finished" and search and is_confirm(trial):
+        return "confirm re-run", ("tab:green", 1.5, None)
+    if kind == "finished" and not search:
+        return "other settings", OUTCOME_STYLE[kind]
+    return kind, OUTCOME_STYLE[kind]
+
+
+# ---- parameter importance (searches) ------------------------------------------------------------
+
+def parameter_importance(search_trials: list[dict]) -> Plot | None:
+    """fANOVA importance of each sampled parameter for validation accuracy. A conditional parameter (sampled
+    only for some methods) gets its own panel over the trials that sampled it."""
+    scored = [t for t in search_trials if not t["error"] and "val_acc" in t["metrics"] and t["params"]]
+    panels = importance_panels(scored)
+    if not panels:
+        return None
+    figure, axes = _figure(width=5.0, height=max(2.5, 0.45 * max(len(p[2]) for p in panels) + 1.5),
+                           columns=len(panels))
+    for ax, (title, count, importances) in zip(axes, panels):
+        names = list(importances)[::-1]
+        bars = ax.barh(names, [importances[n] for n in names], color="tab:blue")
+        ax.bar_label(bars, fmt="%.2f", padding=3)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("importance (share of variance)")
+        ax.set_title(f"{title}\n({count} trials)", fontsize="medium")
+    return Plot("parameter_importance", "Parameter importance",
+                "fANOVA importance (Optuna) of each sampled parameter for the last validation accuracy a trial "
+                "reached; trials stopped early count with the accuracy they had then. Ranges are the observed "
+                "ones (linear), since MLflow does not record the search space itself.", _png(figure))
+
+
+def importance_panels(trials: list[dict]) -> list[tuple[str, int, dict[str, float]]]:
+    """[(title, trials used, {param: importance})]: all trials over the parameters every trial has, then each
+    set of conditional parameters over the trials that sampled them."""
+    import optuna
+
+    study = _rebuilt_study(trials)
+    if study is None:
+        return []
+    names_per_trial = [frozenset(t.params) for t in study.trials]
+    common = frozenset.intersection(*names_per_trial)
+    groups = [common] + sorted(set(names_per_trial) - {common}, key=lambda names: (len(names), sorted(names)))
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    panels = []
+    for names in groups:
+        members = [t for t in study.trials if names <= set(t.params)]
+        varied = sorted(n for n in names if len({json.dumps(t.params[n]) for t in members}) > 1)
+        if len(members) < 2 or not varied:
+            continue
+        fixed = sorted(names - set(varied))
+        title = "all trials" if names == common else "trials with " + ", ".join(sorted(names - common))
+        if fixed:
+            title += " (" + ", ".join(f"{n}={members[0].params[n]}" for n in fixed) + ")"
+        panels.append((title, len(members), optuna.importance.get_param_importances(
+            study, evaluator=evaluator, params=varied)))
+    return panels
+
+
+def _rebuilt_study(trials: list[dict]):
+    """An in-memory Optuna study holding the search trials; distributions inferred from the observed values."""
+    import optuna
+
+    values: dict[str, list] = {}
+    for trial in trials:
+        for name, value in trial["params"].items():
+            values.setdefault(name, []).append(value)
+    distributions = {name: _distribution(seen) for name, seen in values.items()}
+    if not distributions:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for trial in trials:
+        study.add_trial(optuna.trial.create_trial(
+            params=trial["params"], distributions={n: distributions[n] for n in trial["params"]},
+            value=trial["metrics"]["val_acc"]))
+    return study
+
+
+def _distribution(seen: list):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in seen):
+        return IntDistribution(min(seen), max(seen))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seen):
+        return FloatDistribution(min(seen), max(seen))
+    return CategoricalDistribution(sorted(set(seen), key=str))
+
+
+# ---- HTML --------------------------------------------------------------------------------------
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f2f2f2; }
+td:first-child, th:first-child { text-align: left; }
+tr.best td { font-weight: bold; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1em 0 2em; }
+figcaption, .note { color: #555; font-size: 0.9em; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
+dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dl.header dt { font-weight: bold; }
+dl.header dd { margin: 0; }
+"""
+
+
+def render_html(report: Report) -> str:
+    study = report.study
+    title = f"kdtune study report: {study.experiment_name}"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+             f"<style>{STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>", _header_html(report),
+             "<h2>Results</h2>", _summary_html(report.summary)]
+    if "matrix.txt" in report.texts:
+        parts += ["<h2>Test accuracy (%) per temperature and alpha</h2>",
+                  _matrix_html(report.texts["matrix.txt"], " \\ ".join(MATRIX_CORNER))]
+    if study.is_search:
+        parts += ["<h2>Search trials</h2>", _search_html([t for t in report.trials if not is_confirm(t)])]
+    parts.append("<h2>Figures</h2>")
+    parts += [_figure_html(plot) for plot in report.plots]
+    printed = _study_table_text(study)
+    if printed:
+        parts.append(f"<details><summary>The table as the study printed it (results/table.txt)</summary>"
+                     f"<pre>{_e(printed)}</pre></details>")
+    parts.append(_base_config_html(study))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _pct(value: float) -> str:
+    return "" if value != value else f"{100 * value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join((f"<tr class=\"{_e(c)}\">" if c else "<tr>") + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>"
+                   for row, c in zip(rows, classes or [""] * len(rows)))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _header_html(report: Report) -> str:
+    study, parent = report.study, report.study.parent
+    params, info = study.params, parent.info
+    counts = {}
+    for trial in report.trials:
+        counts[outcome(trial)] = counts.get(outcome(trial), 0) + 1
+    items = [
+        ("study", study.experiment_name), ("dataset", params.get("dataset", "?")),
+        ("teacher", params.get("teacher", "?") + (f" ({parent.data.tags['kdtune.teacher']})"
+                                                  if "kdtune.teacher" in parent.data.tags else "")),
+        ("student", params.get("student", "?")),
+        ("kind", f"Optuna search ({params.get('search.num_samples', '?')} samples) + confirm re-runs"
+         if study.is_search else f"grid, {params.get('seeds', '?')} seed(s) per setting"),
+        ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))),
+        ("status", info.status),
+        ("trials", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"),
+    ]
+    if "wall_time_s" in parent.data.metrics:
+        items.append(("wall time", f"{parent.data.metrics['wall_time_s']:.0f} s"))
+    items.append(("MLflow", _mlflow_links(study)))
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v if k == 'MLflow' else _e(v)}</dd>" for k, v in items)
+    built = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"<dl class=\"header\">{rows}</dl><p class=\"note\">Report built {built} from MLflow alone.</p>"
+
+
+def _mlflow_links(study: StudyRuns) -> str:
+    uri, info = study.client.tracking_uri, study.parent.info
+    ids = f"experiment {_e(info.experiment_id)}, study run {_e(info.run_id)} on {_e(uri)}"
+    if not uri.startswith(("http://", "https://")):
+        return ids
+    runs = tracking.ui_link(uri, info.experiment_id)
+    run = f"{uri.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+    return f"<a href=\"{_e(runs)}\">runs of this study</a> · <a href=\"{_e(run)}\">the study run</a> ({ids})"
+
+
+def _summary_html(summary: list[dict]) -> str:
+    if not summary:
+        return "<p class=\"note\">No trial has finished yet.</p>"
+    best = pick_best(summary)
+    rows, classes = [], []
+    for row in summary:
+        notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
+        rows.append([row["label"], _pct(row["val_mean"]),
+                     f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])}" if row["n"] else "-",
+                     _pct(row["test_median"]), format_gain(row), str(row["n"]), notes])
+        classes.append("best" if row["label"] == best else "")
+    table = _table(["setting", "val acc (%)", "test acc (%) mean ± std", "median", "vs baseline [95% CI]",
+                    "n", "notes"], rows, classes)
+    return (table + f"<p class=\"note\">Bold: the best setting by mean validation accuracy ({_e(best)}); "
+            "its test accuracy is what is reported. The gain's interval is a Welch t 95% CI over seeds.</p>")
+
+
+def _matrix_html(text: str, corner: str) -> str:
+    """format_matrix's text as an HTML table. Its cells hold no spaces (except the corner); a row starts with a
+    T value or "mean" (the column means, one cell short); any other line is a note."""
+    lines = text.splitlines()
+    header = [corner] + lines[0].split(corner, 1)[1].split()
+    rows, notes = [], []
+    for line in lines[1:]:
+        cells = line.split()
+        if cells[0] == "mean" or re.fullmatch(r"[-+.\deE]+", cells[0]):
+            rows.append(cells + [""] * (len(header) - len(cells)))
+        else:
+            notes.append(line)
+    return _table(header, rows) + "".join(f"<p class=\"note\">{_e(n)}</p>" for n in notes)
+
+
+def _search_html(trials: list[dict]) -> str:
+    ranked = sorted(trials, key=lambda t: t["metrics"].get("val_acc", -1.0), reverse=True)
+    rows = [[t["label"], _pct(t["metrics"]["val_acc"]) if "val_acc" in t["metrics"] else "-",
+             str(int(t["metrics"].get("epoch", 0))), outcome(t)] for t in ranked]
+    return _table(["configuration", "last val acc (%)", "epochs", "outcome"], rows)
+
+
+def _figure_html(plot: Plot) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    return (f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{_e(plot.title)}\">"
+            f"<figcaption><b>{_e(plot.title)}</b> ({_e(plot.name)}.png). {_e(plot.caption)}</figcaption></figure>")
+
+
+def _study_table_text(study: StudyRuns) -> str | None:
+    import tempfile
+
+    if not any(a.path == "results/table.txt" for a in study.client.list_artifacts(study.parent.info.run_id, "results")):
+        return None  # a study still running has not written it yet
+    with tempfile.TemporaryDirectory() as folder:
+        path = study.client.download_artifacts(study.parent.info.run_id, "results/table.txt", folder)
+        return Path(path).read_text().rstrip()
+
+
+def _base_config_html(study: StudyRuns) -> str:
+    rows = [[k[len("base."):], v] for k, v in sorted(study.params.items()) if k.startswith("base.")]
+    if not rows:
+        return ""
+    return ("<details><summary>Configuration every student trial starts from (parent run params base.*)"
+            "</summary>" + _table(["field", "value"], rows) + "</details>")
+
