@@ -1,19 +1,36 @@
-"""The `kdtune` command: what a user does outside a study script."""
+"""The `kdtune` command: what a user does outside a study script.
+
+    kdtune mlflow serve                         the embedded tracking server over .kdtune/
+    kdtune teacher train|list                   train and register a dataset's teacher; list teachers
+    kdtune study list|show|report|resume        past studies, their tables and reports; continue a stopped one
+    kdtune models list|promote|export           registered students; move 'champion' through the gate; export weights
+
+Every command but `mlflow serve` takes --tracking-uri (default: the server already serving --store, else an
+embedded one started for the command). Errors are one line and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-from kdtune.errors import KdtuneError
+from kdtune.errors import ConfigError, KdtuneError, TrackingError
 
 
-def _serve(args) -> int:
-    from kdtune.tracking import EmbeddedServer, ui_link
+# ---- mlflow -----------------------------------------------------------------------------------------
 
+def cmd_mlflow_serve(args) -> int:
+    from kdtune.tracking import EmbeddedServer, UI_SUFFIX
+
+    if EmbeddedServer.running_uri(args.store):
+        raise TrackingError(f"a server already serves {Path(args.store).resolve()} at "
+                            f"{EmbeddedServer.running_uri(args.store)}")
     server = EmbeddedServer(args.store, port=args.port).start()
-    print(f"MLflow UI: {server.uri}  (store: {server.store_dir})")
-    print("runs table of an experiment: add ?workflowType=machine_learning to its URL; Ctrl-C stops the server")
+    print(f"MLflow UI: {server.uri}/#/experiments  (store: {server.store_dir})")
+    print(f"the runs table of an experiment is its URL plus {UI_SUFFIX}; Ctrl-C stops the server", flush=True)
     try:
         while server.process and server.process.poll() is None:
             time.sleep(1)
@@ -24,22 +41,261 @@ def _serve(args) -> int:
     return 0
 
 
+# ---- teachers ---------------------------------------------------------------------------------------
+
+def cmd_teacher_train(args, client, uri) -> int:
+    from kdtune import teachers, tracking
+    from kdtune.data import load_dataset
+    from kdtune.study import StudySpec, _init_ray, teacher_config
+
+    spec = StudySpec(name="teachers", dataset=args.dataset, teacher=args.teacher,
+                     teacher_overrides={"epochs": args.epochs} if args.epochs else {})
+    config = teacher_config(spec)
+    dataset = load_dataset(args.dataset, args.data_dir, not args.no_download)
+    experiment_id = tracking.get_or_create_experiment(client, "teachers")
+    parent = client.create_run(experiment_id, run_name=f"teacher {args.dataset} {config.student}",
+                               tags={"kdtune.role": "study", "kdtune.study": "teachers"})
+    _init_ray(args.address)
+    status = "FAILED"
+    try:
+        teacher = teachers.train_and_register(config, dataset, tracking.TrackingContext(uri, experiment_id,
+                                                                                        parent.info.run_id),
+                                              args.cpus, args.gpus)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent.info.run_id, status=status)
+    print(f"{teacher.source}: test accuracy {teacher.test_acc:.4f}")
+    return 0
+
+
+def cmd_teacher_list(args, client, uri) -> int:
+    return _print_models(client, "name LIKE 'kdtune-teacher-%'")
+
+
+# ---- studies ----------------------------------------------------------------------------------------
+
+def _study_runs(client, study: str | None = None):
+    experiments = client.search_experiments()
+    ids = [e.experiment_id for e in experiments if study is None or e.name == study]
+    if not ids:
+        return []
+    return client.search_runs(ids, "tags.`kdtune.role` = 'study'", order_by=["attributes.start_time DESC"],
+                              max_results=500)
+
+
+def find_study_run(client, study: str):
+    """A study run by its run id, or the latest run of a study (experiment) name."""
+    import mlflow
+
+    try:
+        run = client.get_run(study)
+        if run.data.tags.get("kdtune.role") == "study":
+            return run
+    except mlflow.exceptions.MlflowException:
+        pass
+    runs = _study_runs(client, study)
+    if not runs:
+        known = sorted({r.data.tags.get("kdtune.study", "?") for r in _study_runs(client)})
+        raise ConfigError(f"study {study!r}: no such study or study run id; known studies: "
+                          f"{', '.join(known) or 'none yet'}")
+    return runs[0]
+
+
+def cmd_study_list(args, client, uri) -> int:
+    runs = _study_runs(client)
+    if not runs:
+        print("no studies yet")
+        return 0
+    print(f"{'study':<28} {'started':<19} {'status':<9} {'best':<22} run id")
+    for run in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
+        print(f"{run.data.tags.get('kdtune.study', '?'):<28} {started:<19} {run.info.status:<9} "
+              f"{run.data.tags.get('kdtune.best', '-')[:22]:<22} {run.info.run_id}")
+    return 0
+
+
+def cmd_study_show(args, client, uri) -> int:
+    from kdtune.tracking import ui_link
+
+    run = find_study_run(client, args.study)
+    print(f"study {run.data.tags.get('kdtune.study')} run {run.info.run_id} ({run.info.status})")
+    print(f"  {ui_link(uri, run.info.experiment_id)}")
+    for key in ("kdtune.teacher", "kdtune.best", "kdtune.registered"):
+        if key in run.data.tags:
+            print(f"  {key.split('.', 1)[1]}: {run.data.tags[key]}")
+    try:
+        table = Path(client.download_artifacts(run.info.run_id, "results/table.txt")).read_text()
+    except Exception:  # a running or failed study has no table yet
+        table = "  (no result table yet: the study has not finished)"
+    print(table)
+    return 0
+
+
+def cmd_study_report(args, client, uri) -> int:
+    from kdtune import report
+
+    run = find_study_run(client, args.study)
+    out = Path(args.out or f"kdtune-report-{run.info.run_id[:8]}")
+    path = report.build_report(client, run.info.run_id, out)
+    report.log_report(client, run.info.run_id, out)
+    print(f"report: {path.resolve()} (also logged to the study run under report/)")
+    return 0
+
+
+def cmd_study_resume(args) -> int:
+    folder = Path(args.folder)
+    try:
+        saved = json.loads((folder / "kdtune_study.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{folder}: not a kdtune study folder (no readable kdtune_study.json)") from None
+    command = list(saved.get("command") or [])
+    if not command:
+        raise ConfigError(f"{folder}: the study file does not record its command; run the study script with "
+                          f"--resume {folder}")
+    if "--resume" in command:  # a resumed study records its own --resume: replace it
+        at = command.index("--resume")
+        del command[at:at + 2]
+    return subprocess.call([sys.executable, *command, "--resume", str(folder.resolve())])
+
+
+# ---- models -----------------------------------------------------------------------------------------
+
+def _print_models(client, filter_string: str | None = None) -> int:
+    models = client.search_registered_models(filter_string=filter_string)
+    if not models:
+        print("no registered models")
+        return 0
+    for model in models:
+        print(model.name)
+        aliases = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            tags = version.tags
+            marks = " ".join(f"@{a}" for a in aliases.get(str(version.version), []))
+            print(f"  v{version.version:<4} {marks:<22} test_acc={tags.get('test_acc', '-'):<7} "
+                  f"mean={tags.get('test_acc_mean', '-')[:6]:<7} study={tags.get('study', '-')} "
+                  f"{tags.get('label', '')}")
+    return 0
+
+
+def cmd_models_list(args, client, uri) -> int:
+    return _print_models(client, "name LIKE 'kdtune-%'" if not args.all else None)
+
+
+def cmd_models_promote(args, client, uri) -> int:
+    from kdtune import registry
+
+    decision = registry.promote(client, args.name, args.version, margin=args.margin, force=args.force)
+    if decision.alias != registry.CHAMPION:
+        print(f"{args.name} version {args.version} not promoted: {decision.reason}")
+        return 1
+    print(f"{args.name} version {args.version} is now @champion: {decision.reason}")
+    return 0
+
+
+def cmd_models_export(args, client, uri) -> int:
+    import mlflow
+    import torch
+
+    from kdtune.tracking import network_state
+
+    model_uri = args.model if args.model.startswith("models:/") else f"models:/{args.model}"
+    try:
+        loaded = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as error:
+        raise TrackingError(f"model {model_uri}: could not be loaded ({type(error).__name__})") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = loaded.state_dict()
+    torch.save(network_state(loaded), out)
+    meta = {"source": model_uri, "mean": state["mean"].flatten().tolist(), "std": state["std"].flatten().tolist()}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    print(f"{out}: network weights (a --teacher-source for studies); {out.with_suffix('.json')}: input normalisation")
+    return 0
+
+
+# ---- the parser -------------------------------------------------------------------------------------
+
+def _tracking_options(parser) -> None:
+    parser.add_argument("--tracking-uri", help="an MLflow server; default: the server serving --store, "
+                                               "else an embedded one for this command")
+    parser.add_argument("--store", default=".kdtune", help="the local kdtune store (mlflow.db, artifacts/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdtune", description="Knowledge-distillation studies on Ray + MLflow")
-    commands = parser.add_subparsers(dest="command", required=True)
-    mlflow = commands.add_parser("mlflow", help="the embedded MLflow tracking server")
-    mlflow_commands = mlflow.add_subparsers(dest="mlflow_command", required=True)
-    serve = mlflow_commands.add_parser("serve", help="serve the local store (.kdtune) on a loopback port")
+    parser = argparse.ArgumentParser(prog="kdtune", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{mlflow,teacher,study,models}")
+
+    mlflow = groups.add_parser("mlflow", help="the embedded MLflow tracking server").add_subparsers(
+        dest="command", required=True)
+    serve = mlflow.add_parser("serve", help="serve the local store on a loopback port until Ctrl-C")
     serve.add_argument("--store", default=".kdtune", help="folder holding mlflow.db and artifacts/")
     serve.add_argument("--port", type=int, default=5000)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=cmd_mlflow_serve, needs_client=False)
+
+    teacher = groups.add_parser("teacher", help="teachers in the registry").add_subparsers(dest="command",
+                                                                                           required=True)
+    train = teacher.add_parser("train", help="train a dataset's teacher and register it as its @champion")
+    train.add_argument("--dataset", default="digits")
+    train.add_argument("--teacher", help="architecture (default: the dataset's)")
+    train.add_argument("--epochs", type=int, help="default: the dataset recipe's teacher epochs")
+    train.add_argument("--data-dir")
+    train.add_argument("--no-download", action="store_true")
+    train.add_argument("--address", help="a Ray cluster; default: a local Ray")
+    train.add_argument("--cpus", type=float, default=1.0)
+    train.add_argument("--gpus", type=float, default=0.0)
+    train.set_defaults(func=cmd_teacher_train)
+    listing = teacher.add_parser("list", help="registered teachers and their versions")
+    listing.set_defaults(func=cmd_teacher_list)
+    for sub in (train, listing):
+        _tracking_options(sub)
+
+    study = groups.add_parser("study", help="past studies").add_subparsers(dest="command", required=True)
+    listing = study.add_parser("list", help="every study run, newest first")
+    listing.set_defaults(func=cmd_study_list)
+    show = study.add_parser("show", help="a study's result table")
+    show.add_argument("study", help="a study name (its latest run) or a study run id")
+    show.set_defaults(func=cmd_study_show)
+    rep = study.add_parser("report", help="rebuild a study's HTML report from MLflow alone and log it")
+    rep.add_argument("study", help="a study name (its latest run) or a study run id")
+    rep.add_argument("--out", help="output folder (default: kdtune-report-<run id>)")
+    rep.set_defaults(func=cmd_study_report)
+    for sub in (listing, show, rep):
+        _tracking_options(sub)
+    resume = study.add_parser("resume", help="continue a stopped study from its folder")
+    resume.add_argument("folder", help="the folder the study printed as 'study folder: ...'")
+    resume.set_defaults(func=cmd_study_resume, needs_client=False)
+
+    models = groups.add_parser("models", help="registered students").add_subparsers(dest="command", required=True)
+    listing = models.add_parser("list", help="registered models, versions, aliases and accuracies")
+    listing.add_argument("--all", action="store_true", help="also models not made by kdtune")
+    listing.set_defaults(func=cmd_models_list)
+    promote = models.add_parser("promote", help="move @champion to a version if it beats the champion")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--margin", type=float, default=0.0)
+    promote.add_argument("--force", action="store_true", help="skip the gate")
+    promote.set_defaults(func=cmd_models_promote)
+    export = models.add_parser("export", help="save a registered model's weights to a .pt file")
+    export.add_argument("model", help="name@alias or name/version, e.g. kdtune-digits-digits_student@champion")
+    export.add_argument("--out", required=True, help="the .pt file to write")
+    export.set_defaults(func=cmd_models_export)
+    for sub in (listing, promote, export):
+        _tracking_options(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if not getattr(args, "needs_client", True):
+            return args.func(args)
+        from kdtune.tracking import client_for, tracking_server
+
+        with tracking_server(args.tracking_uri, args.store, echo=lambda *a: None) as uri:
+            return args.func(args, client_for(uri), uri)
     except KdtuneError as error:
         print(f"kdtune: error: {error}", file=sys.stderr)
         return 2

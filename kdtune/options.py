@@ -49,6 +49,9 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     how.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     how.add_argument("--resume", metavar="STUDY_FOLDER",
                      help="continue a stopped study from the folder it printed at its start")
+    how.add_argument("--margin", type=float, default=0.0,
+                     help="registry gate: the best student becomes champion only if its mean test accuracy beats "
+                          "the current champion's by more than this (else it is registered as challenger)")
     how.add_argument("--register-as", help="registered model name for the best student "
                                            "(default: kdtune-<dataset>-<student>)")
     return parser
@@ -84,6 +87,7 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
         download=not args.no_download, register_as=args.register_as, resume=args.resume,
+        margin=args.margin,
     )
     fields.update(spec_fields)
     return StudySpec(**fields)
@@ -93,21 +97,15 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
 def shared_tracking(args: argparse.Namespace):
     """For scripts that run several studies: one embedded MLflow server for all of them (unless
     --tracking-uri names one), so the assistant a first study registers is there for the next."""
-    if args.tracking_uri:
-        yield args.tracking_uri
-        return
-    from kdtune.tracking import EmbeddedServer
+    from kdtune.tracking import tracking_server
 
     try:
-        server = EmbeddedServer(args.store).start()
+        with tracking_server(args.tracking_uri, args.store) as uri:
+            args.tracking_uri = uri
+            yield uri
     except KdtuneError as error:
         print(f"kdtune: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    args.tracking_uri = server.uri
-    try:
-        yield server.uri
-    finally:
-        server.stop()
 
 
 def finish(run, spec, table=None) -> int:
@@ -130,7 +128,10 @@ def finish(run, spec, table=None) -> int:
             if trial["error"]:
                 print(f"failed ({phase}): {trial['label']} seed={trial['seed']}: {trial['error']}")
     share = result.training_time_s / result.wall_time_s if result.wall_time_s else 0.0
-    print(f"\nbest (by validation): {result.best_label}; registered as champion version {result.champion_version}")
+    decision = result.registration
+    registered = (f"registered {decision.name} version {decision.version} as @{decision.alias}: {decision.reason}"
+                  if decision else "nothing registered")
+    print(f"\nbest (by validation): {result.best_label}; {registered}")
     print(f"wall time {result.wall_time_s:.1f}s; trial training time {result.training_time_s:.1f}s "
           f"(sum over trials = {share:.2f} x wall time)")
     print(f"mlflow: {result.tracking_uri} experiment {result.experiment_id}, study run {result.parent_run_id}")

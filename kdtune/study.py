@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kdtune import recipes, teachers, tracking
+from kdtune import recipes, registry, teachers, tracking
 from kdtune.config import TrialConfig
 from kdtune.data import load_dataset
 from kdtune.errors import ConfigError, KdtuneError
@@ -73,6 +74,7 @@ class StudySpec:
     data_dir: str | None = None
     download: bool = True
     register_as: str | None = None
+    margin: float = 0.0  # the registry gate: champion moves only for a mean test accuracy better by more
     resume: str | None = None  # a study folder to continue
     label_header: str = "setting"
     title: str = ""
@@ -85,7 +87,7 @@ class StudyResult:
     summary: list[dict]
     phases: dict[str, list[dict]]
     best_label: str | None
-    champion_version: str | None
+    registration: "registry.Decision | None"
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
@@ -175,20 +177,9 @@ def run_study(spec: StudySpec, echo=print) -> StudyResult:
     saved = _read_study_file(spec) if spec.resume else None
     dataset = load_dataset(spec.dataset, spec.data_dir, spec.download)
     store = Path(spec.store_dir).resolve()
-    server = None
     uri = spec.tracking_uri or (saved or {}).get("tracking_uri_external")
-    if uri:
-        tracking.check_tracking_uri(uri)
-    else:
-        echo(f"mlflow: starting the embedded server (store: {store})")
-        server = tracking.EmbeddedServer(store).start()
-        uri = server.uri
-    try:
+    with tracking.tracking_server(uri, store, echo) as uri:
         return _Study(spec, configs, teacher_cfg, dataset, uri, store, saved, echo).run(started)
-    finally:
-        if server:
-            server.stop()
-            echo(f"mlflow: embedded server stopped; browse the results with: kdtune mlflow serve --store {store}")
 
 
 class _Study:
@@ -208,7 +199,9 @@ class _Study:
             study_dir = self._study_dir()
             _write_study_file(study_dir, {"name": spec.name, "parent_run_id": parent_id,
                                           "experiment_id": experiment_id,
-                                          "tracking_uri_external": spec.tracking_uri})
+                                          "tracking_uri_external": spec.tracking_uri,
+                                          # how to run it again: `kdtune study resume` re-runs this with --resume
+                                          "command": [str(Path(sys.argv[0]).resolve()), *sys.argv[1:]]})
             self.echo(f"study folder: {study_dir}  (continue it with --resume {study_dir})")
             _init_ray(spec.address)
             trainable = self._trainable(context)
@@ -229,7 +222,7 @@ class _Study:
             final = phases.get("confirm") or phases["grid"]
             summary = summarise(final, order=[v["label"] for v in (confirm if spec.search else spec.variants)])
             best_label = pick_best(summary)
-            champion = self._register_best(final, best_label) if best_label else None
+            champion = self._register_best(final, summary, best_label) if best_label else None
             training_time = sum(t["metrics"].get("training_time_s", 0.0) for p in phases.values() for t in p)
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
                                  self.uri, str(study_dir), time.perf_counter() - started, training_time)
@@ -342,23 +335,31 @@ class _Study:
             callbacks=[close_runs_callback(context)], verbose=1,
         )
 
-    def _register_best(self, trials: list[dict], best_label: str) -> str | None:
+    def _register_best(self, trials: list[dict], summary: list[dict], best_label: str):
+        """Register the best configuration's best seed; the registry gate decides whether it is champion."""
         from kdtune.models import build_model, count_parameters
 
         candidates = [t for t in trials if t["label"] == best_label and not t["error"] and "model_uri" in t["metrics"]]
         if not candidates:
             return None
         best = max(candidates, key=lambda t: t["metrics"]["val_acc"])
-        spec, base = self.spec, self.base
+        row = next(r for r in summary if r["label"] == best_label)
+        spec, base, metrics = self.spec, self.base, best["metrics"]
         student = build_model(base["student"], self.dataset.num_classes, self.dataset.input_shape)
         tags = {
             "study": spec.name, "dataset": spec.dataset, "teacher": self.teacher_cfg.student,
-            "student": base["student"], "label": best_label, "seed": best["seed"],
-            "run_id": best["metrics"]["mlflow_run_id"], "val_acc": f"{best['metrics']['val_acc']:.4f}",
-            "test_acc": f"{best['metrics']['test_acc']:.4f}", "parameters": count_parameters(student),
+            "student": base["student"], "method": best["params"].get("method", base.get("method")),
+            "label": best_label, "seed": best["seed"], "run_id": metrics["mlflow_run_id"],
+            "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
+            "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]), "parameters": count_parameters(student),
             **{f"hp.{k}": v for k, v in best["params"].items()},
+            **{k: f"{metrics[k]:.4f}" for k in ("latency_ms_batch1", "latency_ms_per_image") if k in metrics},
         }
-        return tracking.register_model(best["metrics"]["model_uri"], registered_name(spec, base), "champion", tags)
+        decision = registry.register(self.client, metrics["model_uri"], registered_name(spec, base), tags,
+                                     candidate_mean=row["test_mean"],
+                                     fingerprint=registry.test_set_fingerprint(self.dataset), margin=spec.margin)
+        self.echo(f"registry: {decision.name} version {decision.version} -> @{decision.alias} ({decision.reason})")
+        return decision
 
 
 def registered_name(spec: StudySpec, base: dict) -> str:
@@ -465,5 +466,6 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     client.log_text(parent_id, buffer.getvalue(), "results/trials.csv")
     client.log_text(parent_id, result.table() + "\n", "results/table.txt")
     client.set_tag(parent_id, "kdtune.best", str(result.best_label))
-    if result.champion_version:
-        client.set_tag(parent_id, "kdtune.champion_version", result.champion_version)
+    if result.registration:
+        client.set_tag(parent_id, "kdtune.registered", f"{result.registration.name} version "
+                                                       f"{result.registration.version} @{result.registration.alias}")

@@ -15,7 +15,7 @@ from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.errors import ConfigError, TrackingError
-from kdtune.tracking import ChildRun, ServableModel, TrackingContext, register_model
+from kdtune.tracking import ChildRun, ServableModel, TrackingContext, network_state, register_model
 
 TEACHER_ALIAS = "champion"
 
@@ -42,9 +42,7 @@ def load_teacher_state(source: str, arch: str, dataset: Dataset) -> dict:
         except Exception as error:  # MLflow raises several types for a missing model/alias
             raise TrackingError(f"teacher {source}: could not be loaded from MLflow ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0] if str(error) else ''})") from None
-        # kdtune logs a ServableModel (normalisation + network); MLflow may hand it back as an exported
-        # GraphModule, so take the network's weights by their "model." prefix rather than by class.
-        state = {k[len("model."):]: v for k, v in loaded.state_dict().items() if k.startswith("model.")}
+        state = network_state(loaded)
     else:
         path = Path(source)
         if not path.is_file():
@@ -115,10 +113,16 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, source: str | None, tr
     if uri:
         log(f"teacher: reusing the registered {uri}")
         return Teacher(load_teacher_state(uri, arch, dataset), uri, trained_now=False)
+    log(f"teacher: none registered for {dataset.name}/{arch}; training one ({config.epochs} epochs)")
+    return train_and_register(config, dataset, tracking, cpus, gpus, log)
 
+
+def train_and_register(config: TrialConfig, dataset: Dataset, tracking: TrackingContext, cpus: float, gpus: float,
+                       log=print) -> Teacher:
+    """Train a teacher in a Ray task with a trial's resources and register it as the dataset's teacher."""
     import ray
 
-    log(f"teacher: none registered for {dataset.name}/{arch}; training one ({config.epochs} epochs)")
+    arch = config.student
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(train_teacher)
     result = ray.get(task.remote(config, dataset, tracking, int(cpus)))
     name = registry_name(dataset.name, arch)

@@ -7,6 +7,8 @@ own run instead of opening a second one.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -58,23 +60,51 @@ class EmbeddedServer:
         ]
 
     def start(self, timeout_s: float = 120.0) -> "EmbeddedServer":
+        """Launch the server and wait until it answers."""
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> "EmbeddedServer":
+        """Start the server process and return at once: its start-up (tens of seconds on a busy 2-core machine)
+        can overlap other start-up work; call `wait_ready()` before the first request."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.store_dir / "server.log", "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+        # MLflow 3's server also starts a GenAI job runner (8 more processes on a 2-core machine, and a slower
+        # start); kdtune uses none of its jobs.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent)
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> "EmbeddedServer":
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise TrackingError(f"the embedded MLflow server exited with code {self.process.returncode}; "
                                     f"see {self.store_dir / 'server.log'}")
             if _healthy(self.uri):
+                self._info_file.write_text(json.dumps({"pid": self.process.pid, "uri": self.uri}))
                 return self
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise TrackingError(f"the embedded MLflow server did not answer on {self.uri} within {timeout_s:.0f}s; "
                             f"see {self.store_dir / 'server.log'}")
 
+    @property
+    def _info_file(self) -> Path:
+        return self.store_dir / "server.json"
+
+    @staticmethod
+    def running_uri(store_dir: str | Path) -> str | None:
+        """The URI of a server already serving this store (e.g. `kdtune mlflow serve`), if one answers."""
+        try:
+            info = json.loads((Path(store_dir).resolve() / "server.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return info.get("uri") if _healthy(info.get("uri", ""), timeout_s=2.0) else None
+
     def stop(self) -> None:
+        if self.process is not None:
+            self._info_file.unlink(missing_ok=True)
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, 15)
             try:
@@ -124,6 +154,28 @@ def check_tracking_uri(uri: str) -> None:
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
     else:
         raise TrackingError(f"tracking URI {uri!r}: use http(s)://host:port (an MLflow server) or sqlite:///path.db")
+
+
+@contextlib.contextmanager
+def tracking_server(uri: str | None, store_dir: str | Path, echo=print):
+    """The tracking URI to use: the given one (checked), a server already serving the store, or an embedded
+    server started for the duration of the block."""
+    if uri:
+        check_tracking_uri(uri)
+        yield uri
+        return
+    running = EmbeddedServer.running_uri(store_dir)
+    if running:
+        echo(f"mlflow: using the server already running at {running} for {Path(store_dir).resolve()}")
+        yield running
+        return
+    echo(f"mlflow: starting the embedded server (store: {Path(store_dir).resolve()})")
+    server = EmbeddedServer(store_dir).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+        echo(f"mlflow: embedded server stopped; browse the results with: kdtune mlflow serve --store {store_dir}")
 
 
 def ui_link(uri: str, experiment_id: str) -> str:
@@ -256,6 +308,12 @@ class ServableModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
+
+
+def network_state(loaded: nn.Module) -> dict:
+    """The network's weights inside a logged ServableModel. MLflow may hand the model back as an exported
+    GraphModule rather than the class kdtune logged, so take the weights by their "model." prefix."""
+    return {k[len("model."):]: v for k, v in loaded.state_dict().items() if k.startswith("model.")}
 
 
 def register_model(model_uri: str, name: str, alias: str, tags: dict) -> str:

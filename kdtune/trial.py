@@ -75,9 +75,12 @@ def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, te
     run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(trainer.device)})
     try:
         for metrics in trainer.epochs():
+            final = "test_acc" in metrics
+            if final:
+                metrics.update(inference_latency(trainer.student, dataset, trainer.device))
             run.log_epoch(metrics, step=metrics["epoch"])
             extra = {"mlflow_run_id": run.run_id, "label": label, "seed": seed}
-            if "test_acc" in metrics:
+            if final:
                 extra["model_uri"] = _log_student(run, trainer, dataset)
                 run.finish()
             with tempfile.TemporaryDirectory() as folder:
@@ -86,6 +89,27 @@ def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, te
     except TrainingDiverged as error:
         run.fail(f"TrainingDiverged: {error}")
         raise
+
+
+def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
+    """Median forward time on the trial's own device: one image, and per image in a batch of 256."""
+    import statistics
+    import time
+
+    model.eval()
+    timings = {}
+    for batch, key in ((1, "latency_ms_batch1"), (256, "latency_ms_per_image")):
+        images = torch.randn(batch, *dataset.input_shape, device=device)
+        samples = []
+        with torch.inference_mode():
+            for _ in range(12):
+                started = time.perf_counter()
+                model(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                samples.append((time.perf_counter() - started) * 1000 / batch)
+        timings[key] = statistics.median(samples[2:])  # the first calls warm up
+    return timings
 
 
 def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:

@@ -1,0 +1,111 @@
+"""The model registry with a gate: `champion` moves only to a student that earned it.
+
+A candidate is compared with the current champion of the same registered model on the same test set
+(the test set's fingerprint is a version tag). It takes `champion` only if its mean test accuracy over seeds
+beats the champion's by more than `margin`; otherwise it is registered with alias `challenger` and the reason
+is recorded as a tag. Every version carries what a reader needs to trust it: study, dataset, teacher, method,
+hyperparameters, test accuracy (per seed and mean), parameter count and the inference latency measured on
+the machine that trained it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from kdtune.data import Dataset
+from kdtune.errors import TrackingError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    alias: str  # champion | challenger
+    reason: str
+
+
+def test_set_fingerprint(dataset: Dataset) -> str:
+    digest = hashlib.sha1()
+    digest.update(dataset.test_images.contiguous().numpy().tobytes())
+    digest.update(dataset.test_labels.contiguous().numpy().tobytes())
+    return f"{dataset.name}:{digest.hexdigest()[:16]}"
+
+
+def current_champion(client, name: str):
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def measure_accuracy(model_uri: str, dataset: Dataset) -> float:
+    """Test accuracy of a registered (servable) model, measured now on the dataset's test set."""
+    import mlflow
+
+    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset.test_labels), 512):
+            images = dataset.test_images[start:start + 512].float() * dataset.scale
+            correct += int((model(images).argmax(1) == dataset.test_labels[start:start + 512]).sum())
+    return correct / len(dataset.test_labels)
+
+
+def gate(client, name: str, candidate_mean: float, fingerprint: str, margin: float) -> tuple[bool, str]:
+    """(takes champion?, reason)."""
+    champion = current_champion(client, name)
+    if champion is None:
+        return True, "no champion yet"
+    if not fingerprint:
+        return False, "this version records no test set (registered before kdtune recorded one): use --force"
+    if champion.tags.get("test_set") != fingerprint:
+        return False, (f"champion version {champion.version} was measured on test set "
+                       f"{champion.tags.get('test_set', 'unknown')}, not {fingerprint}: not comparable")
+    champion_mean = float(champion.tags.get("test_acc_mean", champion.tags.get("test_acc", "nan")))
+    if candidate_mean > champion_mean + margin:
+        return True, (f"mean test accuracy {candidate_mean:.4f} beats champion version {champion.version} "
+                      f"({champion_mean:.4f}) by more than {margin:g}")
+    return False, (f"mean test accuracy {candidate_mean:.4f} does not beat champion version {champion.version} "
+                   f"({champion_mean:.4f}) by more than {margin:g}")
+
+
+def register(client, model_uri: str, name: str, tags: dict, candidate_mean: float, fingerprint: str,
+             margin: float = 0.0) -> Decision:
+    """Register `model_uri` as a new version of `name`, then let the gate decide its alias."""
+    import mlflow
+
+    if margin < 0:
+        raise TrackingError(f"margin={margin}: must be >= 0")
+    takes_champion, reason = gate(client, name, candidate_mean, fingerprint, margin)
+    all_tags = {**tags, "test_acc_mean": f"{candidate_mean:.6f}", "test_set": fingerprint, "gate": reason}
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in all_tags.items()}).version
+    alias = CHAMPION if takes_champion else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    return Decision(name, str(version), alias, reason)
+
+
+def promote(client, name: str, version: str, margin: float = 0.0, force: bool = False) -> Decision:
+    """Move `champion` to an existing version: through the gate unless forced."""
+    import mlflow
+
+    try:
+        candidate = client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"model {name!r} version {version!r}: not found in the registry") from None
+    if force:
+        reason = "promoted by hand (--force), without the gate"
+    else:
+        mean = float(candidate.tags.get("test_acc_mean", candidate.tags.get("test_acc", "nan")))
+        takes, reason = gate(client, name, mean, candidate.tags.get("test_set", ""), margin)
+        if not takes:
+            return Decision(name, version, "unchanged", reason)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "gate", reason)
+    return Decision(name, version, CHAMPION, reason)

@@ -1,0 +1,102 @@
+"""The registry gate and the `kdtune` command against a real MLflow server and real trained students."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from kdtune import cli, registry
+from kdtune.config import TrialConfig
+from kdtune.engine import Trainer
+from kdtune.models import build_model
+from kdtune.tracking import ChildRun, ServableModel, TrackingContext, client_for, get_or_create_experiment
+
+NAME = "test-gate-student"
+
+
+def train_and_log(context, digits, teacher_state, label, **config):
+    trainer = Trainer(TrialConfig.from_flat({"epochs": 3, **config}), digits, teacher_state)
+    for metrics in trainer.epochs():
+        pass
+    trainer.close()
+    run = ChildRun(context, trial_key=label, run_name=label, params={}, tags={"kdtune.role": "student"})
+    run.log_epoch(metrics, step=metrics["epoch"])
+    model_uri = run.log_model(ServableModel(trainer.student.cpu().eval(), **{k: trainer.normalisation[k] for k in ("mean", "std")}),
+                              digits.test_images[:2].float() * digits.scale)
+    run.finish()
+    return model_uri, metrics["test_acc"], run.run_id
+
+
+def accuracy_by_alias(alias, digits):
+    model = mlflow.pytorch.load_model(f"models:/{NAME}@{alias}", map_location="cpu")
+    with torch.no_grad():
+        return (model(digits.test_images.float() * digits.scale).argmax(1) == digits.test_labels).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, digits, trained_digits_teacher):
+    client = client_for(mlflow_server.uri)
+    experiment = get_or_create_experiment(client, "gate")
+    parent = client.create_run(experiment, tags={"kdtune.role": "study", "kdtune.study": "gate"})
+    context = TrackingContext(mlflow_server.uri, experiment, parent.info.run_id)
+    fingerprint = registry.test_set_fingerprint(digits)
+    weak = train_and_log(context, digits, None, "weak", method="none", epochs=1, lr=0.001)
+    strong = train_and_log(context, digits, trained_digits_teacher[0], "strong", method="kd", temperature=4.0,
+                           alpha=0.9, lr=0.01, epochs=6)
+    assert strong[1] > weak[1] + 0.2
+    decisions = [registry.register(client, uri, NAME, {"run_id": run_id, "test_acc": f"{acc:.4f}"}, acc, fingerprint)
+                 for uri, acc, run_id in (weak, strong, weak)]
+    return client, decisions, weak, strong
+
+
+def test_the_gate_moves_champion_only_for_a_better_student(registered, digits):
+    client, (first, better, worse), weak, strong = registered
+    assert (first.alias, better.alias, worse.alias) == ("champion", "champion", "challenger")
+    assert "no champion yet" in first.reason
+    assert f"does not beat champion version {better.version}" in worse.reason
+    assert client.get_model_version_by_alias(NAME, "champion").version == better.version
+    assert client.get_model_version(NAME, worse.version).tags["gate"] == worse.reason
+    # both aliases load and give the accuracy that was recorded for them
+    assert accuracy_by_alias("champion", digits) == pytest.approx(strong[1], abs=1e-6)
+    assert accuracy_by_alias("challenger", digits) == pytest.approx(weak[1], abs=1e-6)
+
+
+def test_models_commands(registered, mlflow_server, digits, tmp_path, capsys):
+    client, (first, better, worse), weak, strong = registered
+    uri = ["--tracking-uri", mlflow_server.uri]
+    assert cli.main(["models", "list", "--all", *uri]) == 0
+    listing = capsys.readouterr().out
+    assert f"v{better.version}" in listing and "@champion" in listing and "@challenger" in listing
+    assert cli.main(["models", "promote", NAME, worse.version, *uri]) == 1
+    assert "not promoted: mean test accuracy" in capsys.readouterr().out
+    assert client.get_model_version_by_alias(NAME, "champion").version == better.version
+    assert cli.main(["models", "export", f"{NAME}@champion", "--out", str(tmp_path / "student.pt"), *uri]) == 0
+    student = build_model("digits_student", 10, (1, 8, 8))
+    student.load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True))  # usable as --teacher-source
+    assert cli.main(["models", "promote", NAME, worse.version, "--force", *uri]) == 0
+    assert client.get_model_version_by_alias(NAME, "champion").version == worse.version
+    client.set_registered_model_alias(NAME, "champion", better.version)  # leave the module's state as it was
+
+
+def test_errors_are_one_line(mlflow_server, capsys):
+    uri = ["--tracking-uri", mlflow_server.uri]
+    assert cli.main(["study", "show", "no-such-study", *uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdtune: error: study 'no-such-study': no such study")
+    assert cli.main(["models", "promote", NAME, "999", *uri]) == 2
+    assert capsys.readouterr().err.strip() == f"kdtune: error: model '{NAME}' version '999': not found in the registry"
+    assert cli.main(["models", "list", "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "tracking URI http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
+    assert cli.main(["study", "resume", "/nonexistent"]) == 2
+    assert "not a kdtune study folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["mlflow", "serve"], ["teacher", "train"], ["teacher", "list"],
+                                     ["study", "list"], ["study", "show"], ["study", "report"], ["study", "resume"],
+                                     ["models", "list"], ["models", "promote"], ["models", "export"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "kdtune.cli", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: kdtune" in result.stdout
