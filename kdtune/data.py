@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from kdtune.cluster import staging_lock
 from kdtune.errors import ConfigError, DatasetError
 
 SPLIT_SEED = 20240611  # fixed: every trial of every study validates on the same samples
@@ -106,28 +107,36 @@ def _obtain(name: str, source: _Source, data_dir: Path, folder: Path, missing: P
         raise DatasetError(f"{name}: {missing} not found and downloads are off; {how}")
     target = data_dir if source.extract else folder
     new_dirs = [d for d in (target, *target.parents) if not d.exists()]  # what we create, deepest first
-    folder_existed = folder.exists()
-    existed = {file for file, _ in source.files if (target / file).is_file()}
-    # An archive already here may be the one to (re-)extract; download_url skips it when its checksum holds.
-    wanted = [(file, md5) for file, md5 in source.files if source.extract or file not in existed]
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # a dead mirror should fail in seconds, not hang a study
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        for file, md5 in wanted:
-            _fetch(name, source, file, md5, target, how)
-    except DatasetError:
-        for file, _ in wanted:
-            if file not in existed:
-                (target / file).unlink(missing_ok=True)
-        if not folder_existed:
-            shutil.rmtree(folder, ignore_errors=True)  # half-extracted archive
-        for directory in new_dirs:
-            if directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
-        raise
-    finally:
-        socket.setdefaulttimeout(previous)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes (studies, nodes sharing one NFS data dir) may get here at once: one downloads, the
+    # others wait on the lock and then find the files there.
+    with staging_lock(data_dir, f"{name}-download") as lock_file:
+        if missing.exists():
+            return
+        folder_existed = folder.exists()
+        existed = {file for file, _ in source.files if (target / file).is_file()}
+        # An archive already here may be the one to (re-)extract; download_url skips it when its checksum holds.
+        wanted = [(file, md5) for file, md5 in source.files if source.extract or file not in existed]
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # a dead mirror should fail in seconds, not hang a study
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for file, md5 in wanted:
+                _fetch(name, source, file, md5, target, how)
+        except DatasetError:
+            for file, _ in wanted:
+                if file not in existed:
+                    (target / file).unlink(missing_ok=True)
+            if not folder_existed:
+                shutil.rmtree(folder, ignore_errors=True)  # half-extracted archive
+            if data_dir in new_dirs:
+                lock_file.unlink(missing_ok=True)  # leave nothing behind in a folder we made
+            for directory in new_dirs:
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
+        finally:
+            socket.setdefaulttimeout(previous)
 
 
 def _fetch(name: str, source: _Source, file: str, md5: str, target: Path, how: str) -> None:
