@@ -331,8 +331,9 @@ class _Study:
         return tune.RunConfig(
             name=name, storage_path=str(study_dir),
             failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[close_runs_callback(context)], verbose=1,
+            # keep 2: with 1, Tune snapshots the whole experiment state after every single checkpoint
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[close_runs_callback(context)], verbose=1, progress_reporter=_status_table(name),
         )
 
     def _register_best(self, trials: list[dict], summary: list[dict], best_label: str):
@@ -364,6 +365,19 @@ class _Study:
 
 def registered_name(spec: StudySpec, base: dict) -> str:
     return spec.register_as or f"kdtune-{spec.dataset}-{base['student']}"
+
+
+def _status_table(phase: str):
+    """Tune's status table with the columns that matter, not dozens (Ray's newer output shows every metric)."""
+    from ray.tune import CLIReporter
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Ray ignores a custom reporter under its new output engine
+    parameters = ({"method": "method", "temperature": "T", "alpha": "alpha", "beta": "beta", "links": "links"}
+                  if phase == "search" else {"variant/label": "setting", "seed": "seed"})
+    return CLIReporter(parameter_columns=parameters, max_report_frequency=20, print_intermediate_tables=True,
+                       metric_columns={"epoch": "epoch", "val_acc": "val acc", "best_val_acc": "best val",
+                                       "train_loss": "train loss", "test_acc": "test acc"},
+                       sort_by_metric=True, metric="val_acc", mode="max", max_progress_rows=30)
 
 
 def _init_ray(address: str | None) -> None:

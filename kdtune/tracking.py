@@ -25,6 +25,11 @@ from torch import nn
 
 from kdtune.errors import TrackingError
 
+# Trials run in parallel: MLflow's per-run "View run at ..." lines and artifact progress bars would bury the
+# study's own output. Users can still turn them on through these variables.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_KEY_TAG = "kdtune.trial_key"
 UI_SUFFIX = "?workflowType=machine_learning"  # MLflow 3.17 opens the GenAI view otherwise

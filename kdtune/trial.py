@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, te
     from kdtune.engine import Trainer
 
     torch.set_num_threads(max(1, threads))
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     label, overrides, seed = variant_of(config)
     trial_config = TrialConfig.from_flat({**base, **overrides, "seed": seed})
     trial_id = tune.get_context().get_trial_id()
