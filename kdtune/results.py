@@ -82,17 +82,21 @@ def format_gain(row: dict) -> str:
     return text
 
 
-def format_table(summary: list[dict], label_header: str) -> str:
-    """Seed 000 Tables 3/4 shape: one row per setting; test accuracy mean ± std, gain with its 95% CI."""
-    lines = [f"{label_header:>14}  {'val acc':>8}  {'test acc':>17}  {'vs baseline [95% CI]':>26}  {'n':>2}"]
+def format_table(summary: list[dict], label_header: str, show_median: bool = False) -> str:
+    """Seed 000 Tables 3/4 shape: one row per setting; test accuracy mean ± std (and the median, which seed 003
+    reports), gain over the baseline with its 95% CI."""
+    median_header = f"  {'median':>7}" if show_median else ""
+    lines = [f"{label_header:>18}  {'val acc':>8}  {'test acc':>17}{median_header}  {'vs baseline [95% CI]':>26}  {'n':>2}"]
     for row in summary:
         if not row["n"]:
             note = f"{row['failed']} failed" if row["failed"] else f"{row['stopped']} stopped early"
-            lines.append(f"{row['label']:>14}  {'-':>8}  {'-':>17}  {'':>26}  {0:>2}  ({note})")
+            median = f"  {'-':>7}" if show_median else ""
+            lines.append(f"{row['label']:>18}  {'-':>8}  {'-':>17}{median}  {'':>26}  {0:>2}  ({note})")
             continue
         test = f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])} %"
+        median = f"  {_pct(row['test_median']):>6}%" if show_median else ""
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        lines.append(f"{row['label']:>14}  {_pct(row['val_mean']):>7}%  {test:>17}  {format_gain(row):>26}  "
+        lines.append(f"{row['label']:>18}  {_pct(row['val_mean']):>7}%  {test:>17}{median}  {format_gain(row):>26}  "
                      f"{row['n']:>2}" + (f"  ({notes})" if notes else ""))
     return "\n".join(lines)
 

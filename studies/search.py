@@ -4,8 +4,9 @@
     python studies/search.py --dataset cifar10 --num-samples 200 --time-budget-s 36000 --gpus-per-trial 0.25 \\
         --max-concurrent 16 --seeds 3 --address auto
 
-The space is define-by-run, so parameters are conditional: T and alpha only where a soft term exists, beta and
-the link set only for methods with links. ASHA stops weak trials on their own epoch counter. Then the best
+The space is define-by-run (kdtune/spaces.py), so parameters are conditional: T and alpha only where a soft term
+exists, beta and the link set only for methods with links, the first-stage length only for two-stage methods,
+adversarial weights and the discriminator's learning rate only for adversarial methods. ASHA stops weak trials on their own epoch counter. Then the best
 configuration (by validation accuracy) and the baseline are re-run over --seeds seeds and reported on the test
 set with the gain over the baseline and its 95% confidence interval.
 """
@@ -18,7 +19,9 @@ KNOWN_GOOD = [{"method": "kd", "temperature": 4.0, "alpha": 0.9}]
 
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["kd", "links"])
+    parser.add_argument("--methods", nargs="+", default=["kd", "links", "hints", "adversarial"],
+                        help="methods to search over; 'fsp' needs a model pair with FSP pairs (e.g. ResNets)")
+    parser.add_argument("--fsp-pairs", default="1-2,3-4,5-6", help="FSP layer pairs when 'fsp' is searched")
     parser.add_argument("--num-samples", type=int, default=30, help="trials the searcher proposes")
     parser.add_argument("--time-budget-s", type=float, help="stop proposing trials after this many seconds")
     parser.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
@@ -26,7 +29,8 @@ def main() -> int:
     parser.add_argument("--searcher-seed", type=int, default=0)
     args = parser.parse_args()
     base = student_base(spec_from_args(args, name="search", variants=[]))
-    space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(base["teacher"], base["student"])))
+    space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(base["teacher"], base["student"])),
+                        fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "")
     search = Search(suggest=space,
                     num_samples=args.num_samples, time_budget_s=args.time_budget_s,
                     points_to_evaluate=[p for p in KNOWN_GOOD if p["method"] in args.methods],
