@@ -25,6 +25,7 @@ import io
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def trial_of(run) -> dict:
     error = tags.get(FAILURE_TAG) or ("failed" if run.info.status == "FAILED" else None)
     return {"label": tags["kdtune.label"], "params": json.loads(tags.get("kdtune.overrides", "{}")),
             "seed": int(run.data.params.get("seed", 0)), "metrics": dict(run.data.metrics), "error": error,
-            "run_id": run.info.run_id, "status": run.info.status, "stopped_at": tags.get(STOPPED_TAG)}
+            "run_id": run.info.run_id, "stopped_at": tags.get(STOPPED_TAG)}
 
 
 def is_confirm(trial: dict) -> bool:
@@ -149,8 +150,7 @@ class Plot:
 class Report:
     study: StudyRuns
     trials: list[dict]  # every student trial
-    final: list[dict]  # the trials of the study's table: the grid, or a search's confirm phase
-    summary: list[dict]
+    summary: list[dict]  # the study's table: the grid, or a search's confirm phase
     plots: list[Plot]
     texts: dict[str, str]  # file name -> text table
 
@@ -187,13 +187,13 @@ def make_report(study: StudyRuns) -> Report:
     plots = [p for p in (accuracy_vs_temperature(summary), heatmap(summary), accuracy_per_link_set(summary),
                          loss_terms(study, final, summary), val_acc_per_epoch(study, trials, summary, search))
              if p is not None]
-    if _varies(summary, "temperature") and _varies(summary, "alpha") and _unique_cells(summary):
+    if _is_alpha_temperature_grid(summary):
         texts["matrix.txt"] = format_matrix(summary, "temperature", "alpha", *MATRIX_CORNER)
     if search:
         importance = parameter_importance([t for t in trials if not is_confirm(t)])
         if importance is not None:
             plots.append(importance)
-    return Report(study, trials, final, summary, plots, texts)
+    return Report(study, trials, summary, plots, texts)
 
 
 def _label_order(trials: list[dict]) -> list[str]:
@@ -210,10 +210,11 @@ def _varies(summary: list[dict], key: str) -> bool:
     return len({r["params"][key] for r in _finished_rows(summary, key)}) > 1
 
 
-def _unique_cells(summary: list[dict]) -> bool:
-    """True when no two rows share a (T, alpha) cell (else another varied parameter would be hidden)."""
+def _is_alpha_temperature_grid(summary: list[dict]) -> bool:
+    """Both vary, and no two rows share a (T, alpha) cell (else another varied parameter would be hidden)."""
     rows = [r for r in summary if "temperature" in r["params"] and "alpha" in r["params"]]
-    return len({(r["params"]["temperature"], r["params"]["alpha"]) for r in rows}) == len(rows)
+    unique = len({(r["params"]["temperature"], r["params"]["alpha"]) for r in rows}) == len(rows)
+    return unique and _varies(summary, "temperature") and _varies(summary, "alpha")
 
 
 def _baseline(summary: list[dict]) -> dict | None:
@@ -287,7 +288,7 @@ def accuracy_vs_temperature(summary: list[dict]) -> Plot | None:
 
 
 def heatmap(summary: list[dict]) -> Plot | None:
-    if not (_varies(summary, "temperature") and _varies(summary, "alpha") and _unique_cells(summary)):
+    if not _is_alpha_temperature_grid(summary):
         return None
     rows = [r for r in summary if r["n"] and "temperature" in r["params"] and "alpha" in r["params"]]
     temperatures = sorted({r["params"]["temperature"] for r in rows})
@@ -463,8 +464,8 @@ def importance_panels(trials: list[dict]) -> list[tuple[str, int, dict[str, floa
     for names in groups:
         members = [t for t in study.trials if names <= set(t.params)]
         varied = sorted(n for n in names if len({json.dumps(t.params[n]) for t in members}) > 1)
-        if len(members) < 2 or not varied:
-            continue
+        if not varied or len({t.value for t in members}) < 2:
+            continue  # nothing to explain: fANOVA needs some variance
         fixed = sorted(names - set(varied))
         title = "all trials" if names == common else "trials with " + ", ".join(sorted(names - common))
         if fixed:
@@ -561,28 +562,27 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
 
 
 def _header_html(report: Report) -> str:
-    study, parent = report.study, report.study.parent
-    params, info = study.params, parent.info
-    counts = {}
-    for trial in report.trials:
-        counts[outcome(trial)] = counts.get(outcome(trial), 0) + 1
-    items = [
-        ("study", study.experiment_name), ("dataset", params.get("dataset", "?")),
-        ("teacher", params.get("teacher", "?") + (f" ({parent.data.tags['kdtune.teacher']})"
-                                                  if "kdtune.teacher" in parent.data.tags else "")),
-        ("student", params.get("student", "?")),
-        ("kind", f"Optuna search ({params.get('search.num_samples', '?')} samples) + confirm re-runs"
-         if study.is_search else f"grid, {params.get('seeds', '?')} seed(s) per setting"),
-        ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))),
-        ("status", info.status),
-        ("trials", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"),
-    ]
-    if "wall_time_s" in parent.data.metrics:
-        items.append(("wall time", f"{parent.data.metrics['wall_time_s']:.0f} s"))
-    items.append(("MLflow", _mlflow_links(study)))
-    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v if k == 'MLflow' else _e(v)}</dd>" for k, v in items)
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _header_items(report))
+    rows += f"<dt>MLflow</dt><dd>{_mlflow_links(report.study)}</dd>"
     built = time.strftime("%Y-%m-%d %H:%M:%S")
     return f"<dl class=\"header\">{rows}</dl><p class=\"note\">Report built {built} from MLflow alone.</p>"
+
+
+def _header_items(report: Report) -> list[tuple[str, str]]:
+    study, parent = report.study, report.study.parent
+    params, tags, info = study.params, parent.data.tags, parent.info
+    teacher = params.get("teacher", "?") + (f" ({tags['kdtune.teacher']})" if "kdtune.teacher" in tags else "")
+    kind = (f"Optuna search ({params.get('search.num_samples', '?')} samples) + confirm re-runs" if study.is_search
+            else f"grid, {params.get('seeds', '?')} seed(s) per setting")
+    counts = Counter(outcome(t) for t in report.trials)
+    items = [("study", study.experiment_name), ("dataset", params.get("dataset", "?")), ("teacher", teacher),
+             ("student", params.get("student", "?")), ("kind", kind),
+             ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))),
+             ("status", info.status),
+             ("trials", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet")]
+    if "wall_time_s" in parent.data.metrics:
+        items.append(("wall time", f"{parent.data.metrics['wall_time_s']:.0f} s"))
+    return items
 
 
 def _mlflow_links(study: StudyRuns) -> str:

@@ -166,3 +166,4 @@ def test_importance_gets_a_panel_per_conditional_parameter_set():
     conditional = panels[1][2]
     assert set(conditional) == {"temperature", "alpha", "beta"}
     assert max(conditional, key=conditional.get) == "beta"
+    assert report.importance_panels(trials[:6]) == []  # equal accuracies: nothing to explain, no figure
