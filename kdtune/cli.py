@@ -85,20 +85,9 @@ def _study_runs(client, study: str | None = None):
 
 def find_study_run(client, study: str):
     """A study run by its run id, or the latest run of a study (experiment) name."""
-    import mlflow
+    from kdtune import report
 
-    try:
-        run = client.get_run(study)
-        if run.data.tags.get("kdtune.role") == "study":
-            return run
-    except mlflow.exceptions.MlflowException:
-        pass
-    runs = _study_runs(client, study)
-    if not runs:
-        known = sorted({r.data.tags.get("kdtune.study", "?") for r in _study_runs(client)})
-        raise ConfigError(f"study {study!r}: no such study or study run id; known studies: "
-                          f"{', '.join(known) or 'none yet'}")
-    return runs[0]
+    return client.get_run(report.find_study_run(client, study))
 
 
 def cmd_study_list(args, client, uri) -> int:
@@ -136,8 +125,7 @@ def cmd_study_report(args, client, uri) -> int:
 
     run = find_study_run(client, args.study)
     out = Path(args.out or f"kdtune-report-{run.info.run_id[:8]}")
-    path = report.build_report(client, run.info.run_id, out)
-    report.log_report(client, run.info.run_id, out)
+    path = report.log_report(client, run.info.run_id, out)
     print(f"report: {path.resolve()} (also logged to the study run under report/)")
     return 0
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kdtune import recipes, registry, teachers, tracking
+from kdtune import recipes, registry, report, teachers, tracking
 from kdtune.config import TrialConfig
 from kdtune.data import load_dataset
 from kdtune.errors import ConfigError, KdtuneError
@@ -227,6 +227,8 @@ class _Study:
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
                                  self.uri, str(study_dir), time.perf_counter() - started, training_time)
             _log_study_results(self.client, parent_id, result)
+            page = report.log_report(self.client, parent_id, study_dir / "report")
+            self.echo(f"report: {page} (logged to the study run under report/)")
             status = "FINISHED"
             return result
         except KeyboardInterrupt:

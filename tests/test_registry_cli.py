@@ -85,7 +85,7 @@ def test_errors_are_one_line(mlflow_server, capsys):
     uri = ["--tracking-uri", mlflow_server.uri]
     assert cli.main(["study", "show", "no-such-study", *uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("kdtune: error: study 'no-such-study': no such study")
+    assert len(err) == 1 and err[0].startswith("kdtune: error: study 'no-such-study': neither a study name nor a run id")
     assert cli.main(["models", "promote", NAME, "999", *uri]) == 2
     assert capsys.readouterr().err.strip() == f"kdtune: error: model '{NAME}' version '999': not found in the registry"
     assert cli.main(["models", "list", "--tracking-uri", "http://127.0.0.1:9"]) == 2
