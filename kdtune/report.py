@@ -24,10 +24,13 @@ import html
 import io
 import json
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from kdtune import tracking
 from kdtune.errors import KdtuneError
@@ -293,8 +296,6 @@ def heatmap(summary: list[dict]) -> Plot | None:
     rows = [r for r in summary if r["n"] and "temperature" in r["params"] and "alpha" in r["params"]]
     temperatures = sorted({r["params"]["temperature"] for r in rows})
     alphas = sorted({r["params"]["alpha"] for r in rows})
-    import numpy as np
-
     cells = np.full((len(temperatures), len(alphas)), np.nan)
     for r in rows:
         cells[temperatures.index(r["params"]["temperature"]), alphas.index(r["params"]["alpha"])] = 100 * r["test_mean"]
@@ -641,8 +642,6 @@ def _figure_html(plot: Plot) -> str:
 
 
 def _study_table_text(study: StudyRuns) -> str | None:
-    import tempfile
-
     if not any(a.path == "results/table.txt" for a in study.client.list_artifacts(study.parent.info.run_id, "results")):
         return None  # a study still running has not written it yet
     with tempfile.TemporaryDirectory() as folder:
