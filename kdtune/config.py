@@ -10,6 +10,16 @@ Loss weights (the seed papers disagree, so every form is expressible):
         + beta * sum over links of MSE(adapter(f_S), f_T)  "intermediate"
   hard_weight defaults to 1 - alpha (seed 001's (1-a)*hard + a*soft); set it explicitly for
   seed 000's independent weights (0.05 / 0.6 / 0.35) or seed 004's hard + lambda*soft (hard_weight=1).
+  Methods without a soft term (adversarial, adversarial_pretrained) default hard_weight to 1.
+
+The other methods' weights (each term is logged as loss_<name>; kdtune/distill/<method>.py says more):
+  hints   stage 'hint': beta * sum over links of MSE(1x1 adapter(f_S), f_T), then stage 'main' = kd
+  fsp     stage 'fsp':  beta * mean over samples of sum over fsp_pairs of ||G_T - G_S||^2, then stage 'main' = kd
+          (alpha=0 gives seed 002's plain main-task stage 2)
+  adversarial (seed 003)  hard_weight * L_S + l1_weight * L_L1 + adv_weight * L_GAN
+  adversarial_pretrained (seed 004)  stage 'pretrain': CE, then stage 'adversarial':
+          hard_weight * CE - adv_weight * L_class(a_S | student)
+  Two-stage methods run stage1_epochs epochs of their first stage, then `epochs` epochs of the second.
 """
 from __future__ import annotations
 
@@ -54,6 +64,34 @@ def format_links(links: tuple[int, ...]) -> str:
     return ",".join(str(n) for n in links)
 
 
+def parse_pairs(value: Any) -> tuple[tuple[int, int], ...]:
+    """Accept FSP layer pairs as "1-2,3-4", [(1, 2), (3, 4)] or "" (none); each pair = two link numbers.
+
+    A pair is stored lower link first (the earlier layer is F1 in seed 002's G = F1^T F2 / (h*w)).
+    """
+    if value is None or value == "":
+        return ()
+    parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+    pairs = []
+    for part in parts:
+        ends = part.split("-") if isinstance(part, str) else list(part) if isinstance(part, (list, tuple)) else [part]
+        try:
+            first, second = (int(str(e).strip()) for e in ends)
+        except (TypeError, ValueError):
+            raise ConfigError(f"fsp_pairs={value!r}: {part!r} is not a pair of link numbers; expected e.g. '1-2,3-4'") from None
+        if first == second:
+            raise ConfigError(f"fsp_pairs={value!r}: pair {first}-{second} needs two different links")
+        first, second = min(first, second), max(first, second)  # G of b-a is G of a-b transposed: same loss
+        if (first, second) in pairs:
+            raise ConfigError(f"fsp_pairs={value!r}: pair {first}-{second} is listed twice")
+        pairs.append((first, second))
+    return tuple(sorted(pairs))
+
+
+def format_pairs(pairs: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{a}-{b}" for a, b in pairs)
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """One student distilled under one setting. Defaults follow seed 000 Table 2."""
@@ -79,6 +117,14 @@ class TrialConfig:
     augment: bool | None = None  # None: the dataset's default (crop+flip for CIFAR, none for digits)
     val_fraction: float = 0.1
     teacher_cache: str = "auto"
+    # ---- method-specific (see the module docstring and kdtune/distill/) ----
+    stage1_epochs: int = 0  # two-stage methods: epochs of the first stage, run before `epochs` main epochs
+    fsp_pairs: tuple[tuple[int, int], ...] = ()  # fsp: layer pairs by link number, e.g. "1-2,3-4,5-6"
+    l1_weight: float = 1.0  # adversarial: weight of L_L1 (mean L1 distance of student and teacher logits)
+    adv_weight: float = 1.0  # adversarial: weight of L_GAN; adversarial_pretrained: beta of -beta * L_class
+    disc_hidden: int = 128  # adversarial methods: width of the discriminator's two hidden layers
+    disc_lr: float | None = None  # adversarial methods: discriminator SGD learning rate (None: lr)
+    disc_epochs: int = 10  # adversarial_pretrained: epochs fitting the discriminator before the adversarial stage
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -95,6 +141,8 @@ class TrialConfig:
         values = dict(flat)
         if "links" in values:
             values["links"] = parse_links(values["links"])
+        if "fsp_pairs" in values:
+            values["fsp_pairs"] = parse_pairs(values["fsp_pairs"])
         converted = {}
         for f in dataclasses.fields(cls):
             if f.name in values:
@@ -107,19 +155,25 @@ class TrialConfig:
         """The flat, MLflow-friendly form (links as a string, hard_weight resolved)."""
         flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         flat["links"] = format_links(self.links)
+        flat["fsp_pairs"] = format_pairs(self.fsp_pairs)
         flat["hard_weight"] = self.effective_hard_weight
         return flat
 
     def replace(self, **changes) -> "TrialConfig":
         flat = {k: v for k, v in self.to_flat().items()}
-        if "alpha" in changes and "hard_weight" not in changes and self.hard_weight is None:
-            flat["hard_weight"] = None
+        if "hard_weight" not in changes and self.hard_weight is None:
+            flat["hard_weight"] = None  # a default stays a default (it depends on alpha and the method)
         flat.update(changes)
         return TrialConfig.from_flat(flat)
 
     @property
     def effective_hard_weight(self) -> float:
-        return 1.0 - self.alpha if self.hard_weight is None else self.hard_weight
+        """hard_weight, or the method's default for it: 1 - alpha where there is a soft term, else 1."""
+        from kdtune import distill
+
+        if self.hard_weight is not None:
+            return self.hard_weight
+        return distill.method_class(self.method).default_hard_weight(self)
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -133,7 +187,7 @@ class TrialConfig:
         _choice("teacher_cache", self.teacher_cache, TEACHER_CACHE_MODES)
         _positive("temperature", self.temperature)
         _at_least("alpha", self.alpha, 0.0)
-        if self.hard_weight is None and self.alpha > 1:
+        if self.hard_weight is None and self.effective_hard_weight < 0:
             raise ConfigError(
                 f"alpha={self.alpha}: above 1 the default hard_weight (1 - alpha) would be negative; "
                 "set hard_weight explicitly (e.g. hard_weight=1 for hard + alpha*soft)"
@@ -150,6 +204,13 @@ class TrialConfig:
         _whole_at_least("lr_step_epochs", self.lr_step_epochs, 1)
         _between("lr_gamma", self.lr_gamma, 0.0, 1.0, lower_open=True)
         _between("val_fraction", self.val_fraction, 0.0, 0.5, lower_open=True)
+        _whole_at_least("stage1_epochs", self.stage1_epochs, 0)
+        _at_least("l1_weight", self.l1_weight, 0.0)
+        _at_least("adv_weight", self.adv_weight, 0.0)
+        _whole_at_least("disc_hidden", self.disc_hidden, 1)
+        if self.disc_lr is not None:
+            _positive("disc_lr", self.disc_lr)
+        _whole_at_least("disc_epochs", self.disc_epochs, 1)
         models.check_links(self.teacher, self.student, self.links)
         distill.method_class(self.method).check_config(self)
         if self.teacher_cache == "on" and self.uses_augmentation():

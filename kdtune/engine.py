@@ -3,6 +3,10 @@
 `Trainer` trains one student under one `TrialConfig` (a teacher is trained the same way, with method 'none').
 It yields one metrics dict per epoch; the caller (a Tune trial, a teacher task, a test) decides what to do
 with it. Its whole state fits in `state_dict()`, so a trial resumes from its last finished epoch.
+
+Stages: a method's stages run in order with one epoch counter across them. Each stage gets a fresh optimiser
+and LR schedule over the parameters it trains (the student, or only the part feeding `Stage.train_up_to`,
+plus the method's student-side parameters); the hooks a method may use are listed in kdtune/distill/base.py.
 """
 from __future__ import annotations
 
@@ -23,31 +27,10 @@ from kdtune.errors import ConfigError, TrainingDiverged
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
-    """The device Ray assigned: inside a Ray trial/task, CUDA only if Ray gave it GPUs (it restricts
-    CUDA_VISIBLE_DEVICES to them, so the first is cuda:0), else the CPU; outside Ray, CUDA when available.
-
-    A trial given GPUs on a node without CUDA (e.g. `ray start --num-gpus=2` declared on a CPU-only machine)
-    trains on the CPU and logs a warning saying so.
-    """
+    """CUDA when available (Ray restricts CUDA_VISIBLE_DEVICES to the trial's GPUs), else the CPU."""
     if prefer:
         return torch.device(prefer)
-    from kdtune.cluster import assigned_gpu_ids
-
-    gpu_ids = assigned_gpu_ids()
-    if gpu_ids is None:  # not inside a Ray task or actor
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not gpu_ids:  # Ray gave this trial no GPU: leave any GPU on the node to the trials that got one
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    import logging
-    import os
-
-    logging.getLogger("kdtune").warning(
-        "kdtune: Ray assigned GPU %s to this trial but CUDA is not available on this node "
-        "(CUDA_VISIBLE_DEVICES=%s); training on the CPU",
-        ",".join(gpu_ids), os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-    return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Trainer:
@@ -66,6 +49,7 @@ class Trainer:
         # Stored with checkpoints and logged models so inputs can be normalised the same way at serving time.
         self.normalisation = {"mean": mean.tolist(), "std": std.tolist(), "scale": dataset.scale}
 
+        self.num_classes = dataset.num_classes
         self.student = models.build_model(config.student, dataset.num_classes, dataset.input_shape).to(self.device)
         if self.device.type == "cuda" and config.precision == "bf16":
             self.student = self.student.to(memory_format=torch.channels_last)
@@ -80,14 +64,12 @@ class Trainer:
         self._probe_and_setup_method()
         self.method.to(self.device)
 
-        parameters = list(self.student.parameters()) + list(self.method.parameters())
-        self.optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step_epochs,
-                                                         gamma=config.lr_gamma)
         self.stages = self.method.stages()
         self.total_epochs = sum(stage.epochs for stage in self.stages)
         self.epoch = 0  # epochs finished, counted across stages
+        self.stage_started = -1  # index of the last stage whose start hook ran (it runs once per trial)
+        self.stage_metrics: dict[str, float] = {}  # what start hooks reported; repeated in every later epoch
+        self._build_optimizer(0)
         self.best_val_acc = -1.0
         self.best_epoch = 0
         self.best_state: dict | None = None
@@ -131,7 +113,40 @@ class Trainer:
                 self.teacher(images)
         student_shapes = {k: v.shape for k, v in self._student_tap.features.items()}
         teacher_shapes = {k: v.shape for k, v in (self._teacher_tap.features if self._teacher_tap else {}).items()}
-        self.method.setup(student_shapes, teacher_shapes)
+        self.method.setup(student_shapes, teacher_shapes, num_classes=self.num_classes)
+
+    def _build_optimizer(self, index: int) -> None:
+        """A fresh SGD + StepLR for stage `index` over the parameters that stage trains."""
+        stage = self.stages[index]
+        student = list(self.student.parameters())
+        if stage.train_up_to:
+            student = self._parameters_feeding(stage.train_up_to)
+        parameters = student + list(self.method.student_side_parameters(stage))
+        config = self.config
+        self.optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step_epochs,
+                                                         gamma=config.lr_gamma)
+        self.optimizer_stage = index
+        self.method.use_stage(stage)
+
+    def _parameters_feeding(self, links: tuple[int, ...]) -> list[nn.Parameter]:
+        """The student parameters the features at `links` depend on, found by one backward pass.
+
+        Asking autograd (rather than counting modules in registration order) is right for any model,
+        a torchvision one included, whatever order its modules were declared in.
+        """
+        tap = models.FeatureTap(self.student, _points(self.config.student, links))
+        try:
+            images, _, _ = next(self.val.batches(2))
+            self.student.eval()
+            self.student(images)
+            parameters = [p for p in self.student.parameters() if p.requires_grad]
+            total = sum(tap.features[k].float().sum() for k in links)
+            grads = torch.autograd.grad(total, parameters, allow_unused=True)
+        finally:
+            tap.remove()
+        return [p for p, g in zip(parameters, grads) if g is not None]
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -142,9 +157,18 @@ class Trainer:
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs; yield each epoch's metrics. The last one includes test accuracy."""
         while self.epoch < self.total_epochs:
-            stage = self._stage_of(self.epoch)
+            index = self._stage_index(self.epoch)
+            stage = self.stages[index]
             started = time.perf_counter()
-            term_means = self._train_one_epoch(stage)
+            # Dropout (student, discriminator) draws from the global generator: seed it per epoch so a resumed
+            # trial draws exactly what the uninterrupted one did.
+            torch.manual_seed((self.config.seed * 100_003 + self.epoch) * 2 + 1)
+            if self.optimizer_stage != index:
+                self._build_optimizer(index)
+            if self.stage_started < index:
+                self.stage_metrics.update(self.method.start_stage(stage, self))
+                self.stage_started = index
+            term_means, batch_means = self._train_one_epoch(stage)
             self.scheduler.step()
             self.epoch += 1
             val_acc, val_loss = self.evaluate(self.val)
@@ -165,29 +189,34 @@ class Trainer:
                 "epoch_time_s": epoch_time,
                 "training_time_s": self.training_time_s,
                 **{f"loss_{name}": value for name, value in term_means.items()},
+                **batch_means,
+                **self.stage_metrics,
             }
             if self.epoch == self.total_epochs:
                 metrics.update(self.final_test_metrics())
             yield metrics
 
-    def _stage_of(self, epoch: int):
-        for stage in self.stages:
+    def _stage_index(self, epoch: int) -> int:
+        for index, stage in enumerate(self.stages):
             if epoch < stage.epochs:
-                return stage
+                return index
             epoch -= stage.epochs
-        return self.stages[-1]
+        return len(self.stages) - 1
 
-    def _train_one_epoch(self, stage) -> dict[str, float]:
+    def _train_one_epoch(self, stage) -> tuple[dict[str, float], dict[str, float]]:
         self.student.train()
         self.method.train()
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
         sums: dict[str, torch.Tensor] = {}
+        batch_sums: dict[str, torch.Tensor] = {}  # the method's per-batch metrics (not loss terms)
         batches = 0
         for images, labels, indices in self.train.batches(self.config.batch_size, generator):
             if self.device.type == "cuda" and self.config.precision == "bf16":
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                out = self._forward(images, labels, indices)
+                out = self._forward(images, labels, indices, stage.uses_teacher)
+                for name, value in self.method.before_student_step(out).items():
+                    batch_sums[name] = batch_sums.get(name, 0.0) + value.detach().float()
                 terms = self.method.losses(out)
             if stage.terms is not None:
                 terms = {name: value for name, value in terms.items() if name in stage.terms}
@@ -200,27 +229,50 @@ class Trainer:
             batches += 1
         # One device sync per epoch, not per step; a NaN anywhere in the epoch shows in its sum.
         means = {name: float(total) / batches for name, total in sums.items()}
-        bad = [name for name, value in means.items() if not math.isfinite(value)]
+        batch_means = {name: float(total) / batches for name, total in batch_sums.items()}
+        bad = [name for name, value in {**means, **batch_means}.items() if not math.isfinite(value)]
         if bad:
+            value = means.get(bad[0], batch_means.get(bad[0]))
+            what = "loss term" if bad[0] in means else "metric"
             raise TrainingDiverged(
-                f"loss term {bad[0]!r} became {means[bad[0]]} in epoch {self.epoch + 1} "
+                f"{what} {bad[0]!r} became {value} in epoch {self.epoch + 1} "
                 f"(lr={self.config.lr}); the trial is stopped"
             )
-        return means
+        return means, batch_means
 
-    def _forward(self, images, labels, indices) -> Outputs:
+    def _forward(self, images, labels, indices, uses_teacher: bool = True) -> Outputs:
         student_logits = self.student(images)
         out = Outputs(labels=labels, indices=indices, student_logits=student_logits,
                       student_features=dict(self._student_tap.features))
-        if self.teacher_logits is not None:
-            out.teacher_logits = self.teacher_logits[indices]
-        elif self.teacher is not None:
-            with torch.inference_mode():
-                out.teacher_logits = self.teacher(images)
-            # inference tensors cannot enter autograd; clone to normal tensors (cheap, no grad needed)
-            out.teacher_logits = out.teacher_logits.clone()
-            out.teacher_features = {k: v.clone() for k, v in self._teacher_tap.features.items()}
+        if uses_teacher:
+            out.teacher_logits, out.teacher_features = self._teacher_outputs(images, indices)
         return out
+
+    def _teacher_outputs(self, images, indices) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        if self.teacher_logits is not None:
+            return self.teacher_logits[indices], {}
+        if self.teacher is None:
+            return None, {}
+        with torch.inference_mode():
+            logits = self.teacher(images)
+        # inference tensors cannot enter autograd; clone to normal tensors (cheap, no grad needed)
+        return logits.clone(), {k: v.clone() for k, v in self._teacher_tap.features.items()}
+
+    @torch.no_grad()
+    def collect_logits(self, split: DeviceData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(student logits, teacher logits, labels) over a whole split, student in eval mode.
+
+        For a method's one-off fits at a stage start (seed 004's discriminator); the next epoch puts the
+        student back in training mode.
+        """
+        self.student.eval()
+        student, teacher, labels = [], [], []
+        for images, batch_labels, indices in split.batches(max(256, self.config.batch_size)):
+            with self._autocast():
+                student.append(self.student(images).float())
+                teacher.append(self._teacher_outputs(images, indices)[0].float())
+            labels.append(batch_labels)
+        return torch.cat(student), torch.cat(teacher), torch.cat(labels)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,11 +311,16 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "training_time_s": self.training_time_s,
+            "optimizer_stage": self.optimizer_stage,
+            "stage_started": self.stage_started,
+            "stage_metrics": self.stage_metrics,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
+        # The saved optimiser belongs to the stage that was running; a later stage starts its own.
+        self._build_optimizer(state.get("optimizer_stage", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
@@ -271,6 +328,8 @@ class Trainer:
         self.best_epoch = state["best_epoch"]
         self.best_state = state["best_state"]
         self.training_time_s = state["training_time_s"]
+        self.stage_started = state.get("stage_started", self._stage_index(max(self.epoch - 1, 0)))
+        self.stage_metrics = dict(state.get("stage_metrics", {}))
 
     def close(self) -> None:
         self._student_tap.remove()

@@ -1,8 +1,20 @@
-"""What every distillation method shares: the weighted hard term, the stage list, the parameter hook.
+"""What every distillation method shares: the weighted hard term, the stage list, the hooks the engine calls.
 
-A method is an nn.Module (so its extra trainable parts, such as 1x1 adapters, are saved and optimised with
-the student). Given one batch's outputs it returns a dict of named loss terms, each already multiplied by its
-weight; the engine sums them and logs each term per epoch.
+A method is an nn.Module (so its extra trainable parts, such as 1x1 adapters or a discriminator, are saved
+with the trainer's checkpoint). Given one batch's outputs it returns a dict of named loss terms, each already
+multiplied by its weight; the engine sums them and logs each term per epoch.
+
+The engine drives every method through the same hooks, in this order:
+  setup(shapes)            once, when the linked feature shapes are known
+  start_stage(stage, tr)   once at a stage's first epoch (not again on resume): one-off work such as
+                           fitting a discriminator; returns metrics reported from then on
+  use_stage(stage)         whenever a stage becomes current (also after a resume): which terms to compute
+  before_student_step(out) every batch, after the student's forward pass and before its loss
+                           (a discriminator step); returns per-batch metrics averaged per epoch
+  losses(out)              every batch: the weighted terms of the student's loss
+A stage names the student parameters it trains (`train_up_to`) and the method's own parameters that join
+the student's optimiser (`student_side_parameters`); a part with its own optimiser (a discriminator) is
+left out of it and saves that optimiser through get_extra_state.
 """
 from __future__ import annotations
 
@@ -11,18 +23,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdtune.config import TrialConfig
+from kdtune.config import TrialConfig, format_links, format_pairs
 from kdtune.distill.losses import hard_loss
 from kdtune.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A span of epochs with some loss terms on. Two-stage methods (hints, FSP) return two."""
+    """A span of epochs with some loss terms on. Two-stage methods (hints, FSP, ...) return two.
+
+    train_up_to: student link numbers; the stage trains only the student parameters their features depend
+    on (FitNets' stage 1 trains the student up to its guided layer); empty = the whole student.
+    uses_teacher: whether the batch loss reads the teacher; when not, the engine skips the teacher's forward.
+    """
 
     name: str
     epochs: int
     terms: frozenset[str] | None = None  # None: every term the method has
+    train_up_to: tuple[int, ...] = ()
+    uses_teacher: bool = True
 
 
 @dataclass
@@ -37,22 +56,42 @@ class Outputs:
     teacher_features: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+# Optional fields that only some methods read: a value set for another method is a mistake worth a message.
+_STRUCTURAL_FIELDS = {"links": format_links, "fsp_pairs": format_pairs}
+
+
 class Method(nn.Module):
     name = "none"
     needs_teacher = False
-    links_allowed = False
+    uses_fields: frozenset[str] = frozenset()  # which of _STRUCTURAL_FIELDS the method reads
+    first_stage: str | None = None  # two-stage methods: the name of the stage run for stage1_epochs
 
     def __init__(self, config: TrialConfig):
         super().__init__()
         self.config = config
+        self.stage: Stage | None = None  # set by use_stage; None (a bare method, as in tests) computes every term
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
-        if config.links and not cls.links_allowed:
-            raise ConfigError(
-                f"links={','.join(map(str, config.links))}: method {cls.name!r} uses no links; "
-                "use method='links' (or leave links empty)"
-            )
+        from kdtune.distill import method_class, method_names
+
+        for name, formatted in _STRUCTURAL_FIELDS.items():
+            if getattr(config, name) and name not in cls.uses_fields:
+                users = [m for m in method_names() if name in method_class(m).uses_fields]
+                raise ConfigError(f"{name}={formatted(getattr(config, name))}: method {cls.name!r} uses no "
+                                  f"{name}; methods that do: {', '.join(users)} (or leave {name} empty)")
+        two_stage = [m for m in method_names() if method_class(m).first_stage]
+        if cls.first_stage is None and config.stage1_epochs:
+            raise ConfigError(f"stage1_epochs={config.stage1_epochs}: method {cls.name!r} has one stage; "
+                              f"allowed only with {', '.join(two_stage)} (or leave it 0)")
+        if cls.first_stage is not None and config.stage1_epochs < 1:
+            raise ConfigError(f"stage1_epochs={config.stage1_epochs}: method {cls.name!r} needs stage1_epochs >= 1 "
+                              f"(the epochs of its {cls.first_stage!r} stage)")
+
+    @classmethod
+    def default_hard_weight(cls, config: TrialConfig) -> float:
+        """The hard term's weight when hard_weight is not set."""
+        return 1.0
 
     @property
     def needs_teacher_features(self) -> bool:
@@ -62,11 +101,29 @@ class Method(nn.Module):
     def link_numbers(self) -> tuple[int, ...]:
         return ()
 
-    def setup(self, student_shapes: dict[int, torch.Size], teacher_shapes: dict[int, torch.Size]) -> None:
+    def setup(self, student_shapes: dict[int, torch.Size], teacher_shapes: dict[int, torch.Size],
+              num_classes: int | None = None) -> None:
         """Create extra modules once the feature shapes are known (called before the optimiser is built)."""
 
     def stages(self) -> list[Stage]:
-        return [Stage("main", self.config.epochs)]
+        return [Stage("main", self.config.epochs, uses_teacher=self.needs_teacher)]
+
+    def student_side_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        """The method's parameters optimised together with the student in this stage (e.g. adapters)."""
+        return list(self.parameters())
+
+    def start_stage(self, stage: Stage, trainer) -> dict[str, float]:
+        return {}
+
+    def use_stage(self, stage: Stage) -> None:
+        self.stage = stage
+
+    def term_on(self, name: str) -> bool:
+        """Whether the current stage uses this term (so a method can skip computing the others)."""
+        return self.stage is None or self.stage.terms is None or name in self.stage.terms
+
+    def before_student_step(self, out: Outputs) -> dict[str, torch.Tensor]:
+        return {}
 
     def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         return {"hard": self.hard_weight * hard_loss(out.student_logits, out.labels)}

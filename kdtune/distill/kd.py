@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kdtune.config import TrialConfig
 from kdtune.distill.base import Method, Outputs
 from kdtune.distill.losses import soft_loss
 
@@ -11,15 +12,24 @@ class KnowledgeDistillation(Method):
     name = "kd"
     needs_teacher = True
 
+    @classmethod
+    def default_hard_weight(cls, config: TrialConfig) -> float:
+        return 1.0 - config.alpha  # seed 001: (1 - alpha) * hard + alpha * soft
+
     @property
     def hard_weight(self) -> float:
         return self.config.effective_hard_weight
 
     def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         terms = {}
-        if self.hard_weight > 0:
+        if self.hard_weight > 0 and self.term_on("hard"):
             terms.update(super().losses(out))
-        if self.config.alpha > 0:
+        if self.config.alpha > 0 and self.term_on("soft"):
             terms["soft"] = self.config.alpha * soft_loss(out.student_logits, out.teacher_logits,
                                                           self.config.temperature)
         return terms
+
+    def kd_terms(self) -> frozenset[str]:
+        """The terms of a KD stage under this config (for two-stage methods whose second stage is KD)."""
+        return frozenset(name for name, weight in (("hard", self.hard_weight), ("soft", self.config.alpha))
+                         if weight > 0)

@@ -15,9 +15,9 @@ from kdtune.distill.base import Outputs
 from kdtune.errors import ConfigError
 
 
-def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: int) -> nn.Module:
-    """Identity when shapes match; a 1x1 conv (maps) or linear layer (vectors) when only widths differ."""
-    if student_shape[1:] == teacher_shape[1:]:
+def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: int, always: bool = False) -> nn.Module:
+    """Identity when shapes match (unless `always`); a 1x1 conv (maps) or linear layer (vectors) otherwise."""
+    if student_shape[1:] == teacher_shape[1:] and not always:
         return nn.Identity()
     if len(student_shape) == 4 and len(teacher_shape) == 4 and student_shape[2:] == teacher_shape[2:]:
         return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1)
@@ -31,7 +31,7 @@ def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: int
 
 class MultiLayerLinks(KnowledgeDistillation):
     name = "links"
-    links_allowed = True
+    uses_fields = frozenset({"links"})
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
@@ -44,13 +44,15 @@ class MultiLayerLinks(KnowledgeDistillation):
     def link_numbers(self) -> tuple[int, ...]:
         return self.config.links
 
-    def setup(self, student_shapes, teacher_shapes) -> None:
+    def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
         self.adapters = nn.ModuleDict(
             {str(k): make_adapter(student_shapes[k], teacher_shapes[k], k) for k in self.config.links}
         )
 
     def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         terms = super().losses(out)
+        if not self.term_on("intermediate"):
+            return terms
         total = sum(
             feature_mse(self.adapters[str(k)](out.student_features[k]), out.teacher_features[k])
             for k in self.config.links
