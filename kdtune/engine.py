@@ -27,10 +27,31 @@ from kdtune.errors import ConfigError, TrainingDiverged
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
-    """CUDA when available (Ray restricts CUDA_VISIBLE_DEVICES to the trial's GPUs), else the CPU."""
+    """The device Ray assigned: inside a Ray trial/task, CUDA only if Ray gave it GPUs (it restricts
+    CUDA_VISIBLE_DEVICES to them, so the first is cuda:0), else the CPU; outside Ray, CUDA when available.
+
+    A trial given GPUs on a node without CUDA (e.g. `ray start --num-gpus=2` declared on a CPU-only machine)
+    trains on the CPU and logs a warning saying so.
+    """
     if prefer:
         return torch.device(prefer)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from kdtune.cluster import assigned_gpu_ids
+
+    gpu_ids = assigned_gpu_ids()
+    if gpu_ids is None:  # not inside a Ray task or actor
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not gpu_ids:  # Ray gave this trial no GPU: leave any GPU on the node to the trials that got one
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    import logging
+    import os
+
+    logging.getLogger("kdtune").warning(
+        "kdtune: Ray assigned GPU %s to this trial but CUDA is not available on this node "
+        "(CUDA_VISIBLE_DEVICES=%s); training on the CPU",
+        ",".join(gpu_ids), os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    return torch.device("cpu")
 
 
 class Trainer:
