@@ -75,3 +75,46 @@ def test_adapters_only_where_widths_differ():
 
 def test_feature_mse():
     assert feature_mse(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])).item() == pytest.approx(5.0)
+
+
+# ---- FSP (seed 002) -------------------------------------------------------------------------------
+
+def test_fsp_matrix_is_channel_inner_products_over_positions():
+    from kdtune.distill.losses import fsp_matrix
+
+    # one sample, h=1, w=2; F1 has m=2 channels [1, 2] and [3, 4]; F2 has n=1 channel [5, 6]
+    first = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])
+    second = torch.tensor([[[[5.0, 6.0]]]])
+    # G[0, 0] = (1*5 + 2*6) / (1*2) = 8.5 ; G[1, 0] = (3*5 + 4*6) / 2 = 19.5
+    assert fsp_matrix(first, second).tolist() == [[[8.5], [19.5]]]
+
+
+def test_fsp_distance_sums_pairs_and_averages_samples():
+    from kdtune.distill.losses import fsp_distance
+
+    student = [torch.tensor([[[5.5]], [[0.0]]]), torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])]
+    teacher = [torch.tensor([[[1.0]], [[1.0]]]), torch.tensor([[[0.0, 3.0]], [[0.0, 0.0]]])]
+    # sample 1: (5.5-1)^2 + (1-0)^2 + (1-3)^2 = 20.25 + 1 + 4 = 25.25 ; sample 2: (0-1)^2 = 1 ; mean = 13.125
+    assert fsp_distance(student, teacher).item() == pytest.approx(13.125)
+
+
+# ---- adversarial (seeds 003, 004) -----------------------------------------------------------------
+
+def test_adversarial_log_likelihoods_by_hand():
+    from kdtune.distill.losses import adversarial_log_likelihoods, l1_alignment
+
+    # C = 2: columns 0-1 are label logits, 2 = Real, 3 = Fake; true label 0
+    d_teacher = torch.tensor([[math.log(3), 0.0, math.log(3), 0.0]])  # P(l=0|t) = 3/4, P(Real|t) = 3/4
+    d_student = torch.tensor([[0.0, math.log(3), 0.0, math.log(3)]])  # P(l=0|s) = 1/4, P(Fake|s) = 3/4
+    l_a, l_ds = adversarial_log_likelihoods(d_teacher, d_student, torch.tensor([0]))
+    assert l_a.item() == pytest.approx(math.log(3 / 4) + math.log(3 / 4), rel=1e-6)  # ln(9/16)
+    assert l_ds.item() == pytest.approx(math.log(3 / 4) + math.log(1 / 4), rel=1e-6)  # ln(3/16)
+    # seed 003 eq. 4: |1 - 0| + |-2 - 1| = 4 for sample 1, 0 for sample 2, mean 2
+    assert l1_alignment(torch.tensor([[1.0, -2.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])).item() == 2.0
+
+
+def test_seed004_student_source_loss_is_cross_entropy_for_label_student():
+    from kdtune.distill.losses import student_source_loss
+
+    # logit ln 3 for 'student': P(student) = sigmoid(ln 3) = 3/4, L_class = -ln(3/4)
+    assert student_source_loss(torch.tensor([[math.log(3)]])).item() == pytest.approx(-math.log(3 / 4), rel=1e-6)

@@ -1,0 +1,112 @@
+"""Adversarial KD with a pre-trained, fixed discriminator (seed 004 §3.2).
+
+One trial runs seed 004's whole procedure:
+  stage 'pretrain' (stage1_epochs): the student trains on hard labels alone (CE, weight 1): the
+      "pre-trained student" seed 004 starts from.
+  at the start of stage 'adversarial': a discriminator D (seed 003's 3-layer MLP, one output: the logit of
+      'from the student') is fitted for disc_epochs epochs on teacher logits (label 0) and the pre-trained
+      student's logits (label 1) of the training split, 20% of those samples held out; its held-out accuracy
+      is reported as `disc_heldout_acc` in every later epoch. D is fixed from then on.
+  stage 'adversarial' (epochs): the student minimises
+      hard_weight * CE(y, P_S) - adv_weight * L_class(a_S | student)        (alpha and beta of seed 004)
+      with L_class = -log P_D(student | a_S), the discriminator's loss for the true label 'student'.
+      Minimising -L_class maximises D's error on the student: the student is pushed towards logits D calls
+      'teacher'. The term is logged as loss_adv and is <= 0; it has no lower bound (seed 004 gives none), so a
+      large adv_weight can run away and end the trial as diverged.
+The teacher is only needed for the fit, so neither stage runs it per batch; cached teacher logits serve.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kdtune.config import TrialConfig
+from kdtune.distill.base import Method, Outputs, Stage
+from kdtune.distill.discriminator import LogitDiscriminator, discriminator_optimizer
+from kdtune.distill.losses import hard_loss, student_source_loss
+from kdtune.errors import ConfigError
+
+HELD_OUT = 0.2  # share of the training split kept from the discriminator's fit to measure its accuracy
+FIT_BATCH = 128  # the fit is a small, separate problem: its batch need not be the student's
+
+
+class PretrainedDiscriminator(Method):
+    name = "adversarial_pretrained"
+    needs_teacher = True
+    first_stage = "pretrain"
+
+    @classmethod
+    def check_config(cls, config: TrialConfig) -> None:
+        super().check_config(config)
+        if config.effective_hard_weight <= 0 and config.adv_weight <= 0:
+            raise ConfigError(f"hard_weight={config.effective_hard_weight}, adv_weight={config.adv_weight}: method "
+                              "'adversarial_pretrained' needs a term of weight > 0")
+
+    @property
+    def hard_weight(self) -> float:
+        # seed 004's alpha applies to the adversarial stage; pre-training is plain training
+        pretraining = self.stage is not None and self.stage.name == "pretrain"
+        return 1.0 if pretraining else self.config.effective_hard_weight
+
+    def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
+        self.discriminator = LogitDiscriminator(num_classes, self.config.disc_hidden, 1)
+        self.discriminator.requires_grad_(False)  # trained only inside fit_discriminator
+
+    def stages(self) -> list[Stage]:
+        adversarial = frozenset(name for name, weight in (("hard", self.config.effective_hard_weight),
+                                                          ("adv", self.config.adv_weight)) if weight > 0)
+        return [Stage("pretrain", self.config.stage1_epochs, frozenset({"hard"}), uses_teacher=False),
+                Stage("adversarial", self.config.epochs, adversarial, uses_teacher=False)]
+
+    def student_side_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        return []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.discriminator.eval()  # fixed: no dropout once fitted
+        return self
+
+    def start_stage(self, stage: Stage, trainer) -> dict[str, float]:
+        if stage.name != "adversarial":
+            return {}
+        student, teacher, _ = trainer.collect_logits(trainer.train)
+        return {"disc_heldout_acc": self.fit_discriminator(teacher, student)}
+
+    def fit_discriminator(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+        """Fit D on teacher (0) vs student (1) logits of the same samples; return its held-out accuracy."""
+        config = self.config
+        generator = torch.Generator().manual_seed(config.seed)
+        order = torch.randperm(len(teacher_logits), generator=generator).to(teacher_logits.device)
+        held = order[:max(1, int(len(order) * HELD_OUT))]
+        fit = order[len(held):]
+
+        def pairs(index):
+            inputs = torch.cat([teacher_logits[index], student_logits[index]])
+            return inputs, torch.cat([torch.zeros(len(index)), torch.ones(len(index))]).to(inputs.device)
+
+        inputs, targets = pairs(fit)
+        optimizer = discriminator_optimizer(self.discriminator, config)
+        self.discriminator.requires_grad_(True).train()
+        for _ in range(config.disc_epochs):
+            shuffled = torch.randperm(len(inputs), generator=generator).to(inputs.device)
+            for start in range(0, len(inputs), FIT_BATCH):
+                batch = shuffled[start:start + FIT_BATCH]
+                loss = F.binary_cross_entropy_with_logits(self.discriminator(inputs[batch]).squeeze(1),
+                                                          targets[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        self.discriminator.requires_grad_(False).eval()
+        inputs, targets = pairs(held)
+        with torch.no_grad():
+            predicted = (self.discriminator(inputs).squeeze(1) > 0).float()
+        return float((predicted == targets).float().mean())
+
+    def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
+        terms = {}
+        if self.hard_weight > 0 and self.term_on("hard"):
+            terms["hard"] = self.hard_weight * hard_loss(out.student_logits, out.labels)
+        if self.config.adv_weight > 0 and self.term_on("adv"):
+            terms["adv"] = -self.config.adv_weight * student_source_loss(self.discriminator(out.student_logits))
+        return terms

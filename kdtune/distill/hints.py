@@ -1,0 +1,67 @@
+"""FitNets hints with a 1x1 adaptation layer (seed 001 §2.4 and §3.1), then KD.
+
+Stage 'hint' (stage1_epochs): the student up to its guided layer(s), plus the adapters, minimise
+    beta * sum over links k of MSE(r_k(v_k(x)), u_k(x))
+where u_k is the teacher's hint layer, v_k the student's guided layer and r_k the adaptation layer: a 1x1
+convolution for feature maps (a linear map for vectors). Seed 001 always puts the adapter after the guided
+layer, so it is there even when widths match; heights and widths must already agree.
+Stage 'main' (epochs): the whole student trains with KD, hard_weight * CE + alpha * T^2 * KL (seed 001 §2.3).
+
+Hint/guided pairs are named by link number, as for method 'links': link k is the teacher's hint layer and the
+student's guided layer; several links give several pairs. The loss is the mean over elements (MSE) rather
+than the summed squared norm of eq. 2.4, so beta means the same whatever the feature size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdtune.config import TrialConfig
+from kdtune.distill.base import Outputs, Stage
+from kdtune.distill.kd import KnowledgeDistillation
+from kdtune.distill.links import make_adapter
+from kdtune.distill.losses import feature_mse
+from kdtune.errors import ConfigError
+
+
+class Hints(KnowledgeDistillation):
+    name = "hints"
+    uses_fields = frozenset({"links"})
+    first_stage = "hint"
+
+    @classmethod
+    def check_config(cls, config: TrialConfig) -> None:
+        super().check_config(config)
+        if not config.links:
+            raise ConfigError("links='': method 'hints' needs at least one hint/guided link, e.g. links='2'")
+        if config.beta <= 0:
+            raise ConfigError(f"beta={config.beta}: method 'hints' needs beta > 0 (the weight of the hint loss)")
+        if config.alpha <= 0 and config.effective_hard_weight <= 0:
+            raise ConfigError(f"alpha={config.alpha}, hard_weight={config.effective_hard_weight}: method 'hints' "
+                              "needs a KD stage with a term of weight > 0")
+
+    def link_numbers(self) -> tuple[int, ...]:
+        return self.config.links
+
+    def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
+        self.adapters = nn.ModuleDict({
+            str(k): make_adapter(student_shapes[k], teacher_shapes[k], k, always=True) for k in self.config.links
+        })
+
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("hint", self.config.stage1_epochs, frozenset({"hint"}), train_up_to=self.config.links),
+            Stage("main", self.config.epochs, self.kd_terms(), uses_teacher=self.config.alpha > 0),
+        ]
+
+    def student_side_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        # the adapters only serve the hint stage; KD afterwards trains the student alone
+        return list(self.adapters.parameters()) if stage.name == "hint" else []
+
+    def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
+        terms = super().losses(out)
+        if self.term_on("hint"):
+            terms["hint"] = self.config.beta * sum(
+                feature_mse(self.adapters[str(k)](out.student_features[k]), out.teacher_features[k])
+                for k in self.config.links)
+        return terms
