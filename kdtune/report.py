@@ -257,8 +257,11 @@ def _draw_baseline(ax, baseline: dict | None) -> None:
 
 
 def _series_name(params: dict, keys: list[str]) -> str:
-    return ", ".join(f"{k}={params[k]:g}" if isinstance(params[k], (int, float)) else f"{k}={params[k]}"
-                     for k in keys)
+    """e.g. 'alpha=0.5, method=kd'; a parameter a row does not set (its method's default) shows as '-'."""
+    def shown(value):
+        return "-" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+    return ", ".join(f"{k}={shown(params.get(k))}" for k in keys)
 
 
 def accuracy_vs_temperature(summary: list[dict]) -> Plot | None:

@@ -227,8 +227,7 @@ class _Study:
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
                                  self.uri, str(study_dir), time.perf_counter() - started, training_time)
             _log_study_results(self.client, parent_id, result)
-            page = report.log_report(self.client, parent_id, study_dir / "report")
-            self.echo(f"report: {page} (logged to the study run under report/)")
+            self._log_report(parent_id, study_dir / "report")
             status = "FINISHED"
             return result
         except KeyboardInterrupt:
@@ -238,6 +237,17 @@ class _Study:
             self.client.set_terminated(parent_id, status=status)
 
     # ---- parts ------------------------------------------------------------------------------------
+    def _log_report(self, parent_id: str, folder: Path) -> None:
+        """The report comes after the results are safe in MLflow: a failure to draw it is reported, and the
+        study still ends FINISHED (`kdtune study report` can rebuild it from MLflow later)."""
+        try:
+            page = report.log_report(self.client, parent_id, folder)
+        except Exception as error:  # a figure must never cost the study its results
+            self.echo(f"report: could not be built ({type(error).__name__}: {error}); "
+                      f"rebuild it with: kdtune study report {parent_id}")
+            return
+        self.echo(f"report: {page} (logged to the study run under report/)")
+
     def _open_parent_run(self) -> tuple[str, str]:
         spec = self.spec
         if self.saved:
