@@ -581,14 +581,17 @@ def _start_mlflow(cluster: LocalCluster, deployment: Deployment) -> subprocess.P
     log = open(cluster.root / "mlflow-serve.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "kdtune.cli", *words[1:]], env=cluster.env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True, cwd=cluster.root)
+    return process
+
+
+def _wait_for_mlflow(cluster: LocalCluster, deployment: Deployment, process: subprocess.Popen) -> None:
     from kdtune.tracking import _healthy
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while not _healthy(deployment.mlflow_uri):
         assert process.poll() is None, (cluster.root / "mlflow-serve.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "kdtune mlflow serve did not answer within 120s"
+        assert time.monotonic() < deadline, "kdtune mlflow serve did not answer within 180s"
         time.sleep(0.5)
-    return process
 
 
 @pytest.fixture(scope="module")
@@ -612,14 +615,15 @@ def deployment():
 
         started = time.monotonic()
         deployment = Deployment(cluster, free_port())
-        mlflow_process = _start_mlflow(cluster, deployment)
-        print(f"\nmlflow up {time.monotonic() - started:.1f}s", end="; ")
+        mlflow_process = _start_mlflow(cluster, deployment)  # starts while the nodes do
         cluster.start("head", deployment.here(readme_command("MLFLOW_TRACKING_URI=")))
-        print(f"head up {time.monotonic() - started:.1f}s", end="; ")
+        print(f"\nhead up {time.monotonic() - started:.1f}s", end="; ")
         cluster.start("worker", deployment.here(readme_command("ray start --block --address")))
         print(f"worker up {time.monotonic() - started:.1f}s", end="; ")
         deployment.status = cluster.wait_for_nodes(2)
-        print(f"ray status shows 2 nodes {time.monotonic() - started:.1f}s")
+        print(f"ray status shows 2 nodes {time.monotonic() - started:.1f}s", end="; ")
+        _wait_for_mlflow(cluster, deployment, mlflow_process)
+        print(f"mlflow up {time.monotonic() - started:.1f}s")
         yield deployment
     finally:
         if mlflow_process is not None and mlflow_process.poll() is None:
@@ -726,7 +730,7 @@ def test_a_study_survives_losing_its_worker_node(deployment):
     cluster = deployment.cluster
     head_node, worker_node = cluster.nodes["head"], cluster.nodes["worker"]
     head, worker = head_node.node_id(), worker_node.node_id()
-    epochs = 12
+    epochs = 8
     storage = cluster.root / "node-loss"
     argv = [sys.executable, "studies/temperature_sweep.py", "--address", f"127.0.0.1:{cluster.gcs_port}",
             "--dataset", "digits", "--temperatures", "2", "5", "10", "--epochs", str(epochs), "--teacher-epochs", "10",
