@@ -394,8 +394,8 @@ def val_acc_per_epoch(study: StudyRuns, trials: list[dict], summary: list[dict],
             continue
         kind, (colour, width, marker) = _trial_style(trial, best, search)
         steps, values = zip(*points)
-        ax.plot(steps, [100 * v for v in values], color=colour, linewidth=width, alpha=0.8,
-                label=None if kind in labelled else kind)
+        ax.plot(steps, [100 * v for v in values], color=colour, linewidth=width, alpha=0.8, zorder=1 + width,
+                label=None if kind in labelled else kind)  # thicker (highlighted) lines on top
         labelled.add(kind)
         if marker:
             ax.plot(steps[-1], 100 * values[-1], marker=marker, color=colour, markersize=9, linestyle="none",
@@ -582,11 +582,18 @@ def _header_items(report: Report) -> list[tuple[str, str]]:
     items = [("study", study.experiment_name), ("dataset", params.get("dataset", "?")), ("teacher", teacher),
              ("student", params.get("student", "?")), ("kind", kind),
              ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))),
-             ("status", info.status),
+             ("status", _status(parent)),
              ("trials", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet")]
     if "wall_time_s" in parent.data.metrics:
         items.append(("wall time", f"{parent.data.metrics['wall_time_s']:.0f} s"))
     return items
+
+
+def _status(parent) -> str:
+    # the report logged at a study's end is built before the parent run is closed, after its results are logged
+    if parent.info.status == "RUNNING" and "wall_time_s" in parent.data.metrics:
+        return "FINISHED (results logged)"
+    return parent.info.status
 
 
 def _mlflow_links(study: StudyRuns) -> str:
