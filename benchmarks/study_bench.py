@@ -1,0 +1,276 @@
+"""Benchmark 4-5: a 16-trial digits study at 2 concurrent trials, timed from the inside.
+
+Run as its own process (the study's driver), so its peak memory is the driver's:
+
+    python -m benchmarks.study_bench --teacher teacher.pt --out result.json
+
+The study is kdtune's own `run_study` (embedded MLflow server, local Ray, reuse of trial processes). The
+benchmark only wraps functions to time them: on the driver (server start, Ray start, teacher, Tuner.fit,
+registration) and inside each trial process (the trial function is wrapped by a closure shipped by value;
+inside it Trainer set-up, MLflow calls, checkpoints and tune.report are timed). Nothing in kdtune is changed.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+T0 = time.time()
+
+TEMPERATURES = [1, 1.5, 2, 3, 4, 5, 8, 10]  # x 2 seeds = 16 trials
+
+
+def make_timed_trial(log_path: str):
+    """A trial function that calls kdtune's own and records where the trial process spends its time."""
+
+    def distill_trial(config, **kwargs):
+        import json as _json
+        import os as _os
+        import resource as _resource
+        import time as _time
+
+        entered = _time.time()
+        import torch as _torch
+        from ray import tune as _tune
+
+        from kdtune import engine as _engine
+        from kdtune import tracking as _tracking
+        try:
+            from kdtune.trial import distill_trial as real
+        except ImportError:  # older layout
+            from kdtune.study import distill_trial as real
+
+        spent = {}
+        state = {"in_log_model": False, "last": {}}
+
+        def timed(owner, name, key, flag=None):
+            original = getattr(owner, name)
+            if getattr(original, "_bench_original", None) is not None:
+                original = original._bench_original  # a reused process: wrap the original once more
+
+            @functools.wraps(original)
+            def wrapper(*args, **kw):
+                if key == "checkpoint_save" and state["in_log_model"]:
+                    return original(*args, **kw)
+                if flag:
+                    state[flag] = True
+                started = _time.perf_counter()
+                try:
+                    return original(*args, **kw)
+                finally:
+                    spent[key] = spent.get(key, 0.0) + _time.perf_counter() - started
+                    if flag:
+                        state[flag] = False
+
+            wrapper._bench_original = original
+            setattr(owner, name, wrapper)
+
+        timed(_engine.Trainer, "__init__", "trainer_setup")
+        timed(_tracking.ChildRun, "__init__", "mlflow_open_run")
+        timed(_tracking.ChildRun, "log_epoch", "mlflow_log_epoch")
+        timed(_tracking.ChildRun, "log_model", "mlflow_log_model", flag="in_log_model")
+        timed(_tracking.ChildRun, "set_tags", "mlflow_tags")
+        timed(_tracking.ChildRun, "finish", "mlflow_tags")
+        timed(_torch, "save", "checkpoint_save")
+        original_report = getattr(_tune.report, "_bench_original", _tune.report)
+
+        def report(metrics, *args, **kw):
+            state["last"] = dict(metrics)
+            started = _time.perf_counter()
+            try:
+                return original_report(metrics, *args, **kw)
+            finally:
+                spent["tune_report"] = spent.get("tune_report", 0.0) + _time.perf_counter() - started
+
+        report._bench_original = original_report
+        _tune.report = report
+        error = None
+        try:
+            real(config, **kwargs)
+        except BaseException as exc:  # recorded, then re-raised: Tune sees the real failure
+            error = repr(exc)
+            raise
+        finally:
+            last = state["last"]
+            with open(f"/proc/{_os.getpid()}/stat") as handle:
+                start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+            with open("/proc/stat") as handle:
+                boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+            record = {
+                "pid": _os.getpid(), "process_start": boot + start_ticks / _os.sysconf("SC_CLK_TCK"),
+                "enter": entered, "exit": _time.time(), "spent": spent, "error": error,
+                "training_time_s": last.get("training_time_s"), "epochs": last.get("epoch"),
+                "peak_rss_mb": _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+            with open(log_path, "a") as handle:
+                handle.write(_json.dumps(record) + "\n")
+
+    return distill_trial
+
+
+def instrument_driver(marks: dict):
+    """Time the driver's phases by wrapping kdtune's and Ray's functions (same behaviour, timestamps added)."""
+    from ray import tune
+
+    from kdtune import study, teachers, tracking
+
+    def wrap(owner, name, key):
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            started = time.time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                marks.setdefault(key, []).append((started, time.time()))
+
+        setattr(owner, name, wrapper)
+
+    wrap(tracking.EmbeddedServer, "start", "mlflow_server_start")
+    wrap(tracking.EmbeddedServer, "stop", "mlflow_server_stop")
+    wrap(study, "load_dataset", "load_dataset")
+    wrap(study, "_init_ray", "ray_init")
+    wrap(teachers, "obtain_teacher", "teacher_obtain")
+    wrap(study, "_teacher_logits_if_useful", "teacher_logits_cache")
+    wrap(tune.Tuner, "fit", "tuner_fit")
+    wrap(getattr(study, "_Study", study), "_register_best", "register_champion")
+    wrap(study, "_log_study_results", "log_study_results")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True, help="digits teacher weights (.pt)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="student epochs (default: the digits recipe's)")
+    args = parser.parse_args()
+
+    imports_started = time.time()
+    import ray  # noqa: F401
+    from ray import cloudpickle  # noqa: F401
+
+    from kdtune import study
+    imported = time.time()
+
+    workdir = tempfile.mkdtemp(prefix="kdtune-bench-study-")
+    log_path = os.path.join(workdir, "trials.jsonl")
+    marks: dict = {}
+    instrument_driver(marks)
+    timed = make_timed_trial(log_path)
+    timed.__module__ = "__main__"  # ship by value: trial processes need not import this file
+    study.distill_trial = timed
+
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    spec = study.StudySpec(
+        name="bench_study", dataset="digits", seeds=2, teacher_source=args.teacher, overrides=overrides,
+        variants=[{"label": f"T={t:g}", "method": "kd", "temperature": float(t)} for t in TEMPERATURES],
+        cpus_per_trial=1, max_concurrent=args.concurrency, store_dir=os.path.join(workdir, "store"),
+        register_as="kdtune-bench-digits", title="bench",
+    )
+    started = time.time()
+    result = study.run_study(spec, echo=lambda line: print(f"  [study] {line}", flush=True))
+    finished = time.time()
+    trials = []
+    if os.path.exists(log_path):
+        with open(log_path) as handle:
+            trials = [json.loads(line) for line in handle if line.strip()]
+    out = {
+        "process_start": T0, "imports_s": imported - imports_started, "run_study_started": started,
+        "run_study_finished": finished, "wall_time_s": finished - started,
+        "result_wall_time_s": result.wall_time_s, "result_training_time_s": result.training_time_s,
+        "concurrency": args.concurrency, "n_trials": len(result.trials),
+        "failed": [t for t in result.trials if t.get("error")],
+        "marks": marks, "trials": trials,
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "workdir": workdir,
+    }
+    with open(args.out, "w") as handle:
+        json.dump(out, handle, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ---- analysis (on the benchmark's side) -------------------------------------------------------------------
+
+def analyse(data: dict):
+    """Rows for RESULTS.md and a text breakdown of where the study's time went."""
+    from benchmarks.common import Row, check, median
+
+    trials = sorted(data["trials"], key=lambda t: t["enter"])
+    n = len(trials) or 1
+    conc = data["concurrency"]
+    training = sum(t["training_time_s"] or 0.0 for t in trials)
+    marks = {k: [(a, b) for a, b in v] for k, v in data["marks"].items()}
+    span = lambda key: sum(b - a for a, b in marks.get(key, []))  # noqa: E731
+    fit = marks.get("tuner_fit", [(0.0, 0.0)])[0]
+    wall = data["wall_time_s"]
+    section = f"4. study efficiency (16-trial digits study, {conc} concurrent, 1 CPU each)"
+    rows = [
+        Row(section, "study wall time (run_study, end to end)", wall, "s"),
+        Row(section, "sum of trial training time", training, "s"),
+        Row(section, "efficiency: sum(training) / (wall x concurrency)", training / (wall * conc), "x", ">= 0.8",
+            check(training / (wall * conc), 0.8)),
+        Row(section, "efficiency of the Tuner.fit phase alone", training / ((fit[1] - fit[0]) * conc), "x"),
+    ]
+    # per-trial overhead: what each trial costs on top of its training, trial processes included
+    per_trial = ((fit[1] - fit[0]) * conc - training) / n
+    rows.append(Row(section, "overhead per trial inside Tuner.fit ((fit wall x conc - training) / trials)",
+                    per_trial, "s", "< 2 s", check(per_trial, maximum=2.0)))
+    first, later = {}, []
+    for t in trials:
+        if t["pid"] in first:
+            later.append(t)
+        else:
+            first[t["pid"]] = t
+    startup = [t["enter"] - t["process_start"] for t in first.values()]
+    first_setup = [t["spent"].get("trainer_setup", 0.0) for t in first.values()]
+    rows.append(Row(section, "trial process start-up (spawn, imports, args from the object store; once per process)",
+                    median(startup), "s", note=f"{len(first)} processes, reused for {len(later)} later trials"))
+    rows.append(Row(section, "Trainer set-up (data to device, models, teacher): first / later trials",
+                    median(first_setup), "s",
+                    note=f"later: {median([t['spent'].get('trainer_setup', 0.0) for t in later]) * 1000:.0f} ms"))
+    keys = ["mlflow_open_run", "mlflow_log_epoch", "mlflow_log_model", "mlflow_tags", "checkpoint_save",
+            "tune_report"]
+    lines = ["where a reused trial process spends a trial (median over later trials, seconds):"]
+    def trial_line(name, values):
+        return f"  {name:<44}{median(values):7.2f}"
+    lines.append(trial_line("training (epochs: train + validation)", [t["training_time_s"] or 0 for t in later]))
+    for key in keys:
+        lines.append(trial_line(key, [t["spent"].get(key, 0.0) for t in later]))
+    lines.append(trial_line("trial function total", [t["exit"] - t["enter"] for t in later]))
+    gaps = []
+    by_pid: dict = {}
+    for t in trials:
+        if t["pid"] in by_pid:
+            gaps.append(t["enter"] - by_pid[t["pid"]]["exit"])
+        by_pid[t["pid"]] = t
+    lines.append(trial_line("gap before the next trial in the same process", gaps or [float("nan")]))
+    lines.append("first trial in each process, extra one-off costs (median, seconds):")
+    for key in ("mlflow_open_run", "mlflow_log_model", "trainer_setup"):
+        lines.append(trial_line(key, [t["spent"].get(key, 0.0) for t in first.values()]))
+    lines.append("driver, one-off (seconds):")
+    lines.append(f"  {'imports (torch, ray, mlflow, kdtune)':<44}{data['imports_s']:7.2f}")
+    for key in ("load_dataset", "mlflow_server_start", "ray_init", "teacher_obtain", "teacher_logits_cache",
+                "tuner_fit", "register_champion", "log_study_results", "mlflow_server_stop"):
+        if key in marks:
+            lines.append(f"  {key:<44}{span(key):7.2f}")
+    rows.append(Row(section, "one-off start-up on the driver (MLflow server + Ray + teacher logits)",
+                    span("mlflow_server_start") + span("ray_init") + span("teacher_logits_cache"), "s"))
+    section5 = "5. memory (peak resident set)"
+    rows.append(Row(section5, "one trial process (max over trials)", max((t["peak_rss_mb"] for t in trials),
+                                                                         default=float("nan")), "MiB"))
+    rows.append(Row(section5, "study driver", data["driver_peak_rss_mb"], "MiB"))
+    if data.get("failed"):
+        lines.append(f"FAILED trials: {data['failed']}")
+    return rows, "\n".join(lines)
