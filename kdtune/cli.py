@@ -28,7 +28,7 @@ def cmd_mlflow_serve(args) -> int:
     if EmbeddedServer.running_uri(args.store):
         raise TrackingError(f"a server already serves {Path(args.store).resolve()} at "
                             f"{EmbeddedServer.running_uri(args.store)}")
-    server = EmbeddedServer(args.store, port=args.port).start()
+    server = EmbeddedServer(args.store, port=args.port, announce=True).start()
     print(f"MLflow UI: {server.uri}/#/experiments  (store: {server.store_dir})")
     print(f"the runs table of an experiment is its URL plus {UI_SUFFIX}; Ctrl-C stops the server", flush=True)
     try:

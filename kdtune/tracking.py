@@ -46,7 +46,10 @@ def free_port() -> int:
 class EmbeddedServer:
     """`mlflow server` on 127.0.0.1 over a SQLite store and a local artifact folder."""
 
-    def __init__(self, store_dir: str | Path, port: int | None = None):
+    def __init__(self, store_dir: str | Path, port: int | None = None, announce: bool = False):
+        # announce: write server.json so studies and commands use this server. Only a long-lived server
+        # (`kdtune mlflow serve`) announces itself: a study's own server stops when that study ends.
+        self.announce = announce
         self.store_dir = Path(store_dir).resolve()
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -87,7 +90,8 @@ class EmbeddedServer:
                 raise TrackingError(f"the embedded MLflow server exited with code {self.process.returncode}; "
                                     f"see {self.store_dir / 'server.log'}")
             if _healthy(self.uri):
-                self._info_file.write_text(json.dumps({"pid": self.process.pid, "uri": self.uri}))
+                if self.announce:
+                    self._info_file.write_text(json.dumps({"pid": self.process.pid, "uri": self.uri}))
                 return self
             time.sleep(0.2)
         self.stop()
@@ -108,7 +112,7 @@ class EmbeddedServer:
         return info.get("uri") if _healthy(info.get("uri", ""), timeout_s=2.0) else None
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.announce:
             self._info_file.unlink(missing_ok=True)
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, 15)
