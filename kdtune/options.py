@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from kdtune.config import TrialConfig
@@ -19,11 +20,12 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     where = parser.add_argument_group("where it runs")
-    where.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local Ray")
+    where.add_argument("--address", help="Ray cluster address (auto, or HEAD_IP:6379); default: a local Ray")
     where.add_argument("--storage", help="Tune storage path (shared NFS path or s3://... on a cluster); "
                                          "default: <store>/ray_results")
-    where.add_argument("--tracking-uri", help="MLflow tracking server (http://host:5000); default: an embedded "
-                                              "server over <store>/mlflow.db")
+    where.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                       help="MLflow tracking server (http://host:5000); default: $MLFLOW_TRACKING_URI, else an "
+                            "embedded server over <store>/mlflow.db")
     where.add_argument("--store", default=".kdtune", help="local folder for the embedded MLflow store and Tune results")
     where.add_argument("--data-dir", help="where datasets live or are downloaded to (default: $KDTUNE_DATA_DIR or "
                                           "~/.cache/kdtune/data)")

@@ -191,6 +191,8 @@ class _Study:
 
     def run(self, started: float) -> StudyResult:
         spec = self.spec
+        _init_ray(spec.address)
+        _check_tracking_reachable_from_cluster(self.uri)
         experiment_id, parent_id = self._open_parent_run()
         self.echo(f"mlflow: study run {parent_id}: {tracking.ui_link(self.uri, experiment_id)}")
         context = tracking.TrackingContext(self.uri, experiment_id, parent_id)
@@ -203,7 +205,6 @@ class _Study:
                                           # how to run it again: `kdtune study resume` re-runs this with --resume
                                           "command": [str(Path(sys.argv[0]).resolve()), *sys.argv[1:]]})
             self.echo(f"study folder: {study_dir}  (continue it with --resume {study_dir})")
-            _init_ray(spec.address)
             trainable = self._trainable(context)
             phases: dict[str, list[dict]] = {}
             confirm: list[dict] = []
@@ -402,6 +403,21 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise KdtuneError(f"address={address!r}: could not connect to a Ray cluster ({error})") from None
+
+
+def _check_tracking_reachable_from_cluster(uri: str) -> None:
+    """A loopback tracking URI (the embedded server) is unreachable from trials on other machines."""
+    import ray
+
+    host = uri.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        return
+    machines = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    if len(machines) > 1:
+        raise ConfigError(f"tracking URI {uri} is on loopback, but the Ray cluster spans {len(machines)} machines "
+                          "whose trials could not reach it; start an MLflow server on the head "
+                          "(kdtune mlflow serve, or mlflow server --host 0.0.0.0) and pass --tracking-uri "
+                          "http://HEAD:5000 or set MLFLOW_TRACKING_URI")
 
 
 def _teacher_logits_if_useful(configs, teacher_arch, teacher_state, dataset, spec):
