@@ -119,10 +119,11 @@ def test_fsp_refuses_pairs_of_unequal_spatial_size_or_width(digits):
 def test_fsp_pretrains_the_flow_then_trains_the_main_task(digits):
     # seed 002's setting in miniature: ResNets share 16/32/64 widths; the pairs are the three sections.
     # The teacher is untrained here (its matrices are a valid target): this checks the mechanics, fast.
+    torch.manual_seed(0)
     teacher = build_model("resnet8", 10, (1, 8, 8)).state_dict()
     config = TrialConfig.from_flat({"method": "fsp", "teacher": "resnet8", "student": "resnet8", "alpha": 0,
                                     "fsp_pairs": "1-2,3-4,5-6", "beta": 0.01, "stage1_epochs": 2, "epochs": 1,
-                                    "lr": 0.01})
+                                    "lr": 0.01, "batch_size": 128})
     trainer = Trainer(config, digits, teacher)
     head = snapshot(trainer.student.classifier)
     epochs = trainer.epochs()
@@ -206,7 +207,8 @@ def test_adversarial_discriminator_step_by_hand_raises_its_objective_and_leaves_
 
 @pytest.fixture(scope="module")
 def adversarial_config():
-    return TrialConfig.from_flat({"method": "adversarial", "epochs": 2, "lr": 0.01, "disc_lr": 0.01})
+    return TrialConfig.from_flat({"method": "adversarial", "epochs": 2, "lr": 0.01, "disc_lr": 0.01,
+                                  "batch_size": 128})
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +277,7 @@ def test_seed004_loss_by_hand_and_the_way_it_pushes():
 def test_seed004_pretrains_fits_the_discriminator_once_and_resumes_exactly(
         digits, trained_digits_teacher, teacher_cache, tmp_path):
     config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 2,
-                                    "lr": 0.03, "disc_epochs": 3, "adv_weight": 0.5})
+                                    "lr": 0.03, "disc_epochs": 3, "adv_weight": 0.5, "batch_size": 128})
     straight = Trainer(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache)
     epochs = run(straight)
     assert [m["stage"] for m in epochs] == ["pretrain", "adversarial", "adversarial"]
