@@ -385,8 +385,9 @@ def _status_table(phase: str):
     from ray.tune import CLIReporter
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Ray ignores a custom reporter under its new output engine
-    parameters = ({"method": "method", "temperature": "T", "alpha": "alpha", "beta": "beta", "links": "links"}
-                  if phase == "search" else {"variant/label": "setting", "seed": "seed"})
+    # only keys every trial has: the reporter looks each one up in the best trial's config (a search's
+    # conditional parameters, e.g. beta for a kd trial, would raise KeyError there)
+    parameters = {"method": "method"} if phase == "search" else {"variant/label": "setting", "seed": "seed"}
     return CLIReporter(parameter_columns=parameters, max_report_frequency=20, print_intermediate_tables=True,
                        metric_columns={"epoch": "epoch", "val_acc": "val acc", "best_val_acc": "best val",
                                        "train_loss": "train loss", "test_acc": "test acc"},
