@@ -127,3 +127,35 @@ def _context(saved, uri):
     from kdtune.tracking import TrackingContext
 
     return TrackingContext(uri, saved["experiment_id"], saved["parent_run_id"])
+
+
+def test_every_method_trains_inside_a_tune_trial_and_logs_its_terms(local_ray, mlflow_server, tmp_path):
+    expected = {
+        "kd": {"loss_hard", "loss_soft"},
+        "links": {"loss_hard", "loss_soft", "loss_intermediate"},
+        "hints": {"loss_hint", "loss_hard", "loss_soft"},
+        "adversarial": {"loss_hard", "loss_l1", "loss_gan"},
+        "adversarial_pretrained": {"loss_hard", "loss_adv"},
+    }
+    variants = [
+        {"label": "kd", "method": "kd", "temperature": 4.0},
+        {"label": "links", "method": "links", "links": "3", "beta": 0.5},
+        {"label": "hints", "method": "hints", "links": "2", "beta": 1.0, "stage1_epochs": 1},
+        {"label": "adversarial", "method": "adversarial"},
+        {"label": "adversarial_pretrained", "method": "adversarial_pretrained", "stage1_epochs": 1,
+         "hard_weight": 1.0},
+    ]
+    spec = StudySpec(name="test_methods_in_tune", dataset="digits", overrides={"epochs": 2},
+                     teacher_overrides={"epochs": 4}, variants=variants, tracking_uri=mlflow_server.uri,
+                     storage=str(tmp_path), register_as="test-methods")
+    result = run_study(spec, echo=lambda *a: None)
+    assert all(not t["error"] for t in result.trials), [t["error"] for t in result.trials]
+    client = client_for(mlflow_server.uri)
+    for run in child_runs(client, result):
+        label = run.data.tags.get("kdtune.label")
+        if label not in expected:
+            continue
+        logged = {k for k in run.data.metrics if k.startswith("loss_")}
+        assert expected[label] <= logged, (label, logged)
+        epochs = client.get_metric_history(run.info.run_id, "val_acc")
+        assert len(epochs) == (3 if label in ("hints", "adversarial_pretrained") else 2)  # both stages reported
