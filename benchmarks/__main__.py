@@ -38,12 +38,20 @@ def table(rows) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="steps,accuracy,study")
-    parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds per step benchmark (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="clean side-by-side rounds per step benchmark (median)")
     parser.add_argument("--steps", type=int, default=3, help="timed VGG steps per measurement (after one untimed)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per precision in the bf16 accuracy check")
     parser.add_argument("--study-epochs", type=int, help="student epochs in the study (default: the recipe's 15)")
     parser.add_argument("--write", action="store_true", help="rewrite benchmarks/RESULTS.md from this run")
+    parser.add_argument("--quiet-load", type=float, default=None,
+                        help="first wait (up to --quiet-wait minutes) until the 1-minute load average is below this")
+    parser.add_argument("--quiet-wait", type=float, default=30.0)
     args = parser.parse_args()
+    if args.quiet_load is not None:
+        deadline = time.time() + 60 * args.quiet_wait
+        while os.getloadavg()[0] > args.quiet_load and time.time() < deadline:
+            log(f"waiting for a quieter machine: load {os.getloadavg()[0]:.2f} > {args.quiet_load}")
+            time.sleep(20)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
 
     from benchmarks import common
@@ -83,6 +91,12 @@ def main() -> int:
                     "of the fp32 matmul peak")
                 text, _ = steps.profile(result["loops"]["kdtune fp32"])
                 texts["profile: kdtune fp32 VGG-16 -> VGG-7 KD step, teacher online (one epoch)"] = text
+            else:
+                lines = []
+                for name in ("kdtune student-only", "kdtune cached", "kdtune fp32", "plain fp32"):
+                    ops, ms = steps.op_counts(result["loops"][name])
+                    lines.append(f"{name:<22}{ops:6.0f} aten ops/step {ms:8.2f} ms of op time/step (profiled)")
+                texts["profile: digits steps are dispatch-bound (1 thread)"] = "\n".join(lines)
             del result
     if "accuracy" in parts or "study" in parts:
         from benchmarks import accuracy

@@ -1,5 +1,7 @@
 """bf16 vs fp32 on digits: final test accuracy over seeds (does mixed precision train as well?) and time.
 
+Each trial runs on one thread, as a study trial does (cpus_per_trial=1).
+
 The teacher is trained once with the digits recipe; each student is a full recipe trial (15 epochs) with the
 teacher run online, so the bf16 run exercises the whole mixed-precision path (teacher and student forward
 under autocast, the loss in fp32).
@@ -18,6 +20,19 @@ from kdtune.data import load_dataset
 from kdtune.engine import Trainer
 
 
+def _one_thread(function):
+    """Run as a study trial runs (cpus_per_trial=1): one thread."""
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+    return wrapper
+
+
+@_one_thread
 def train_teacher(log=print) -> dict:
     recipe = recipes.recipe_for("digits")
     config = TrialConfig.from_flat({"dataset": "digits", "student": recipe["teacher"], "teacher": recipe["teacher"],
@@ -31,6 +46,7 @@ def train_teacher(log=print) -> dict:
     return trainer.student.state_dict()
 
 
+@_one_thread
 def run(teacher_state: dict, seeds: int = 3, log=print) -> tuple[list[Row], dict]:
     dataset = load_dataset("digits")
     recipe = recipes.recipe_for("digits")

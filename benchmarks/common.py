@@ -131,11 +131,6 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def vm_hwm_mb(pid: int | str = "self") -> float:
     """Peak resident memory (VmHWM) of a live process, from /proc (MiB)."""
     try:

@@ -15,10 +15,11 @@ import argparse
 import functools
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
+
+from benchmarks.common import vm_hwm_mb
 
 T0 = time.time()
 
@@ -31,8 +32,12 @@ def make_timed_trial(log_path: str):
     def distill_trial(config, **kwargs):
         import json as _json
         import os as _os
-        import resource as _resource
         import time as _time
+
+        def _vm_hwm_mb():
+            # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a big process inherits its peak
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
         entered = _time.time()
         import torch as _torch
@@ -105,7 +110,7 @@ def make_timed_trial(log_path: str):
                 "pid": _os.getpid(), "process_start": boot + start_ticks / _os.sysconf("SC_CLK_TCK"),
                 "enter": entered, "exit": _time.time(), "spent": spent, "error": error,
                 "training_time_s": last.get("training_time_s"), "epochs": last.get("epoch"),
-                "peak_rss_mb": _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": _vm_hwm_mb(),
             }
             with open(log_path, "a") as handle:
                 handle.write(_json.dumps(record) + "\n")
@@ -189,7 +194,7 @@ def main() -> int:
         "concurrency": args.concurrency, "n_trials": len(result.trials),
         "failed": [t for t in result.trials if t.get("error")],
         "marks": marks, "trials": trials,
-        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_peak_rss_mb": vm_hwm_mb(),
         "workdir": workdir,
     }
     with open(args.out, "w") as handle:
