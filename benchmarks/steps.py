@@ -74,7 +74,7 @@ def _measure(pair, rounds, steps, threads, log) -> dict:
     peaks, peaks_bf16 = [], []
     names = list(built)
     r = 0
-    while r < rounds or (len(_clean_rounds(peaks)) < rounds and r < 3 * rounds):  # busy rounds get repeated
+    while r < rounds or (len(_clean_rounds(peaks)) < rounds and r < 2 * rounds):  # busy rounds: run more
         peaks.append(matmul_gflops(torch.float32))
         order = names[r % len(names):] + names[:r % len(names)]  # rotate, so no loop always runs first
         for name in order:
@@ -95,7 +95,7 @@ def _measure(pair, rounds, steps, threads, log) -> dict:
 
     flops = step_flops(student_step)
     student.student.zero_grad(set_to_none=True)
-    return {"pair": pair, "threads": threads, "times": times, "cpus": cpus,
+    return {"pair": pair, "threads": threads, "rounds": rounds, "times": times, "cpus": cpus,
             "batch": {n: built[n].batch_size for n in built}, "peaks": peaks, "peaks_bf16": peaks_bf16,
             "student_flops": flops, "loops": built, "dataset": dataset}
 
@@ -118,23 +118,26 @@ def _clean_rounds(peaks: list[float]) -> list[int]:
     return [i for i in range(len(peaks) // 2) if min(peaks[2 * i], peaks[2 * i + 1]) >= CLEAN * best]
 
 
-def undisturbed(result: dict) -> dict:
-    """The result restricted to clean rounds, in which the machine was not visibly busy (if there are any).
+def undisturbed(result: dict, rounds: int = 3) -> dict:
+    """The result restricted to the `rounds` least busy rounds.
 
     The fp32 matmul probe before and after each round measures what the machine can give at that moment; on a
-    shared machine other users' jobs show up as a drop of it. Busy rounds are repeated (up to 3x the rounds
-    asked for) and left out of the medians.
+    shared machine other users' jobs show up as a drop of it. While fewer than `rounds` rounds are clean (both
+    probes at 75% of the best), more rounds are run (up to twice as many); the medians use the rounds with the
+    highest lower probe.
     """
-    per_round = len(result["peaks"]) // 2
-    keep = _clean_rounds(result["peaks"]) or list(range(per_round))
+    peaks = result["peaks"]
+    per_round = len(peaks) // 2
+    busy = sorted(range(per_round), key=lambda i: -min(peaks[2 * i], peaks[2 * i + 1]))
+    keep = sorted(busy[:rounds])
     pick = lambda series: {k: [v[i] for i in keep] for k, v in series.items()}  # noqa: E731
     return {**result, "times": pick(result["times"]), "cpus": pick(result["cpus"]),
             "peaks": [p for i in keep for p in result["peaks"][2 * i:2 * i + 2]],
-            "rounds_used": f"{len(keep)} clean of {per_round} rounds"}
+            "rounds_used": f"the {len(keep)} least busy of {per_round} rounds"}
 
 
 def rows(result: dict) -> list[Row]:
-    result = undisturbed(result)
+    result = undisturbed(result, result.get("rounds", 3))
     pair, times, cpus = result["pair"], result["times"], result["cpus"]
     threads = result["threads"]
     label = (f"VGG-16 -> VGG-7, 32x32, batch 128, {threads} threads" if pair == "cifar"
