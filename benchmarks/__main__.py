@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main() -> int:
         else:
             with open(out) as handle:
                 data = json.load(handle)
+            shutil.rmtree(data["workdir"], ignore_errors=True)  # the study's MLflow store and Tune results
             study_rows, text = study_bench.analyse(data)
             rows += study_rows
             texts["study: where the time goes"] = text
@@ -130,6 +132,9 @@ def main() -> int:
                 log(f"  {r.name}: {r.value_text()} {r.target} {'' if r.met is None else ('met' if r.met else 'MISSED')}")
             log(text)
 
+    for path in (teacher_path, out if "study" in parts else None):
+        if path:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     machine["duration_s"] = f"{time.time() - started:.0f}"
     report = render(machine, command, rows, texts)
