@@ -49,6 +49,9 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     how.add_argument("--cpus-per-trial", type=float, default=1.0)
     how.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials, e.g. 0.25")
     how.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    how.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the next trial in a finished trial's process (default: on a single-node Ray only; "
+                          "on a multi-node cluster every trial starts its own process, so trials spread over nodes)")
     how.add_argument("--resume", metavar="STUDY_FOLDER",
                      help="continue a stopped study from the folder it printed at its start")
     how.add_argument("--margin", type=float, default=0.0,
@@ -86,7 +89,8 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
         name=name, dataset=args.dataset, variants=variants, overrides=overrides,
         teacher_overrides=teacher_overrides, seeds=args.seeds, teacher=args.teacher, student=args.student,
         teacher_source=args.teacher_source, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, reuse_actors=args.reuse_actors,
+        address=args.address,
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
         download=not args.no_download, register_as=args.register_as, resume=args.resume,
         margin=args.margin,

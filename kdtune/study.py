@@ -66,6 +66,7 @@ class StudySpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
+    reuse_actors: bool | None = None  # None: reuse trial processes on a single-node Ray only (see _reuse_actors)
     max_failures: int = 2
     address: str | None = None
     storage: str | None = None
@@ -318,7 +319,7 @@ class _Study:
     def _tune_config(self, phase: str):
         from ray import tune
 
-        common = dict(reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        common = dict(reuse_actors=_reuse_actors(self.spec.reuse_actors), trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
         if phase != "search":
             return tune.TuneConfig(max_concurrent_trials=self.spec.max_concurrent, **common)
         from ray.tune.schedulers import ASHAScheduler
@@ -404,6 +405,20 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise KdtuneError(f"address={address!r}: could not connect to a Ray cluster ({error})") from None
+
+
+def _reuse_actors(asked: bool | None) -> bool:
+    """Whether a finished trial's process runs the next trial. It saves the process start-up (seconds per trial),
+    which matters for short trials on one machine. On a cluster of several nodes, or one whose head takes no
+    trials (an autoscaling cluster), a freed process would take over pending trials whose own processes are still
+    starting on other nodes, piling the study onto whichever node started first; there, every trial gets a
+    process of its own unless the user asks otherwise."""
+    import ray
+
+    if asked is not None:
+        return asked
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    return len(nodes) == 1 and nodes[0].get("Resources", {}).get("CPU", 0) > 0
 
 
 def _check_tracking_reachable_from_cluster(uri: str) -> None:

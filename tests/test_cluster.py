@@ -411,6 +411,12 @@ def test_readme_one_machine_commands_are_the_ones_the_cluster_tests_run():
     assert len(lines) == 9
 
 
+
+def test_actor_reuse_is_automatic_unless_the_user_chooses(monkeypatch):
+    assert _parse_study(monkeypatch, ["--dataset", "digits"]).reuse_actors is None
+    assert _parse_study(monkeypatch, ["--no-reuse-actors"]).reuse_actors is False
+    assert _parse_study(monkeypatch, ["--reuse-actors"]).reuse_actors is True
+
 # ---- device selection follows Ray's assignment ---------------------------------------------------
 
 @pytest.mark.parametrize("assigned, cuda, expected, warns", [
