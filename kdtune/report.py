@@ -34,7 +34,7 @@ import numpy as np
 
 from kdtune import tracking
 from kdtune.errors import KdtuneError
-from kdtune.results import BASELINE_LABEL, format_gain, format_matrix, format_table, pick_best, summarise
+from kdtune.results import BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, pick_best, summarise
 from kdtune.trial import FAILURE_TAG
 
 REPORT_ARTIFACT_PATH = "report"
@@ -251,7 +251,7 @@ def _draw_baseline(ax, baseline: dict | None) -> None:
     if baseline:
         mean, std = 100 * baseline["test_mean"], 100 * baseline["test_std"]
         ax.axhline(mean, color="black", linestyle="--", linewidth=1.2,
-                   label=f"baseline (no distillation) {mean:.2f} ± {std:.2f} %")
+                   label=f"baseline (no distillation) {mean_and_spread(baseline)} %")
         if std:
             ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
 
@@ -614,7 +614,7 @@ def _summary_html(summary: list[dict]) -> str:
     for row in summary:
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
         rows.append([row["label"], _pct(row["val_mean"]),
-                     f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])}" if row["n"] else "-",
+                     mean_and_spread(row) if row["n"] else "-",
                      _pct(row["test_median"]), format_gain(row), str(row["n"]), notes])
         classes.append("best" if row["label"] == best else "")
     table = _table(["setting", "val acc (%)", "test acc (%) mean ± std", "median", "vs baseline [95% CI]",

@@ -73,6 +73,13 @@ def _pct(value: float) -> str:
     return "" if value != value else f"{100 * value:.2f}"
 
 
+def mean_and_spread(row: dict) -> str:
+    """Test accuracy as "mean ± std" in percent; one seed has no spread to show, so only its value."""
+    if row["n"] < 2:
+        return _pct(row["test_mean"])
+    return f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])}"
+
+
 def format_gain(row: dict) -> str:
     if row["gain"] != row["gain"]:
         return ""
@@ -93,7 +100,7 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
             median = f"  {'-':>7}" if show_median else ""
             lines.append(f"{row['label']:>18}  {'-':>8}  {'-':>17}{median}  {'':>26}  {0:>2}  ({note})")
             continue
-        test = f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])} %"
+        test = f"{mean_and_spread(row)} %"
         median = f"  {_pct(row['test_median']):>6}%" if show_median else ""
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
         lines.append(f"{row['label']:>18}  {_pct(row['val_mean']):>7}%  {test:>17}{median}  {format_gain(row):>26}  "
@@ -127,6 +134,6 @@ def format_matrix(summary: list[dict], row_key: str, col_key: str, row_header: s
         f"{_pct(statistics.fmean(col_values[c])) if col_values[c] else '-':>{width}}" for c in cols))
     baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
     if baseline:
-        lines.append(f"baseline student (no distillation): {_pct(baseline['test_mean'])} ± "
-                     f"{_pct(baseline['test_std'])} % over {baseline['n']} seed(s)")
+        lines.append(f"baseline student (no distillation): {mean_and_spread(baseline)} % "
+                     f"over {baseline['n']} seed(s)")
     return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""The numbers a study reports: per-setting statistics, the gain over the baseline with its confidence
+interval, the choice of the best setting, and the printed table."""
+import math
+
+import pytest
+from scipy import stats
+
+from kdtune.results import format_table, pick_best, summarise
+
+
+def trial(label, seed, val=None, test=None, error=None):
+    metrics = {} if val is None else {"val_acc": val}
+    if test is not None:
+        metrics["test_acc"] = test
+    return {"label": label, "seed": seed, "metrics": metrics, "error": error, "params": {}}
+
+
+def study(kd_tests, baseline_tests, kd_vals=None, baseline_vals=None):
+    kd_vals = kd_vals or [0.5] * len(kd_tests)
+    baseline_vals = baseline_vals or [0.4] * len(baseline_tests)
+    return ([trial("baseline", s, v, t) for s, (v, t) in enumerate(zip(baseline_vals, baseline_tests))]
+            + [trial("T=4", s, v, t) for s, (v, t) in enumerate(zip(kd_vals, kd_tests))])
+
+
+def test_statistics_per_setting_over_seeds():
+    rows = {r["label"]: r for r in summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86]))}
+    kd = rows["T=4"]
+    assert kd["n"] == 3
+    assert kd["test_mean"] == pytest.approx(0.92)
+    assert kd["test_std"] == pytest.approx(0.02)  # sample standard deviation (n - 1)
+    assert kd["test_median"] == pytest.approx(0.92)
+
+
+def test_gain_and_its_interval_are_welchs():
+    kd_tests, baseline_tests = [0.90, 0.92, 0.94], [0.85, 0.86, 0.87]
+    rows = {r["label"]: r for r in summarise(study(kd_tests, baseline_tests))}
+    expected = stats.ttest_ind(kd_tests, baseline_tests, equal_var=False).confidence_interval(0.95)
+    assert rows["T=4"]["gain"] == pytest.approx(0.06)
+    assert rows["T=4"]["gain_low"] == pytest.approx(expected.low)
+    assert rows["T=4"]["gain_high"] == pytest.approx(expected.high)
+    assert math.isnan(rows["baseline"]["gain"])  # the baseline is the reference, not a gain
+
+
+def test_one_seed_has_a_gain_but_no_interval():
+    kd = next(r for r in summarise(study([0.93], [0.90])) if r["label"] == "T=4")
+    assert kd["gain"] == pytest.approx(0.03)
+    assert math.isnan(kd["gain_low"]) and math.isnan(kd["gain_high"])
+
+
+def test_the_best_setting_is_chosen_on_validation_not_test():
+    # T=4 has the better test accuracy but the worse validation accuracy: the baseline must win
+    summary = summarise(study([0.99, 0.99], [0.80, 0.80], kd_vals=[0.70, 0.70], baseline_vals=[0.90, 0.90]))
+    assert pick_best(summary) == "baseline"
+    assert pick_best(summary, include_baseline=False) == "T=4"
+
+
+def test_failed_and_stopped_trials_are_counted_apart_from_the_statistics():
+    trials = study([0.90, 0.92], [0.85, 0.86]) + [trial("T=4", 2, error="loss became nan at epoch 3"),
+                                                  trial("T=4", 3, val=0.3)]  # ASHA stopped it: no test_acc
+    kd = next(r for r in summarise(trials) if r["label"] == "T=4")
+    assert (kd["n"], kd["failed"], kd["stopped"]) == (2, 1, 1)
+    assert kd["test_mean"] == pytest.approx(0.91)
+
+
+def test_the_table_shows_spread_only_where_there_are_several_seeds():
+    one_seed = format_table(summarise(study([0.93], [0.90])), "T").splitlines()
+    assert "93.00 %" in one_seed[2] and "±" not in one_seed[2]  # one run has no standard deviation
+    assert "+3.00 pt" in one_seed[2]
+    several = format_table(summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86])), "T").splitlines()
+    assert "92.00 ± 2.00 %" in several[2]
+    assert "+6.00 pt [+1.84, +10.16]" in several[2]
