@@ -34,7 +34,8 @@ import numpy as np
 
 from kdtune import tracking
 from kdtune.errors import KdtuneError
-from kdtune.results import BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, pick_best, summarise
+from kdtune.results import (BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, percent,
+                            pick_best, summarise)
 from kdtune.trial import FAILURE_TAG
 
 REPORT_ARTIFACT_PATH = "report"
@@ -554,9 +555,6 @@ def _e(text) -> str:
     return html.escape(str(text))
 
 
-def _pct(value: float) -> str:
-    return "" if value != value else f"{100 * value:.2f}"
-
 
 def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
@@ -613,9 +611,9 @@ def _summary_html(summary: list[dict]) -> str:
     rows, classes = [], []
     for row in summary:
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        rows.append([row["label"], _pct(row["val_mean"]),
+        rows.append([row["label"], percent(row["val_mean"]),
                      mean_and_spread(row) if row["n"] else "-",
-                     _pct(row["test_median"]), format_gain(row), str(row["n"]), notes])
+                     percent(row["test_median"]), format_gain(row), str(row["n"]), notes])
         classes.append("best" if row["label"] == best else "")
     table = _table(["setting", "val acc (%)", "test acc (%) mean ± std", "median", "vs baseline [95% CI]",
                     "n", "notes"], rows, classes)
@@ -640,7 +638,7 @@ def _matrix_html(text: str, corner: str) -> str:
 
 def _search_html(trials: list[dict]) -> str:
     ranked = sorted(trials, key=lambda t: t["metrics"].get("val_acc", -1.0), reverse=True)
-    rows = [[t["label"], _pct(t["metrics"]["val_acc"]) if "val_acc" in t["metrics"] else "-",
+    rows = [[t["label"], percent(t["metrics"]["val_acc"]) if "val_acc" in t["metrics"] else "-",
              str(int(t["metrics"].get("epoch", 0))), outcome(t)] for t in ranked]
     return _table(["configuration", "last val acc (%)", "epochs", "outcome"], rows)
 

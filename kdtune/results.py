@@ -69,15 +69,16 @@ def pick_best(summary: list[dict], include_baseline: bool = True) -> str | None:
     return max(finished, key=lambda r: r["val_mean"])["label"] if finished else None
 
 
-def _pct(value: float) -> str:
+def percent(value: float) -> str:
+    """A fraction as percent with two decimals; empty for nan (no finished trial)."""
     return "" if value != value else f"{100 * value:.2f}"
 
 
 def mean_and_spread(row: dict) -> str:
     """Test accuracy as "mean ± std" in percent; one seed has no spread to show, so only its value."""
     if row["n"] < 2:
-        return _pct(row["test_mean"])
-    return f"{_pct(row['test_mean'])} ± {_pct(row['test_std'])}"
+        return percent(row["test_mean"])
+    return f"{percent(row['test_mean'])} ± {percent(row['test_std'])}"
 
 
 def format_gain(row: dict) -> str:
@@ -101,9 +102,9 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
             lines.append(f"{row['label']:>18}  {'-':>8}  {'-':>17}{median}  {'':>26}  {0:>2}  ({note})")
             continue
         test = f"{mean_and_spread(row)} %"
-        median = f"  {_pct(row['test_median']):>6}%" if show_median else ""
+        median = f"  {percent(row['test_median']):>6}%" if show_median else ""
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        lines.append(f"{row['label']:>18}  {_pct(row['val_mean']):>7}%  {test:>17}{median}  {format_gain(row):>26}  "
+        lines.append(f"{row['label']:>18}  {percent(row['val_mean']):>7}%  {test:>17}{median}  {format_gain(row):>26}  "
                      f"{row['n']:>2}" + (f"  ({notes})" if notes else ""))
     return "\n".join(lines)
 
@@ -124,14 +125,14 @@ def format_matrix(summary: list[dict], row_key: str, col_key: str, row_header: s
         for c in cols:
             cell = cells.get((r, c))
             value = cell["test_mean"] if cell and cell["n"] else math.nan
-            line += f"{_pct(value) or '-':>{width}}"
+            line += f"{percent(value) or '-':>{width}}"
             if value == value:
                 values.append(value)
                 col_values[c].append(value)
-        line += f"{_pct(statistics.fmean(values)) if values else '-':>{width}}"
+        line += f"{percent(statistics.fmean(values)) if values else '-':>{width}}"
         lines.append(line)
     lines.append(f"{'mean':>10}" + "".join(
-        f"{_pct(statistics.fmean(col_values[c])) if col_values[c] else '-':>{width}}" for c in cols))
+        f"{percent(statistics.fmean(col_values[c])) if col_values[c] else '-':>{width}}" for c in cols))
     baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
     if baseline:
         lines.append(f"baseline student (no distillation): {mean_and_spread(baseline)} % "

@@ -319,7 +319,8 @@ class _Study:
     def _tune_config(self, phase: str):
         from ray import tune
 
-        common = dict(reuse_actors=_reuse_actors(self.spec.reuse_actors), trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        common = dict(reuse_actors=_reuse_actors(self.spec.reuse_actors), trial_name_creator=_trial_name,
+                      trial_dirname_creator=_trial_name)
         if phase != "search":
             return tune.TuneConfig(max_concurrent_trials=self.spec.max_concurrent, **common)
         from ray.tune.schedulers import ASHAScheduler
@@ -407,28 +408,30 @@ def _init_ray(address: str | None) -> None:
         raise KdtuneError(f"address={address!r}: could not connect to a Ray cluster ({error})") from None
 
 
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
 def _reuse_actors(asked: bool | None) -> bool:
     """Whether a finished trial's process runs the next trial. It saves the process start-up (seconds per trial),
     which matters for short trials on one machine. On a cluster of several nodes, or one whose head takes no
     trials (an autoscaling cluster), a freed process would take over pending trials whose own processes are still
     starting on other nodes, piling the study onto whichever node started first; there, every trial gets a
     process of its own unless the user asks otherwise."""
-    import ray
-
     if asked is not None:
         return asked
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = _alive_nodes()
     return len(nodes) == 1 and nodes[0].get("Resources", {}).get("CPU", 0) > 0
 
 
 def _check_tracking_reachable_from_cluster(uri: str) -> None:
     """A loopback tracking URI (the embedded server) is unreachable from trials on other machines."""
-    import ray
-
     host = uri.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]"):
         return
-    machines = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    machines = {node["NodeManagerAddress"] for node in _alive_nodes()}
     if len(machines) > 1:
         raise ConfigError(f"tracking URI {uri} is on loopback, but the Ray cluster spans {len(machines)} machines "
                           "whose trials could not reach it; start an MLflow server on the head "
