@@ -17,7 +17,7 @@ from benchmarks.common import Row
 from kdtune import recipes
 from kdtune.config import TrialConfig
 from kdtune.data import load_dataset
-from kdtune.engine import Trainer
+from kdtune.parts import trainer_for
 
 
 def _one_thread(function):
@@ -37,7 +37,7 @@ def train_teacher(log=print) -> dict:
     recipe = recipes.recipe_for("digits")
     config = TrialConfig.from_flat({"dataset": "digits", "student": recipe["teacher"], "teacher": recipe["teacher"],
                                     "method": "none", **recipe["teacher_recipe"]})
-    trainer = Trainer(config, load_dataset("digits"))
+    trainer = trainer_for(config, load_dataset("digits"))
     started = time.perf_counter()
     for metrics in trainer.epochs():
         pass
@@ -58,7 +58,7 @@ def run(teacher_state: dict, seeds: int = 3, log=print) -> tuple[list[Row], dict
                                             "student": recipe["student"], **recipe["student_recipe"],
                                             "method": "kd", "temperature": 4.0, "alpha": 0.5, "seed": seed,
                                             "precision": precision, "teacher_cache": "off"})
-            trainer = Trainer(config, dataset, teacher_state)
+            trainer = trainer_for(config, dataset, teacher_state)
             for metrics in trainer.epochs():
                 pass
             trainer.close()

@@ -20,7 +20,8 @@ from benchmarks.common import StepClock
 from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
-from kdtune.engine import Trainer, pick_device, teacher_logits_for
+from kdtune.engine import pick_device, teacher_logits_for
+from kdtune.parts import teacher_network, trainer_for
 
 VAL_FRACTION = 0.05
 
@@ -100,8 +101,8 @@ class KdtuneLoop:
         self.config = TrialConfig.from_flat({"dataset": dataset.name, **base, **config})
         logits = None
         if self.config.teacher_cache == "on":
-            logits = teacher_logits_for(self.config.teacher, teacher_state, dataset, VAL_FRACTION)
-        self.trainer = Trainer(self.config, dataset, teacher_state, teacher_logits=logits)
+            logits = teacher_logits_for(teacher_network(self.config.teacher, teacher_state, dataset), dataset, VAL_FRACTION)
+        self.trainer = trainer_for(self.config, dataset, teacher_state, teacher_logits=logits)
         if nchw and getattr(self.trainer, "channels_last", False):  # ablation: the engine before channels_last
             self.trainer.channels_last = False
             for model in (self.trainer.student, self.trainer.teacher):

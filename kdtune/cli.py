@@ -4,6 +4,7 @@
     kdtune teacher train|list                   train and register a dataset's teacher; list teachers
     kdtune study list|show|report|resume        past studies, their tables and reports; continue a stopped one
     kdtune models list|promote|export           registered students; move 'champion' through the gate; export weights
+    kdtune models links MODEL --dataset D       a model's module paths and output shapes, to link layers by path
 
 Every command but `mlflow serve` takes --tracking-uri (default: the server already serving --store, else an
 embedded one started for the command). Errors are one line and exit status 2.
@@ -44,23 +45,29 @@ def cmd_mlflow_serve(args) -> int:
 # ---- teachers ---------------------------------------------------------------------------------------
 
 def cmd_teacher_train(args, client, uri) -> int:
-    from kdtune import teachers, tracking
-    from kdtune.data import load_dataset
-    from kdtune.study import StudySpec, _init_ray, teacher_config
+    from kdtune import cluster, teachers, tracking
+    from kdtune.resolve import resolve_study
+    from kdtune.study import StudySpec
 
-    spec = StudySpec(name="teachers", dataset=args.dataset, teacher=args.teacher,
+    spec = StudySpec(name="teachers", dataset=args.dataset, teacher=args.teacher, image_size=args.image_size,
+                     variants=[{"label": "teacher", "method": "kd"}], data_dir=args.data_dir,
+                     download=not args.no_download, teacher_source=args.teacher_source,
                      teacher_overrides={"epochs": args.epochs} if args.epochs else {})
-    config = teacher_config(spec)
-    dataset = load_dataset(args.dataset, args.data_dir, not args.no_download)
+    resolved = resolve_study(spec)  # every bad value stops here, before the run below exists
+    plan = resolved.teacher_plan
+    if plan.source not in (None, teachers.PRETRAINED):
+        raise ConfigError(f"--teacher-source {plan.source}: `kdtune teacher train` trains from scratch or from "
+                          "'pretrained' weights; a teacher from a file or models:/ needs no training")
+    config = resolved.teacher_config
     experiment_id = tracking.get_or_create_experiment(client, "teachers")
-    parent = client.create_run(experiment_id, run_name=f"teacher {args.dataset} {config.student}",
+    parent = client.create_run(experiment_id, run_name=f"teacher {resolved.dataset.name} {config.student}",
                                tags={"kdtune.role": "study", "kdtune.study": "teachers"})
-    _init_ray(args.address)
+    cluster.init_ray(args.address, resolved.user_modules)
     status = "FAILED"
     try:
-        teacher = teachers.train_and_register(config, dataset, tracking.TrackingContext(uri, experiment_id,
-                                                                                        parent.info.run_id),
-                                              args.cpus, args.gpus)
+        context = tracking.TrackingContext(uri, experiment_id, parent.info.run_id)
+        teacher = teachers.train_and_register(config, resolved.dataset, resolved.teacher, context, args.cpus,
+                                              args.gpus, initial_state=plan.initial_state)
         status = "FINISHED"
     finally:
         client.set_terminated(parent.info.run_id, status=status)
@@ -203,6 +210,24 @@ def cmd_models_export(args, client, uri) -> int:
     return 0
 
 
+def cmd_models_links(args) -> int:
+    """A model's module paths with their output shapes on the dataset's samples, to write links by path."""
+    from kdtune.models.inspect import format_module_table, module_shapes
+    from kdtune.models.refs import model_ref
+    from kdtune.sources import resolve_dataset
+
+    dataset = resolve_dataset(args.dataset, args.data_dir, not args.no_download, image_size=args.image_size)
+    ref = model_ref(args.model)
+    ref.check(dataset.num_classes, dataset.input_shape)
+    model = ref.build(dataset.num_classes, dataset.input_shape)
+    print(f"{ref.spec} on {dataset.name} (samples {tuple(dataset.input_shape)}, {dataset.num_classes} classes)")
+    if ref.link_points:
+        print("numbered links: " + ", ".join(f"{k}={v}" for k, v in sorted(ref.link_points.items())))
+    print(format_module_table(module_shapes(model, dataset.example(2))))
+    print("link two modules with links='TEACHER.PATH=STUDENT.PATH' (several: comma-separated)")
+    return 0
+
+
 # ---- the parser -------------------------------------------------------------------------------------
 
 def _tracking_options(parser) -> None:
@@ -227,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                            required=True)
     train = teacher.add_parser("train", help="train a dataset's teacher and register it as its @champion")
     train.add_argument("--dataset", default="digits")
-    train.add_argument("--teacher", help="architecture (default: the dataset's)")
+    train.add_argument("--teacher", help="architecture: a built-in name, torchvision:NAME, timm:NAME or "
+                                         "package.module:factory (default: the dataset's)")
+    train.add_argument("--teacher-source", choices=["pretrained"],
+                       help="start from the library's pretrained weights and fine-tune")
+    train.add_argument("--image-size", type=int, help="folder datasets: resize images to this size")
     train.add_argument("--epochs", type=int, help="default: the dataset recipe's teacher epochs")
     train.add_argument("--data-dir")
     train.add_argument("--no-download", action="store_true")
@@ -272,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_models_export)
     for sub in (listing, promote, export):
         _tracking_options(sub)
+    links = models.add_parser("links", help="a model's module paths and output shapes (for links by path)")
+    links.add_argument("model", help="a built-in name, torchvision:NAME, timm:NAME or package.module:factory")
+    links.add_argument("--dataset", default="digits", help="the dataset whose samples the model is built for")
+    links.add_argument("--image-size", type=int)
+    links.add_argument("--data-dir")
+    links.add_argument("--no-download", action="store_true")
+    links.set_defaults(func=cmd_models_links, needs_client=False)
     return parser
 
 
@@ -280,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not getattr(args, "needs_client", True):
             return args.func(args)
-        from kdtune.tracking import client_for, tracking_server
+        from kdtune.tracking import client_for, tracking_server, use_tracking
 
         with tracking_server(args.tracking_uri, args.store, echo=lambda *a: None) as uri:
+            use_tracking(uri)
             return args.func(args, client_for(uri), uri)
     except KdtuneError as error:
         print(f"kdtune: error: {error}", file=sys.stderr)

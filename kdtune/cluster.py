@@ -2,6 +2,9 @@
 
 - `assigned_gpu_ids()`: the GPUs Ray gave the current task or actor (a trial), or None outside one. The engine's
   `pick_device` follows it, so a trial trains where Ray placed it and never on a GPU given to another trial.
+- `init_ray(address, py_modules)`: start or join Ray, shipping the user's own modules (model factories named
+  by import path) to every node with Ray's runtime_env.
+- `reuse_actors(asked)`, `check_tracking_reachable(uri)`: the policies that depend on the cluster's shape.
 - `staging_lock(folder, name)`: an inter-process lock on a file inside `folder`, for one-time staging work
   (a dataset download) that several processes, or several nodes sharing one NFS/EFS data dir, may start at once.
   `filelock` uses flock(); Linux NFS clients (v4, EFS) turn that into POSIX locks the server enforces, so the
@@ -12,6 +15,7 @@ README.md, section "On a cluster", and in cluster.yaml.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -63,3 +67,54 @@ def staging_lock(folder: str | os.PathLike, name: str, timeout_s: float = LOCK_T
         yield path
     finally:
         lock.release()
+
+
+def init_ray(address: str | None, py_modules: list[str] | None = None) -> None:
+    """Start a local Ray or join `address`. `py_modules` (folders or files of the user's own code) travel with
+    the job to every node through Ray's runtime_env, so a `package.module:factory` model builds in any trial.
+    A Ray the caller already started is used as it is (its runtime_env is the caller's)."""
+    import ray
+
+    from kdtune.errors import KdtuneError
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    runtime_env = {"py_modules": list(py_modules)} if py_modules else None
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise KdtuneError(f"address={address!r}: could not connect to a Ray cluster ({error})") from None
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def reuse_actors(asked: bool | None) -> bool:
+    """Whether a finished trial's process runs the next trial. It saves the process start-up (seconds per trial),
+    which matters for short trials on one machine. On a cluster of several nodes, or one whose head takes no
+    trials (an autoscaling cluster), a freed process would take over pending trials whose own processes are still
+    starting on other nodes, piling the study onto whichever node started first; there, every trial gets a
+    process of its own unless the user asks otherwise."""
+    if asked is not None:
+        return asked
+    nodes = alive_nodes()
+    return len(nodes) == 1 and nodes[0].get("Resources", {}).get("CPU", 0) > 0
+
+
+def check_tracking_reachable(uri: str) -> None:
+    """A loopback tracking URI (the embedded server) is unreachable from trials on other machines."""
+    from kdtune.errors import ConfigError
+
+    host = uri.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        return
+    machines = {node["NodeManagerAddress"] for node in alive_nodes()}
+    if len(machines) > 1:
+        raise ConfigError(f"tracking URI {uri} is on loopback, but the Ray cluster spans {len(machines)} machines "
+                          "whose trials could not reach it; start an MLflow server on the head "
+                          "(kdtune mlflow serve, or mlflow server --host 0.0.0.0) and pass --tracking-uri "
+                          "http://HEAD:5000 or set MLFLOW_TRACKING_URI")

@@ -36,60 +36,86 @@ PRECISIONS = ("fp32", "bf16")
 TEACHER_CACHE_MODES = ("auto", "on", "off")
 
 
-def parse_links(value: Any) -> tuple[int, ...]:
-    """Accept a link set as "2,3,4,5", [2, 3, 4, 5], (5,), 5 or "" (no links)."""
+def parse_link(part: Any, field: str = "links", whole: Any = None) -> str:
+    """One link: a link number both models declare ("3") or "teacher.module.path=student.module.path"."""
+    whole = part if whole is None else whole
+    if isinstance(part, bool):
+        raise ConfigError(f"{field}={whole!r}: {part!r} is not a link; expected a link number or "
+                          "teacher.path=student.path")
+    text = str(part).strip()
+    if "=" in text:
+        teacher, _, student = (side.strip() for side in text.partition("="))
+        if not teacher or not student or "=" in student or any(c.isspace() for c in teacher + student):
+            raise ConfigError(f"{field}={whole!r}: {text!r} is not a link; a module-path link is written "
+                              "teacher.module.path=student.module.path, e.g. layer2=features.6")
+        return f"{teacher}={student}"
+    try:
+        return str(int(text))
+    except ValueError:
+        raise ConfigError(f"{field}={whole!r}: {text!r} is not a link; expected a link number (e.g. '2,3,4,5') "
+                          "or teacher.module.path=student.module.path (e.g. 'layer2=features.6')") from None
+
+
+def is_numbered(link: str) -> bool:
+    return "=" not in link
+
+
+def _link_order(link: str) -> tuple:
+    # numbered links in numeric order first (seed 000 names link sets by number), module-path links as given
+    return (0, int(link), "") if is_numbered(link) else (1, 0, "")
+
+
+def parse_links(value: Any) -> tuple[str, ...]:
+    """A link set: "2,3,4,5", [2, 3], 5, "layer2=features.6,layer3=features.9", or "" (no links)."""
     if value is None:
         return ()
     if isinstance(value, bool):
-        raise ConfigError(f"links={value!r}: expected link numbers such as '2,3,4,5'")
+        raise ConfigError(f"links={value!r}: expected link numbers such as '2,3,4,5' or teacher.path=student.path")
     if isinstance(value, int):
-        return (value,)
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
-    else:
-        parts = list(value)
-    links = []
+        value = [value]
+    parts = [p for p in value.replace(";", ",").split(",") if p.strip()] if isinstance(value, str) else list(value)
+    links: list[str] = []
     for part in parts:
-        try:
-            number = int(part)
-        except (TypeError, ValueError):
-            raise ConfigError(f"links={value!r}: {part!r} is not a link number; expected e.g. '2,3,4,5'") from None
-        if number in links:
-            raise ConfigError(f"links={value!r}: link {number} is listed twice")
-        links.append(number)
-    return tuple(sorted(links))
+        link = parse_link(part, "links", value)
+        if link in links:
+            raise ConfigError(f"links={value!r}: link {link} is listed twice")
+        links.append(link)
+    return tuple(sorted(links, key=_link_order))
 
 
-def format_links(links: tuple[int, ...]) -> str:
-    return ",".join(str(n) for n in links)
+def format_links(links: tuple[str, ...]) -> str:
+    return ",".join(links)
 
 
-def parse_pairs(value: Any) -> tuple[tuple[int, int], ...]:
-    """Accept FSP layer pairs as "1-2,3-4", [(1, 2), (3, 4)] or "" (none); each pair = two link numbers.
-
-    A pair is stored lower link first (the earlier layer is F1 in seed 002's G = F1^T F2 / (h*w)).
-    """
+def parse_pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """FSP layer pairs: "1-2,3-4" (link numbers) or "layer1.0=features.2-layer1.1=features.4" (module-path links),
+    [(1, 2), ...], or "" (none). A numbered pair is stored lower link first: the earlier layer is F1 in seed 002's
+    G = F1^T F2 / (h*w) (G of b-a is G of a-b transposed: the same loss); a module-path pair keeps its order."""
     if value is None or value == "":
         return ()
     parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for part in parts:
         ends = part.split("-") if isinstance(part, str) else list(part) if isinstance(part, (list, tuple)) else [part]
-        try:
-            first, second = (int(str(e).strip()) for e in ends)
-        except (TypeError, ValueError):
-            raise ConfigError(f"fsp_pairs={value!r}: {part!r} is not a pair of link numbers; expected e.g. '1-2,3-4'") from None
+        if len(ends) != 2:
+            raise ConfigError(f"fsp_pairs={value!r}: {part!r} is not a pair of links; expected e.g. '1-2,3-4'")
+        first, second = (parse_link(e, "fsp_pairs", value) for e in ends)
         if first == second:
             raise ConfigError(f"fsp_pairs={value!r}: pair {first}-{second} needs two different links")
-        first, second = min(first, second), max(first, second)  # G of b-a is G of a-b transposed: same loss
+        if is_numbered(first) and is_numbered(second) and int(first) > int(second):
+            first, second = second, first
         if (first, second) in pairs:
             raise ConfigError(f"fsp_pairs={value!r}: pair {first}-{second} is listed twice")
         pairs.append((first, second))
-    return tuple(sorted(pairs))
+    return tuple(sorted(pairs, key=lambda p: (_link_order(p[0]), _link_order(p[1]))))
 
 
-def format_pairs(pairs: tuple[tuple[int, int], ...]) -> str:
+def format_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{a}-{b}" for a, b in pairs)
+
+
+LINK_SPATIAL_MODES = ("refuse", "interpolate")
+AUGMENT_FROM_BOOL = {True: "crop:4,flip", False: "none"}  # the meaning augment=true/false had before recipes
 
 
 @dataclass(frozen=True)
@@ -104,7 +130,8 @@ class TrialConfig:
     alpha: float = 0.5
     hard_weight: float | None = None  # None: 1 - alpha
     beta: float = 0.0
-    links: tuple[int, ...] = ()
+    links: tuple[str, ...] = ()  # link numbers ("2") or module-path links ("layer2=features.6"); see parse_links
+    link_spatial: str = "refuse"  # linked maps of different height/width: refuse, or interpolate the student's
     seed: int = 0
     epochs: int = 25
     batch_size: int = 40
@@ -114,12 +141,13 @@ class TrialConfig:
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
     precision: str = "fp32"
-    augment: bool | None = None  # None: the dataset's default (crop+flip for CIFAR, none for digits)
+    augment: str | None = None  # a recipe of named steps (kdtune/augment.py), e.g. "crop:4,flip"; "none";
+    # None: the dataset's default (crop:4,flip for CIFAR, none for digits)
     val_fraction: float = 0.1
     teacher_cache: str = "auto"
     # ---- method-specific (see the module docstring and kdtune/distill/) ----
     stage1_epochs: int = 0  # two-stage methods: epochs of the first stage, run before `epochs` main epochs
-    fsp_pairs: tuple[tuple[int, int], ...] = ()  # fsp: layer pairs by link number, e.g. "1-2,3-4,5-6"
+    fsp_pairs: tuple[tuple[str, str], ...] = ()  # fsp: layer pairs of links, e.g. "1-2,3-4,5-6"
     l1_weight: float = 1.0  # adversarial: weight of L_L1 (mean L1 distance of student and teacher logits)
     adv_weight: float = 1.0  # adversarial: weight of L_GAN; adversarial_pretrained: beta of -beta * L_class
     disc_hidden: int = 128  # adversarial methods: width of the discriminator's two hidden layers
@@ -143,6 +171,10 @@ class TrialConfig:
             values["links"] = parse_links(values["links"])
         if "fsp_pairs" in values:
             values["fsp_pairs"] = parse_pairs(values["fsp_pairs"])
+        if isinstance(values.get("augment"), bool):
+            values["augment"] = AUGMENT_FROM_BOOL[values["augment"]]
+        elif isinstance(values.get("augment"), str) and values["augment"].strip().lower() in ("true", "false"):
+            values["augment"] = AUGMENT_FROM_BOOL[values["augment"].strip().lower() == "true"]
         converted = {}
         for f in dataclasses.fields(cls):
             if f.name in values:
@@ -177,12 +209,15 @@ class TrialConfig:
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        from kdtune import data, models, distill  # late: these import torch
+        from kdtune import distill  # late: it imports torch
 
-        _choice("dataset", self.dataset, data.dataset_names())
-        _choice("teacher", self.teacher, models.model_names())
-        _choice("student", self.student, models.model_names())
+        # dataset, teacher and student are the texts of references the study resolved (and checked) once in the
+        # driver; a trial receives the resolved objects, so nothing here looks them up again
+        for name in ("dataset", "teacher", "student"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name}='': a {name} is required")
         _choice("method", self.method, distill.method_names())
+        _choice("link_spatial", self.link_spatial, LINK_SPATIAL_MODES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("teacher_cache", self.teacher_cache, TEACHER_CACHE_MODES)
         _positive("temperature", self.temperature)
@@ -211,18 +246,12 @@ class TrialConfig:
         if self.disc_lr is not None:
             _positive("disc_lr", self.disc_lr)
         _whole_at_least("disc_epochs", self.disc_epochs, 1)
-        models.check_links(self.teacher, self.student, self.links)
         distill.method_class(self.method).check_config(self)
-        if self.teacher_cache == "on" and self.uses_augmentation():
-            raise ConfigError(
-                "teacher_cache='on' with random augmentation: cached teacher logits are computed on "
-                "un-augmented images and would not match augmented inputs; set augment=false or teacher_cache='off'"
-            )
 
-    def uses_augmentation(self) -> bool:
-        from kdtune import data
-
-        return data.dataset_info(self.dataset).augment_by_default if self.augment is None else self.augment
+    def augment_recipe(self, default: str) -> str:
+        """The augmentation recipe this trial uses, given its dataset's default ("" or "none": no augmentation)."""
+        recipe = default if self.augment is None else self.augment
+        return "" if recipe.strip().lower() in ("", "none") else recipe
 
 
 def _convert(name: str, value: Any, annotation: str) -> Any:

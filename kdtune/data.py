@@ -1,9 +1,18 @@
-"""Datasets as in-memory tensors, cut into batches on the training device.
+"""Datasets as in-memory tensors (or streamed image files), cut into batches on the training device.
 
-A dataset is loaded once (on the study driver), held as uint8 image tensors plus labels, and shipped to trials
-through the Ray object store. Inside a trial the images move to the training device once; every batch is cut
-by index, converted to float, augmented (random crop with padding + horizontal flip, vectorised) and
-normalised on that device. No DataLoader workers, no per-sample Python.
+A dataset is loaded once (on the study driver), held as tensors plus labels, and shipped to trials through
+the Ray object store. Inside a trial the samples move to the training device once (one copy per dataset
+and device, shared by the train and validation views); every batch is cut by index, converted to float,
+normalised and augmented (a recipe from kdtune.augment, vectorised) on that device. No DataLoader workers,
+no per-sample Python.
+
+Samples may have any shape: images (C, H, W), signals (C, L) or feature vectors (D,). Normalisation is per
+entry of dim 1 of a batch (channels for images and signals, features for vectors).
+
+A folder of images larger than the memory budget is not decoded up front: a `StreamedDataset` holds only
+file paths and labels, and `StreamingData` decodes batches in DataLoader workers, in exactly the order the
+in-memory path would use for the same generator, then normalises and augments them on the device the same
+way.
 
 Each batch carries its sample indices, so per-sample caches (teacher logits) are keyed by index, never by
 position in a shuffled order.
@@ -11,28 +20,53 @@ position in a shuffled order.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
+import re
 import shutil
 import socket
 import warnings
+import weakref
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from kdtune.augment import DEFAULT_IMAGE_AUGMENT, Augment, parse_augment
 from kdtune.cluster import staging_lock
 from kdtune.errors import ConfigError, DatasetError
 
 SPLIT_SEED = 20240611  # fixed: every trial of every study validates on the same samples
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # what an MLflow registry name built from a dataset name allows
+
+
+def _seeded_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_val = max(1, int(round(n * val_fraction)))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def _stat_dims(rank: int) -> tuple[int, ...]:
+    """Batch dims reduced for per-channel (or per-feature) statistics: all but dim 1."""
+    return (0, *range(2, rank))
+
+
+def _per_channel(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast over dim 1 of a batch of samples of `rank` dims."""
+    return values.reshape(1, -1, *([1] * (rank - 1)))
 
 
 @dataclass
 class Dataset:
-    """Images as uint8 (N, C, H, W); `scale` maps stored values to [0, 1]."""
+    """Samples as tensors (N, ...) (images uint8 (N, C, H, W)); `scale` maps stored values to [0, 1].
+
+    `classes` names the labels when known (folder names); `default_augment` is the recipe a trial uses when
+    its config leaves augment unset ("crop:4,flip" for natural images that survive a mirror, else "").
+    """
 
     name: str
     train_images: torch.Tensor
@@ -41,24 +75,127 @@ class Dataset:
     test_labels: torch.Tensor
     num_classes: int
     scale: float
+    classes: tuple[str, ...] | None = None
+    default_augment: str = ""
+
+    def __post_init__(self):
+        if self.classes is not None:
+            self.classes = tuple(str(c) for c in self.classes)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.train_images.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def in_memory(self) -> bool:
+        return True
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
 
     def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded train/validation split of the training set: (train indices, validation indices)."""
-        n = len(self.train_labels)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-        n_val = max(1, int(round(n * val_fraction)))
-        return order[n_val:].sort().values, order[:n_val].sort().values
+        return _seeded_split(len(self.train_labels), val_fraction)
 
     def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std in [0, 1] units, computed on the given training samples."""
-        images = self.train_images[indices].float() * self.scale
-        mean = images.mean(dim=(0, 2, 3))
-        std = images.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        """Mean and std per entry of dim 1 (channels, or features of vectors) in [0, 1] units, computed on
+        the given training samples."""
+        samples = self.train_images[indices].float() * self.scale
+        dims = _stat_dims(samples.dim())
+        mean = samples.mean(dim=dims)
+        std = samples.std(dim=dims).clamp_min(1e-6)
         return mean, std
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        """The first n test samples as float32 in [0, 1] units: what a served model takes."""
+        return self.test_images[:n].float() * self.scale
+
+
+def from_arrays(x_train, y_train, x_test, y_test, name: str = "arrays", classes=None, scale: float | None = None
+                ) -> Dataset:
+    """A Dataset from numpy arrays or torch tensors, checked so that a mistake is one line, not a crash later.
+
+    uint8 samples are kept as uint8 with scale 1/255 (images); any other numeric samples are stored as
+    float32 with scale 1.0 unless `scale` says otherwise. Labels are integers in 0..C-1, C = len(classes) when
+    given, else the largest label + 1.
+    """
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise ConfigError(f"name={name!r}: a dataset name may hold only letters, digits, '_', '.' and '-' "
+                          "(it becomes part of MLflow registry names)")
+    xs = {"x_train": _as_tensor("x_train", x_train), "x_test": _as_tensor("x_test", x_test)}
+    ys = {"y_train": _as_tensor("y_train", y_train), "y_test": _as_tensor("y_test", y_test)}
+    for (x_key, x), (y_key, y) in zip(xs.items(), ys.items()):
+        _check_split(name, x_key, x, y_key, y)
+    shapes = {key: tuple(x.shape[1:]) for key, x in xs.items()}
+    if shapes["x_train"] != shapes["x_test"]:
+        raise DatasetError(f"{name}: x_train samples are {shapes['x_train']} but x_test samples are "
+                           f"{shapes['x_test']}; both splits need the same sample shape")
+    uint8 = [x.dtype == torch.uint8 for x in xs.values()]
+    if any(uint8) and not all(uint8):
+        raise DatasetError(f"{name}: x_train is {xs['x_train'].dtype} but x_test is {xs['x_test'].dtype}; "
+                           "give both splits the same dtype (uint8 for images 0..255, or floats)")
+    if not all(uint8):
+        xs = {key: x.to(torch.float32) for key, x in xs.items()}
+        for key, x in xs.items():
+            if not bool(torch.isfinite(x).all()):
+                raise DatasetError(f"{name}: {key} holds NaN or infinite values")
+    labels = {key: y.to(torch.int64) for key, y in ys.items()}
+    num_classes = _num_classes(name, labels, classes)
+    if scale is None:
+        scale = 1.0 / 255.0 if all(uint8) else 1.0
+    if not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
+        raise ConfigError(f"scale={scale!r}: must be a positive number (stored value * scale = [0, 1] units)")
+    return Dataset(name, xs["x_train"], labels["y_train"], xs["x_test"], labels["y_test"], num_classes, float(scale),
+                   classes=tuple(str(c) for c in classes) if classes is not None else None)
+
+
+def _as_tensor(key: str, value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    try:
+        array = np.asarray(value)
+    except Exception as error:  # ragged lists and the like
+        raise DatasetError(f"{key}: not an array ({type(value).__name__}: {error})") from None
+    if array.dtype.kind not in "biuf":
+        raise DatasetError(f"{key}: {type(value).__name__} of dtype {array.dtype}; expected a numeric numpy array "
+                           "or torch tensor")
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _check_split(name: str, x_key: str, x: torch.Tensor, y_key: str, y: torch.Tensor) -> None:
+    if x.dim() < 2:
+        raise DatasetError(f"{name}: {x_key} has shape {tuple(x.shape)}; expected (N, ...) with one sample per row")
+    if len(x) == 0:
+        raise DatasetError(f"{name}: {x_key} is empty; every split needs samples")
+    if x.is_complex():
+        raise DatasetError(f"{name}: {x_key} is complex ({x.dtype}); expected real numbers")
+    if y.dim() != 1:
+        raise DatasetError(f"{name}: {y_key} has shape {tuple(y.shape)}; expected (N,) integer class labels")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DatasetError(f"{name}: {y_key} is {y.dtype}; labels must be integers 0..C-1")
+    if len(x) != len(y):
+        raise DatasetError(f"{name}: {x_key} holds {len(x)} samples but {y_key} holds {len(y)} labels")
+
+
+def _num_classes(name: str, labels: dict[str, torch.Tensor], classes) -> int:
+    if classes is not None and (isinstance(classes, str) or not hasattr(classes, "__len__")):
+        raise ConfigError(f"classes={classes!r}: expected a list of class names")
+    count = len(classes) if classes is not None else max(int(y.max()) for y in labels.values()) + 1
+    if count < 2:
+        raise DatasetError(f"{name}: {count} class(es); classification needs at least 2")
+    for key, y in labels.items():
+        bad = y[(y < 0) | (y >= count)]
+        if len(bad):
+            allowed = f"0..{count - 1}" + (f" (len(classes) = {count})" if classes is not None else "")
+            raise DatasetError(f"{name}: {key} holds label {int(bad[0])}; labels must be integers in {allowed}")
+    return count
 
 
 @dataclass(frozen=True)
@@ -69,6 +206,10 @@ class DatasetInfo:
     augment_by_default: bool
     load: Callable[[Path, bool], Dataset]
     description: str
+
+    @property
+    def default_augment(self) -> str:
+        return DEFAULT_IMAGE_AUGMENT if self.augment_by_default else ""
 
 
 # ---- files: present, downloaded, or explained ---------------------------------------------------------
@@ -485,64 +626,334 @@ def default_data_dir() -> Path:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
     info = dataset_info(name)
-    return info.load(Path(data_dir) if data_dir else default_data_dir(), download)
+    dataset = info.load(Path(data_dir) if data_dir else default_data_dir(), download)
+    dataset.default_augment = info.default_augment
+    return dataset
+
+
+# ---- image files: decoded the same way for in-memory folders and streamed ones ----------------------
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+
+
+def decode_image(path: str, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
+    """One image file as uint8 (C, H, W): grayscale for 1 channel, RGB for 3; resized to `size` (H, W) when
+    `resize`, else it must already be that size. One decoder for both paths keeps their pixels identical."""
+    from PIL import Image
+
+    height, width = size
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (width, height):
+                if not resize:
+                    raise DatasetError(f"{path}: is {image.size[1]}x{image.size[0]} but the dataset's images are "
+                                       f"{height}x{width} (height x width); pass image_size (--image-size) to resize")
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DatasetError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def default_workers(workers: int | None = None) -> int:
+    """DataLoader worker processes for streamed data: as asked, else min(4, CPU count)."""
+    if workers is None:
+        return min(4, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"workers={workers!r}: must be a whole number >= 0 (0 decodes in the training process)")
+    return workers
+
+
+@dataclass
+class StreamedDataset:
+    """Image files too large to hold decoded: paths and labels in memory, pixels decoded on demand.
+
+    It pickles to its paths, labels and a few numbers (Ray ships it to every trial), so it must never hold
+    pixels; `channel_stats` results are cached here and travel with it, so computing them once in the driver
+    saves every trial a pass over the files.
+    """
+
+    name: str
+    train_files: tuple[str, ...]
+    train_labels: torch.Tensor
+    test_files: tuple[str, ...]
+    test_labels: torch.Tensor
+    num_classes: int
+    sample_shape: tuple[int, int, int]
+    resize: bool = False
+    scale: float = 1.0 / 255.0
+    classes: tuple[str, ...] | None = None
+    default_augment: str = ""
+    _stats: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.sample_shape)
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.sample_shape) == 3
+
+    @property
+    def in_memory(self) -> bool:
+        return False
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same seeded split as an in-memory Dataset of the same size."""
+        return _seeded_split(len(self.train_labels), val_fraction)
+
+    def channel_stats(self, indices: torch.Tensor, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std in [0, 1] units over the given training files: one pass, then cached."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        key = hashlib.sha1(indices.numpy().tobytes()).hexdigest()
+        if key not in self._stats:
+            self._stats[key] = self._measure(indices, workers)
+        mean, std = self._stats[key]
+        return mean.clone(), std.clone()
+
+    def _measure(self, indices: torch.Tensor, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = self.sample_shape[0]
+        total = torch.zeros(channels, dtype=torch.float64)
+        squares = torch.zeros(channels, dtype=torch.float64)
+        loader, order = _file_loader(self, "train", default_workers(workers), pin=False, persistent=False)
+        order.set(indices, 256)
+        for raw, _, _ in _checked(loader):
+            values = raw.double() * self.scale
+            total += values.sum(dim=(0, 2, 3))
+            squares += (values * values).sum(dim=(0, 2, 3))
+        count = len(indices) * self.sample_shape[1] * self.sample_shape[2]
+        mean = total / count
+        variance = (squares - count * mean * mean) / max(1, count - 1)  # unbiased, as torch.std
+        return mean.float(), variance.clamp_min(0).sqrt().float().clamp_min(1e-6)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        """The first n test images as float32 in [0, 1] units: what a served model takes."""
+        files = _FileBatches(self, "test")
+        raw, _, _, error = files[list(range(min(n, len(self.test_files))))]
+        if error:
+            raise DatasetError(error)
+        return raw.float() * self.scale
+
+
+class _FileBatches(torch.utils.data.Dataset):
+    """Decodes a whole batch of one split's files per request, so a worker returns one tensor per batch.
+
+    A decoding error comes back as text (the fourth item) rather than an exception: an exception raised in a
+    DataLoader worker reaches the user wrapped in a worker traceback, the text becomes one DatasetError line.
+    """
+
+    def __init__(self, dataset: StreamedDataset, split: str):
+        self.files = getattr(dataset, f"{split}_files")
+        self.labels = getattr(dataset, f"{split}_labels")
+        self.shape = tuple(dataset.sample_shape)
+        self.resize = dataset.resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, batch: list[int]):
+        out = np.empty((len(batch), *self.shape), dtype=np.uint8)
+        try:
+            for row, index in enumerate(batch):
+                out[row] = decode_image(self.files[index], self.shape[0], self.shape[1:], self.resize)
+        except DatasetError as error:
+            return torch.empty(0), torch.empty(0), torch.empty(0), str(error)
+        index = torch.tensor(batch, dtype=torch.int64)
+        return torch.from_numpy(out), self.labels[index], index, ""
+
+
+class _Order(torch.utils.data.Sampler):
+    """Yields batches of sample indices in an order set before each pass; a persistent DataLoader keeps one
+    sampler, so the order is set on it rather than passed in."""
+
+    def __init__(self):
+        self.order: list[int] = []
+        self.batch_size = 1
+
+    def set(self, order: torch.Tensor, batch_size: int) -> None:
+        self.order, self.batch_size = order.tolist(), batch_size
+
+    def __iter__(self):
+        order, size = self.order, self.batch_size
+        return iter([order[start:start + size] for start in range(0, len(order), size)])
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+
+def _file_loader(dataset: StreamedDataset, split: str, workers: int, pin: bool, persistent: bool):
+    order = _Order()
+    loader = torch.utils.data.DataLoader(
+        _FileBatches(dataset, split), batch_size=None, sampler=order, num_workers=workers, pin_memory=pin,
+        persistent_workers=persistent and workers > 0,
+        generator=torch.Generator(),  # its worker seeds come from here, not from the global RNG a trial seeds
+    )
+    return loader, order
+
+
+def _checked(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    for raw, labels, index, error in loader:
+        if error:
+            raise DatasetError(error)
+        yield raw, labels, index
 
 
 # ---- batches on the device ------------------------------------------------------------------------
 
-class DeviceData:
-    """One split of a dataset on the training device, cut into normalised (and augmented) batches."""
+_DEVICE_COPIES: dict[tuple[int, str, str], tuple[torch.Tensor, ...]] = {}
 
-    def __init__(self, dataset: Dataset, indices: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 device: torch.device, augment: bool = False):
-        self.indices = indices.to(device)
-        self.images = dataset.train_images.to(device)
-        self.labels = dataset.train_labels.to(device)
-        self._setup(dataset.scale, mean, std, device, augment)
 
-    @classmethod
-    def test_split(cls, dataset: Dataset, mean, std, device) -> "DeviceData":
-        self = cls.__new__(cls)
-        self.images = dataset.test_images.to(device)
-        self.labels = dataset.test_labels.to(device)
-        self.indices = torch.arange(len(self.labels), device=device)
-        self._setup(dataset.scale, mean, std, device, False)
-        return self
+def _device_copy(dataset: Dataset, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One device copy of a split per (dataset object, device), shared by every view of it.
 
-    def _setup(self, scale, mean, std, device, augment):
-        self.device = device
-        self.augment = augment
-        # Fold the [0,1] scale into the normalisation: x_norm = x_raw * a + b, per channel.
-        self._mul = (scale / std).to(device).view(1, -1, 1, 1)
-        self._add = (-mean / std).to(device).view(1, -1, 1, 1)
+    The train and validation views both index the training samples; copying them per view doubled the
+    device memory a trial needed. The entry goes when the dataset object is garbage-collected, and is
+    renewed if the dataset's tensors were replaced.
+    """
+    images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
+    key = (id(dataset), str(torch.device(device)), split)
+    entry = _DEVICE_COPIES.get(key)
+    if entry is None or entry[0] is not images or entry[1] is not labels:
+        if entry is None:
+            weakref.finalize(dataset, _DEVICE_COPIES.pop, key, None)
+        entry = (images, labels, images.to(device), labels.to(device))
+        _DEVICE_COPIES[key] = entry
+    return entry[2], entry[3]
+
+
+def _as_augment(augment, sample_shape: tuple[int, ...]) -> Augment | None:
+    """An Augment, a recipe string, None, or a bool (True = crop:4,flip, what augment=True always meant)."""
+    if augment is None or augment is False:
+        return None
+    if augment is True:
+        return parse_augment(DEFAULT_IMAGE_AUGMENT, sample_shape)
+    return parse_augment(augment, sample_shape)
+
+
+class _Split:
+    """What both kinds of batch source share: normalisation folded into one multiply-add, then augment."""
+
+    indices: torch.Tensor
+
+    def _setup(self, dataset, mean, std, device, augment) -> None:
+        self.device = torch.device(device)
+        self.augment = _as_augment(augment, dataset.input_shape)
+        self.sample_shape = self.augment.output_shape(dataset.input_shape) if self.augment else dataset.input_shape
+        rank = len(dataset.input_shape)
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        # x_norm = (x_raw * scale - mean) / std = x_raw * a + b, per entry of dim 1
+        self._mul = _per_channel(dataset.scale / std, rank).to(self.device)
+        self._add = _per_channel(-mean / std, rank).to(self.device)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _order(self, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None:
+            return self.indices
+        return self.indices[torch.randperm(len(self.indices), generator=generator).to(self.indices.device)]
+
+    def _prepare(self, raw: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        images = raw.float() * self._mul + self._add
+        return self.augment(images, generator) if self.augment else images
+
+
+class DeviceData(_Split):
+    """One split of an in-memory dataset on the training device, cut into normalised (and augmented) batches."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device, augment=None):
+        _require_in_memory(dataset)
+        self.images, self.labels = _device_copy(dataset, "train", device)
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).to(device)
+        self._setup(dataset, mean, std, device, augment)
+
+    @classmethod
+    def test_split(cls, dataset: Dataset, mean, std, device) -> "DeviceData":
+        _require_in_memory(dataset)
+        self = cls.__new__(cls)
+        self.images, self.labels = _device_copy(dataset, "test", device)
+        self.indices = torch.arange(len(self.labels), device=device)
+        self._setup(dataset, mean, std, device, None)
+        return self
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (images, labels, sample indices); shuffled when a generator is given."""
-        order = self.indices
-        if generator is not None:
-            order = order[torch.randperm(len(order), generator=generator).to(self.device)]
+        """Yield (samples, labels, sample indices); shuffled when a generator is given."""
+        order = self._order(generator)
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            images = self.images[index].float() * self._mul + self._add
-            if self.augment:
-                images = crop_and_flip(images, padding=4, generator=generator)
-            yield images, self.labels[index], index
+            yield self._prepare(self.images[index], generator), self.labels[index], index
+
+
+class StreamingData(_Split):
+    """One split of a streamed dataset: batches decoded by DataLoader workers, then normalised and augmented
+    on the device exactly as DeviceData does, in the same order for the same generator.
+
+    The permutation is drawn from the generator in this process, the same way DeviceData draws it, and fed to
+    the workers as a batch order; the augmentation then draws from the same generator per batch, so both
+    paths consume the generator identically.
+    """
+
+    def __init__(self, dataset: StreamedDataset, indices: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device, augment=None, workers: int | None = None, split: str = "train",
+                 persistent: bool = True):
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        self._setup(dataset, mean, std, device, augment)
+        self._pin = self.device.type == "cuda"
+        self._loader, self._sampler = _file_loader(dataset, split, default_workers(workers), self._pin, persistent)
+
+    @classmethod
+    def test_split(cls, dataset: StreamedDataset, mean, std, device, workers: int | None = None) -> "StreamingData":
+        indices = torch.arange(len(dataset.test_labels))
+        return cls(dataset, indices, mean, std, device, workers=workers, split="test", persistent=False)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (samples, labels, sample indices); shuffled when a generator is given."""
+        self._sampler.set(self._order(generator), batch_size)
+        move = dict(device=self.device, non_blocking=self._pin)
+        for raw, labels, index in _checked(self._loader):
+            yield self._prepare(raw.to(**move), generator), labels.to(**move), index.to(**move)
+
+
+def _require_in_memory(dataset) -> None:
+    if not getattr(dataset, "in_memory", True):
+        raise ConfigError(f"dataset {dataset.name!r} is streamed from files; cut its batches with "
+                          "kdtune.data.batch_source / test_source, not DeviceData")
+
+
+def batch_source(dataset: Dataset | StreamedDataset, indices: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device, augment=None, workers: int | None = None) -> DeviceData | StreamingData:
+    """Batches of the given training samples: from device memory, or decoded from files for a streamed set."""
+    if dataset.in_memory:
+        return DeviceData(dataset, indices, mean, std, device, augment=augment)
+    return StreamingData(dataset, indices, mean, std, device, augment=augment, workers=workers)
+
+
+def test_source(dataset: Dataset | StreamedDataset, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                workers: int | None = None) -> DeviceData | StreamingData:
+    """Batches of the test split, never augmented."""
+    if dataset.in_memory:
+        return DeviceData.test_split(dataset, mean, std, device)
+    return StreamingData.test_split(dataset, mean, std, device, workers=workers)
+
+
+test_source.__test__ = False  # not a test, though pytest collects test_* names imported into test modules
 
 
 def crop_and_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, per sample, vectorised on the device."""
-    n, channels, height, width = images.shape
-    device = images.device
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(device)
-    rows = (offsets[0].view(n, 1) + torch.arange(height, device=device)).view(n, 1, height, 1)
-    cols = offsets[1].view(n, 1) + torch.arange(width, device=device)
-    cols = torch.where(flips.view(n, 1), cols.flip(1), cols).view(n, 1, 1, width)
-    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
-    channel = torch.arange(channels, device=device).view(1, channels, 1, 1)
-    return padded[batch, channel, rows, cols]
+    """Random crop with zero padding and random horizontal flip, per sample, vectorised on the device.
+
+    The same transform as the recipe "crop:P,flip" (kdtune.augment), drawing the same random numbers.
+    """
+    from kdtune.augment import Crop
+
+    return Crop(padding, flip=True)(images, generator)

@@ -22,9 +22,11 @@ from torch import nn
 
 from kdtune import distill, models
 from kdtune.config import TrialConfig
-from kdtune.data import Dataset, DeviceData
+from kdtune.augment import parse_augment
+from kdtune.data import Dataset, DeviceData, batch_source, test_source
 from kdtune.distill.base import Outputs
 from kdtune.errors import ConfigError, TrainingDiverged
+from kdtune.linking import LinkPlan
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -56,8 +58,16 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, config: TrialConfig, dataset: Dataset, teacher_state: dict | None = None,
-                 device: torch.device | None = None, teacher_logits: torch.Tensor | None = None):
+    """Trains a built student (and its method's parts) against a built teacher or cached teacher logits.
+
+    `teacher` is a network, or a function that builds it (called only when the trial runs the teacher online,
+    i.e. not from cached logits). Nothing here looks a name up: the caller resolved the dataset, the networks and the links (a study does it
+    once, in the driver; `StudyParts.trainer` and `trainer_for` build a Trainer from references).
+    """
+
+    def __init__(self, config: TrialConfig, dataset: Dataset, student: nn.Module, teacher=None,
+                 teacher_logits: torch.Tensor | None = None, links: LinkPlan | None = None,
+                 device: torch.device | None = None):
         self.config = config
         self.device = device or pick_device()
         self.method = distill.method_class(config.method)(config)
@@ -65,15 +75,16 @@ class Trainer:
 
         train_idx, val_idx = dataset.split(config.val_fraction)
         mean, std = dataset.channel_stats(train_idx)
-        self.train = DeviceData(dataset, train_idx, mean, std, self.device, augment=config.uses_augmentation())
-        self.val = DeviceData(dataset, val_idx, mean, std, self.device)
-        self.test = DeviceData.test_split(dataset, mean, std, self.device)
+        augment = training_augmentation(config, dataset)
+        self.train = batch_source(dataset, train_idx, mean, std, self.device, augment=augment)
+        self.val = batch_source(dataset, val_idx, mean, std, self.device)
+        self.test = test_source(dataset, mean, std, self.device)
         # Stored with checkpoints and logged models so inputs can be normalised the same way at serving time.
         self.normalisation = {"mean": mean.tolist(), "std": std.tolist(), "scale": dataset.scale}
 
         self.num_classes = dataset.num_classes
-        self.student = models.build_model(config.student, dataset.num_classes, dataset.input_shape).to(self.device)
-        self.channels_last = use_channels_last(self.device, config.precision)
+        self.student = student.to(self.device)
+        self.channels_last = use_channels_last(self.device, config.precision) and dataset.is_image
         if self.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         if self.device.type == "cpu" and config.precision == "bf16" and not cpu_has_native_bf16():
@@ -83,11 +94,13 @@ class Trainer:
         self.teacher = None
         self.teacher_logits = None
         if self.method.needs_teacher:
-            self._setup_teacher(dataset, teacher_state, teacher_logits)
-        self._student_tap = models.FeatureTap(self.student, _points(config.student, self.method.link_numbers()))
+            self._setup_teacher(dataset, teacher, teacher_logits)
+        self.links = links or LinkPlan.empty()
+        keys = self.method.link_keys()
+        self._student_tap = models.FeatureTap(self.student, self.links.only(keys).student)
         self._teacher_tap = None
         if self.teacher is not None:
-            self._teacher_tap = models.FeatureTap(self.teacher, _points(config.teacher, self.method.link_numbers()))
+            self._teacher_tap = models.FeatureTap(self.teacher, self.links.only(keys).teacher)
         self._probe_and_setup_method()
         self.method.to(self.device)
 
@@ -103,7 +116,7 @@ class Trainer:
         self.training_time_s = 0.0  # seconds spent in epochs (training + validation), across resumes
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _setup_teacher(self, dataset: Dataset, teacher_state, teacher_logits) -> None:
+    def _setup_teacher(self, dataset: Dataset, teacher: nn.Module | None, teacher_logits) -> None:
         config = self.config
         use_cache = teacher_logits is not None and config.teacher_cache != "off"
         if config.teacher_cache == "on" and teacher_logits is None:
@@ -111,7 +124,7 @@ class Trainer:
         if use_cache and (self.method.needs_teacher_features or self.train.augment):
             if config.teacher_cache == "on":
                 raise ConfigError(
-                    f"teacher_cache='on': method {config.method!r} with augment={self.train.augment} needs the "
+                    f"teacher_cache='on': method {config.method!r} with augment={config.augment!r} needs the "
                     "teacher run on every batch (features or augmented inputs); set teacher_cache='auto' or 'off'"
                 )
             use_cache = False
@@ -121,10 +134,10 @@ class Trainer:
                                   f"({len(dataset.train_labels)}, {dataset.num_classes})")
             self.teacher_logits = teacher_logits.to(self.device)
             return
-        if teacher_state is None:
+        if callable(teacher) and not isinstance(teacher, nn.Module):
+            teacher = teacher()
+        if teacher is None:
             raise ConfigError(f"method {config.method!r} needs a teacher, but none was given to the trial")
-        teacher = models.build_model(config.teacher, dataset.num_classes, dataset.input_shape)
-        teacher.load_state_dict(teacher_state)
         teacher.eval().requires_grad_(False)
         self.teacher = teacher.to(self.device)
         if self.channels_last:
@@ -136,7 +149,7 @@ class Trainer:
         with torch.no_grad():
             self.student.eval()
             self.student(images)
-            if self._teacher_tap is not None:
+            if self._teacher_tap is not None and self.method.link_keys():
                 self.teacher(images)
         student_shapes = {k: v.shape for k, v in self._student_tap.features.items()}
         teacher_shapes = {k: v.shape for k, v in (self._teacher_tap.features if self._teacher_tap else {}).items()}
@@ -157,13 +170,13 @@ class Trainer:
         self.optimizer_stage = index
         self.method.use_stage(stage)
 
-    def _parameters_feeding(self, links: tuple[int, ...]) -> list[nn.Parameter]:
+    def _parameters_feeding(self, links: tuple[str, ...]) -> list[nn.Parameter]:
         """The student parameters the features at `links` depend on, found by one backward pass.
 
         Asking autograd (rather than counting modules in registration order) is right for any model,
         a torchvision one included, whatever order its modules were declared in.
         """
-        tap = models.FeatureTap(self.student, _points(self.config.student, links))
+        tap = models.FeatureTap(self.student, self.links.only(links).student)
         try:
             images, _, _ = next(self.val.batches(2))
             self.student.eval()
@@ -206,6 +219,7 @@ class Trainer:
                 self.best_state = copy.deepcopy(self.student.state_dict())
             metrics = {
                 "epoch": self.epoch,
+                "epochs_total": self.total_epochs,
                 "stage": stage.name,
                 "val_acc": val_acc,
                 "val_loss": val_loss,
@@ -238,7 +252,7 @@ class Trainer:
         batch_sums: dict[str, torch.Tensor] = {}  # the method's per-batch metrics (not loss terms)
         batches = 0
         for images, labels, indices in self.train.batches(self.config.batch_size, generator):
-            if self.channels_last and images.dim() == 4:
+            if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 out = self._forward(images, labels, indices, stage.uses_teacher)
@@ -381,22 +395,26 @@ def cpu_has_native_bf16() -> bool:
                for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-def _points(model_name: str, links: tuple[int, ...]) -> dict[int, str]:
-    points = models.model_spec(model_name).link_points
-    return {k: points[k] for k in links}
+def training_augmentation(config: TrialConfig, dataset: Dataset):
+    """The trial's augmentation (None: none): its recipe, or the dataset's default; checked against the samples."""
+    augment = parse_augment(config.augment_recipe(dataset.default_augment), dataset.input_shape)
+    if augment is not None and tuple(augment.output_shape(dataset.input_shape)) != tuple(dataset.input_shape):
+        raise ConfigError(f"augment={config.augment_recipe(dataset.default_augment)!r}: turns samples of shape "
+                          f"{tuple(dataset.input_shape)} into {tuple(augment.output_shape(dataset.input_shape))}, "
+                          "but validation and test samples keep their shape; crop to the dataset's size "
+                          "(e.g. random_resized_crop:224 with --image-size 224)")
+    return augment
 
 
 @torch.no_grad()
-def teacher_logits_for(teacher_name: str, teacher_state: dict, dataset: Dataset, val_fraction: float,
+def teacher_logits_for(teacher: nn.Module, dataset: Dataset, val_fraction: float,
                        device: torch.device | None = None, batch_size: int = 512) -> torch.Tensor:
     """Teacher logits for every training sample, on un-augmented inputs, row i = sample index i."""
     device = device or pick_device()
     train_idx, _ = dataset.split(val_fraction)
     mean, std = dataset.channel_stats(train_idx)
-    teacher = models.build_model(teacher_name, dataset.num_classes, dataset.input_shape)
-    teacher.load_state_dict(teacher_state)
     teacher.eval().to(device)
-    every = DeviceData(dataset, torch.arange(len(dataset.train_labels)), mean, std, device)
+    every = batch_source(dataset, torch.arange(len(dataset.train_labels)), mean, std, device)
     logits = torch.empty(len(every), dataset.num_classes)
     for images, _, indices in every.batches(batch_size):
         logits[indices.cpu()] = teacher(images).float().cpu()

@@ -31,12 +31,20 @@ def study_parser(description: str) -> argparse.ArgumentParser:
                                           "~/.cache/kdtune/data)")
     where.add_argument("--no-download", action="store_true", help="never download a dataset; fail if it is missing")
     what = parser.add_argument_group("what it trains")
-    what.add_argument("--dataset", default="digits", help="digits (bundled, no download), cifar10, cifar100, mnist, "
-                      "fashion_mnist, svhn, svhn28, notmnist, imagenet32 (see README)")
-    what.add_argument("--teacher", help="teacher architecture (default: the dataset's, e.g. vgg16 for CIFAR)")
-    what.add_argument("--student", help="student architecture (default: the dataset's, e.g. vgg7 for CIFAR)")
-    what.add_argument("--teacher-source", help="teacher weights: models:/name@alias or a .pt file; default: the "
-                                               "registered teacher for this dataset, else train one")
+    what.add_argument("--dataset", default="digits",
+                      help="a built-in name (digits: bundled, no download; cifar10, cifar100, mnist, fashion_mnist, "
+                           "svhn, svhn28, notmnist, imagenet32), folder:PATH (train/ and test/ of class folders), "
+                           "npz:PATH (x_train, y_train, x_test, y_test), or package.module:function (see README)")
+    what.add_argument("--image-size", type=int, help="folder datasets: resize every image to this many pixels square")
+    what.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                      help="stream batches from disk (default: only when the dataset exceeds the memory budget, "
+                           "$KDTUNE_MEMORY_BUDGET_MB)")
+    what.add_argument("--teacher", help="teacher: a built-in name, torchvision:NAME, timm:NAME or "
+                                        "package.module:factory (default: the dataset's, e.g. vgg16 for CIFAR)")
+    what.add_argument("--student", help="student, in the same forms (default: the dataset's, e.g. vgg7 for CIFAR)")
+    what.add_argument("--teacher-source", help="teacher weights: 'pretrained' (the library's weights, fine-tuned "
+                                               "for --teacher-epochs), models:/name@alias, or a .pt file; default: "
+                                               "the registered teacher for this dataset, else train one")
     what.add_argument("--epochs", type=int, help="student epochs (default: the dataset recipe's)")
     what.add_argument("--teacher-epochs", type=int, help="teacher epochs when it must be trained")
     what.add_argument("--lr", type=float, help="student learning rate (default: the dataset recipe's)")
@@ -88,7 +96,8 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
     fields = dict(
         name=name, dataset=args.dataset, variants=variants, overrides=overrides,
         teacher_overrides=teacher_overrides, seeds=args.seeds, teacher=args.teacher, student=args.student,
-        teacher_source=args.teacher_source, cpus_per_trial=args.cpus_per_trial,
+        teacher_source=args.teacher_source, image_size=args.image_size, stream=args.stream,
+        cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, reuse_actors=args.reuse_actors,
         address=args.address,
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
@@ -131,8 +140,8 @@ def finish(run, spec, table=None) -> int:
     print(table(result) if table else result.table())
     for phase, trials in result.phases.items():
         for trial in trials:
-            if trial["error"]:
-                print(f"failed ({phase}): {trial['label']} seed={trial['seed']}: {trial['error']}")
+            if trial.failed:
+                print(f"failed ({phase}): {trial.label} seed={trial.seed}: {trial.error}")
     share = result.training_time_s / result.wall_time_s if result.wall_time_s else 0.0
     decision = result.registration
     registered = (f"registered {decision.name} version {decision.version} as @{decision.alias}: {decision.reason}"
@@ -144,16 +153,16 @@ def finish(run, spec, table=None) -> int:
     return 0
 
 
-def search_table(trials: list[dict], top: int = 10) -> str:
+def search_table(trials, top: int = 10) -> str:
     """The search phase: best trials by validation accuracy, and how many epochs each one ran."""
-    ranked = sorted(trials, key=lambda t: t["metrics"].get("val_acc", -1.0), reverse=True)
-    stopped = sum(1 for t in trials if not t["error"] and "test_acc" not in t["metrics"])
-    epochs = sum(t["metrics"].get("epoch", 0) for t in trials)
+    ranked = sorted(trials, key=lambda t: t.metrics.get("val_acc", -1.0), reverse=True)
+    stopped = sum(1 for t in trials if t.stopped)
+    epochs = sum(t.metrics.get("epoch", 0) for t in trials)
     lines = [f"search: {len(trials)} trials, {stopped} stopped early by ASHA, {epochs} epochs in all; best {top}:",
              f"{'val acc':>8}  {'epochs':>6}  configuration"]
     for t in ranked[:top]:
-        val = t["metrics"].get("val_acc")
-        note = "" if "test_acc" in t["metrics"] or t["error"] else " (stopped)"
-        lines.append(f"{'-' if val is None else f'{100 * val:.2f}%':>8}  {t['metrics'].get('epoch', 0):>6}  "
-                     f"{t['label']}{note}{' FAILED' if t['error'] else ''}")
+        val = t.metrics.get("val_acc")
+        note = " (stopped)" if t.stopped else ""
+        lines.append(f"{'-' if val is None else f'{100 * val:.2f}%':>8}  {t.metrics.get('epoch', 0):>6}  "
+                     f"{t.label}{note}{' FAILED' if t.failed else ''}")
     return "\n".join(lines)

@@ -14,6 +14,17 @@ falling inside the epoch budget:
                                   poorly from scratch); seed 001 names only SGD with Nesterov momentum
   imagenet32                      seed 003's WRN-40-10 / WRN-22-4 with Chrabaszcz et al.'s ImageNet32 budget
                                   (SGD lr 0.01, weight decay 5e-4, batch 128, 40 epochs, lr x0.2 every 10)
+
+Every other dataset (folder:, npz:, module:function, a Dataset object) gets its recipe by one rule
+(`rule_recipe`), the same for teacher and student, every value overridable:
+  networks   image samples (C, H, W) with H, W >= 8: the small VGG pair sized for digits (3 conv stages,
+             links 1-4; `digits_teacher` / `digits_student`), which adapts its classifier to any input size;
+             any other shape (vectors, signals): an MLP pair on the flattened sample (`mlp_teacher` 2 x 512 /
+             `mlp_student` 1 x 64)
+  optimiser  SGD, momentum 0.9, weight decay 5e-4, lr 0.01 (the MLP_SGD setting above)
+  batch      128, or 32 below 2,000 training samples (so that an epoch still has dozens of steps)
+  epochs     30 below 10,000 training samples, 20 below 100,000, else 10; the lr falls x0.1 at 2/3 of them
+  teacher    the same, with twice the epochs (it is trained once and reused by every study)
 """
 from __future__ import annotations
 
@@ -53,10 +64,27 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def recipe_for(dataset: str) -> dict:
-    from kdtune.data import dataset_info
+def recipe_for(dataset, builtin: bool = True) -> dict:
+    """The recipe of a built-in dataset (by name, or a loaded built-in Dataset), else `rule_recipe`'s."""
+    name = dataset if isinstance(dataset, str) else dataset.name
+    if isinstance(dataset, str):
+        from kdtune.data import dataset_info
 
-    dataset_info(dataset)  # an unknown dataset gets the same message everywhere
-    if dataset not in RECIPES:
-        raise ConfigError(f"dataset={dataset!r}: no recipe; allowed: {', '.join(sorted(RECIPES))}")
-    return RECIPES[dataset]
+        dataset_info(dataset)  # an unknown dataset gets the same message everywhere
+        if dataset not in RECIPES:
+            raise ConfigError(f"dataset={dataset!r}: no recipe; allowed: {', '.join(sorted(RECIPES))}")
+    if builtin and name in RECIPES:
+        return RECIPES[name]
+    return rule_recipe(dataset.num_train, tuple(dataset.input_shape))
+
+
+def rule_recipe(num_train: int, sample_shape: tuple[int, ...]) -> dict:
+    """The documented default for a dataset kdtune does not ship (see the module docstring)."""
+    images = len(sample_shape) == 3 and min(sample_shape[1:]) >= 8
+    teacher, student = ("digits_teacher", "digits_student") if images else ("mlp_teacher", "mlp_student")
+    epochs = 30 if num_train < 10_000 else 20 if num_train < 100_000 else 10
+    student_recipe = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 32 if num_train < 2000 else 128,
+                      "epochs": epochs, "lr_step_epochs": max(1, round(2 * epochs / 3)), "lr_gamma": 0.1}
+    teacher_recipe = {**student_recipe, "epochs": 2 * epochs, "lr_step_epochs": max(1, round(4 * epochs / 3))}
+    return {"teacher": teacher, "student": student, "student_recipe": student_recipe,
+            "teacher_recipe": teacher_recipe}

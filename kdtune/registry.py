@@ -30,8 +30,12 @@ class Decision:
 
 
 def test_set_fingerprint(dataset: Dataset) -> str:
+    """What the test set is: its samples (in memory) or its files (streamed), and its labels."""
     digest = hashlib.sha1()
-    digest.update(dataset.test_images.contiguous().numpy().tobytes())
+    if dataset.in_memory:
+        digest.update(dataset.test_images.contiguous().numpy().tobytes())
+    else:
+        digest.update("\n".join(dataset.test_files).encode())
     digest.update(dataset.test_labels.contiguous().numpy().tobytes())
     return f"{dataset.name}:{digest.hexdigest()[:16]}"
 
@@ -49,12 +53,16 @@ def measure_accuracy(model_uri: str, dataset: Dataset) -> float:
     """Test accuracy of a registered (servable) model, measured now on the dataset's test set."""
     import mlflow
 
+    from kdtune.data import test_source
+
     model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    channels = dataset.input_shape[0]
+    # mean 0, std 1: the samples as a served model takes them, scaled to [0, 1] (it normalises them itself)
+    samples = test_source(dataset, torch.zeros(channels), torch.ones(channels), torch.device("cpu"))
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(dataset.test_labels), 512):
-            images = dataset.test_images[start:start + 512].float() * dataset.scale
-            correct += int((model(images).argmax(1) == dataset.test_labels[start:start + 512]).sum())
+        for inputs, labels, _ in samples.batches(512):
+            correct += int((model(inputs).argmax(1) == labels).sum())
     return correct / len(dataset.test_labels)
 
 

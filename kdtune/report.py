@@ -34,6 +34,7 @@ import numpy as np
 
 from kdtune import tracking
 from kdtune.errors import KdtuneError
+from kdtune.records import FINISHED, STOPPED, UNFINISHED, TrialRecord, status_of
 from kdtune.results import (BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, percent,
                             pick_best, summarise)
 from kdtune.trial import FAILURE_TAG
@@ -117,27 +118,27 @@ def _all_runs(client, experiment_id: str, filter_string: str) -> list:
             return runs
 
 
-def trial_of(run) -> dict:
-    """A child run as the trial dict kdtune.results takes (the shape study._collect builds from Tune)."""
-    tags = run.data.tags
+def trial_of(run) -> TrialRecord:
+    """A child run as the TrialRecord kdtune.results takes (what study._collect builds from Tune)."""
+    tags, metrics = run.data.tags, dict(run.data.metrics)
     error = tags.get(FAILURE_TAG) or ("failed" if run.info.status == "FAILED" else None)
-    return {"label": tags["kdtune.label"], "params": json.loads(tags.get("kdtune.overrides", "{}")),
-            "seed": int(run.data.params.get("seed", 0)), "metrics": dict(run.data.metrics), "error": error,
-            "run_id": run.info.run_id, "stopped_at": tags.get(STOPPED_TAG)}
+    if tags.get(STOPPED_TAG) is not None and error is None:
+        status = STOPPED
+    elif "epochs_total" in metrics or error is not None:
+        status = status_of(metrics, error)
+        status = UNFINISHED if status == STOPPED else status  # no stop tag: still running, or its driver died
+    else:  # a run recorded before kdtune logged epochs_total: its final epoch logged test_acc
+        status = FINISHED if "test_acc" in metrics else UNFINISHED
+    return TrialRecord("study", tags["kdtune.label"], json.loads(tags.get("kdtune.overrides", "{}")),
+                       int(run.data.params.get("seed", 0)), status, metrics, error, run.info.run_id)
 
 
-def is_confirm(trial: dict) -> bool:
-    return trial["label"] == BASELINE_LABEL or trial["label"].startswith(CONFIRM_PREFIX)
+def is_confirm(trial: TrialRecord) -> bool:
+    return trial.label == BASELINE_LABEL or trial.label.startswith(CONFIRM_PREFIX)
 
 
-def outcome(trial: dict) -> str:
-    if trial["error"]:
-        return "failed"
-    if trial["stopped_at"] is not None:
-        return "stopped early"
-    if "test_acc" in trial["metrics"]:
-        return "finished"
-    return "unfinished"  # still running, or its driver was killed
+def outcome(trial: TrialRecord) -> str:
+    return {STOPPED: "stopped early"}.get(trial.status, trial.status)
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class Plot:
 @dataclass
 class Report:
     study: StudyRuns
-    trials: list[dict]  # every student trial
+    trials: list[TrialRecord]  # every student trial
     summary: list[dict]  # the study's table: the grid, or a search's confirm phase
     plots: list[Plot]
     texts: dict[str, str]  # file name -> text table
@@ -184,8 +185,8 @@ def make_report(study: StudyRuns) -> Report:
     trials = [trial_of(r) for r in study.students]
     search = study.is_search
     final = [t for t in trials if is_confirm(t)] if search else trials
-    # summarise counts a trial without test accuracy as stopped early: keep running ones out of the table
-    summary = summarise([t for t in final if outcome(t) != "unfinished"],
+    # a trial still running (or whose driver died) is in no row of the table
+    summary = summarise([t for t in final if t.status != UNFINISHED],
                         order=_label_order(final))
     texts = {"table.txt": format_table(summary, "setting")}
     plots = [p for p in (accuracy_vs_temperature(summary), heatmap(summary), accuracy_per_link_set(summary),
@@ -202,7 +203,7 @@ def make_report(study: StudyRuns) -> Report:
 
 def _label_order(trials: list[dict]) -> list[str]:
     """Baseline first, then labels in the order their first trial started (the study's variant order)."""
-    labels = [BASELINE_LABEL] + [t["label"] for t in trials]
+    labels = [BASELINE_LABEL] + [t.label for t in trials]
     return list(dict.fromkeys(labels))
 
 
@@ -346,9 +347,9 @@ def _chosen_trials(final: list[dict], summary: list[dict]) -> list[dict]:
     """The best distilled configuration's best seed (by validation accuracy) and the baseline's first seed."""
     chosen = []
     for label in (pick_best(summary, include_baseline=False), BASELINE_LABEL):
-        finished = [t for t in final if t["label"] == label and outcome(t) == "finished"]
+        finished = [t for t in final if t.label == label and t.finished]
         if finished:
-            chosen.append(max(finished, key=lambda t: (t["metrics"]["val_acc"], -t["seed"])))
+            chosen.append(max(finished, key=lambda t: (t.metrics["val_acc"], -t.seed)))
     return chosen
 
 
@@ -358,16 +359,16 @@ def loss_terms(study: StudyRuns, final: list[dict], summary: list[dict]) -> Plot
         return None
     figure, axes = _figure(width=6.0, columns=len(chosen))
     for ax, trial in zip(axes, chosen):
-        terms = sorted(k for k in trial["metrics"] if k.startswith("loss_"))
+        terms = sorted(k for k in trial.metrics if k.startswith("loss_"))
         for term in terms:
-            steps, values = zip(*study.history(trial["run_id"], term))
+            steps, values = zip(*study.history(trial.run_id, term))
             ax.plot(steps, values, marker="o", markersize=3, label=term[len("loss_"):])
         if len(terms) > 1:
-            steps, values = zip(*study.history(trial["run_id"], "train_loss"))
+            steps, values = zip(*study.history(trial.run_id, "train_loss"))
             ax.plot(steps, values, color="black", linestyle="--", label="total")
         _epoch_axis(ax)
         ax.set_ylabel("training loss (weighted term, epoch mean)")
-        ax.set_title(f"{trial['label']} (seed {trial['seed']})")
+        ax.set_title(f"{trial.label} (seed {trial.seed})")
         ax.legend(fontsize="small")
     return Plot("loss_terms", "Loss terms per epoch",
                 "The training loss split into its terms, each already multiplied by its weight (what the engine "
@@ -390,7 +391,7 @@ def val_acc_per_epoch(study: StudyRuns, trials: list[dict], summary: list[dict],
     figure, (ax,) = _figure(width=8.0, height=5.0)
     labelled, stops = set(), set()
     for trial in trials:
-        points = study.history(trial["run_id"], "val_acc")
+        points = study.history(trial.run_id, "val_acc")
         if not points:
             continue
         kind, (colour, width, marker) = _trial_style(trial, best, search)
@@ -401,8 +402,8 @@ def val_acc_per_epoch(study: StudyRuns, trials: list[dict], summary: list[dict],
         if marker:
             ax.plot(steps[-1], 100 * values[-1], marker=marker, color=colour, markersize=9, linestyle="none",
                     zorder=3)
-        if trial["stopped_at"] is not None:
-            stops.add(int(trial["stopped_at"]))
+        if trial.stopped:
+            stops.add(int(trial.metrics.get("epoch", 0)))
     for epoch in sorted(stops):
         ax.axvline(epoch, color="tab:gray", linestyle=":", linewidth=1)
     _epoch_axis(ax)
@@ -418,9 +419,9 @@ def val_acc_per_epoch(study: StudyRuns, trials: list[dict], summary: list[dict],
 def _trial_style(trial: dict, best: str | None, search: bool) -> tuple[str, tuple]:
     """What a trial's line shows: the baseline and the best setting stand out; the rest by how they ended."""
     kind = outcome(trial)
-    if kind == "finished" and trial["label"] == BASELINE_LABEL:
+    if kind == "finished" and trial.label == BASELINE_LABEL:
         return "baseline", ("black", 2.0, None)
-    if kind == "finished" and trial["label"] == best:
+    if kind == "finished" and trial.label == best:
         return f"best: {best}" if not search else best, ("tab:orange", 2.0, None)
     if kind == "finished" and search and is_confirm(trial):
         return "confirm re-run", ("tab:green", 1.5, None)
@@ -434,7 +435,7 @@ def _trial_style(trial: dict, best: str | None, search: bool) -> tuple[str, tupl
 def parameter_importance(search_trials: list[dict]) -> Plot | None:
     """fANOVA importance of each sampled parameter for validation accuracy. A conditional parameter (sampled
     only for some methods) gets its own panel over the trials that sampled it."""
-    scored = [t for t in search_trials if not t["error"] and "val_acc" in t["metrics"] and t["params"]]
+    scored = [t for t in search_trials if not t.failed and "val_acc" in t.metrics and t.params]
     panels = importance_panels(scored)
     if not panels:
         return None
@@ -486,7 +487,7 @@ def _rebuilt_study(trials: list[dict]):
 
     values: dict[str, list] = {}
     for trial in trials:
-        for name, value in trial["params"].items():
+        for name, value in trial.params.items():
             values.setdefault(name, []).append(value)
     distributions = {name: _distribution(seen) for name, seen in values.items()}
     if not distributions:
@@ -495,8 +496,8 @@ def _rebuilt_study(trials: list[dict]):
     study = optuna.create_study(direction="maximize")
     for trial in trials:
         study.add_trial(optuna.trial.create_trial(
-            params=trial["params"], distributions={n: distributions[n] for n in trial["params"]},
-            value=trial["metrics"]["val_acc"]))
+            params=trial.params, distributions={n: distributions[n] for n in trial.params},
+            value=trial.metrics["val_acc"]))
     return study
 
 
@@ -637,9 +638,9 @@ def _matrix_html(text: str, corner: str) -> str:
 
 
 def _search_html(trials: list[dict]) -> str:
-    ranked = sorted(trials, key=lambda t: t["metrics"].get("val_acc", -1.0), reverse=True)
-    rows = [[t["label"], percent(t["metrics"]["val_acc"]) if "val_acc" in t["metrics"] else "-",
-             str(int(t["metrics"].get("epoch", 0))), outcome(t)] for t in ranked]
+    ranked = sorted(trials, key=lambda t: t.metrics.get("val_acc", -1.0), reverse=True)
+    rows = [[t.label, percent(t.metrics["val_acc"]) if "val_acc" in t.metrics else "-",
+             str(int(t.metrics.get("epoch", 0))), outcome(t)] for t in ranked]
     return _table(["configuration", "last val acc (%)", "epochs", "outcome"], rows)
 
 

@@ -9,24 +9,25 @@ from __future__ import annotations
 import math
 import statistics
 
+from kdtune.records import TrialRecord
+
 BASELINE_LABEL = "baseline"
 
 
-def summarise(trials: list[dict], order: list[str] | None = None) -> list[dict]:
+def summarise(trials: list[TrialRecord], order: list[str] | None = None) -> list[dict]:
     """One row per label (in `order`, else as first seen): mean/std/median over finished seeds, gain vs baseline."""
     rows: dict[str, dict] = {}
     rank = {label: i for i, label in enumerate(order or [])}
-    for trial in sorted(trials, key=lambda t: (rank.get(t["label"], len(rank)), t["seed"])):
-        row = rows.setdefault(trial["label"], {"label": trial["label"], "params": trial.get("params", {}),
-                                               "val": [], "test": [], "failed": 0, "stopped": 0})
-        metrics = trial["metrics"]
-        if trial["error"]:
+    for trial in sorted(trials, key=lambda t: (rank.get(t.label, len(rank)), t.seed)):
+        row = rows.setdefault(trial.label, {"label": trial.label, "params": trial.params,
+                                            "val": [], "test": [], "failed": 0, "stopped": 0})
+        if trial.failed:
             row["failed"] += 1
-        elif "test_acc" not in metrics:
+        elif trial.stopped:
             row["stopped"] += 1  # stopped early by the scheduler: no final test evaluation
         else:
-            row["val"].append(metrics["val_acc"])
-            row["test"].append(metrics["test_acc"])
+            row["val"].append(trial.metrics["val_acc"])
+            row["test"].append(trial.metrics["test_acc"])
     summary = [_statistics(row) for row in rows.values()]
     baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
     for row in summary:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdtune import models
-
 SOFT_METHODS = {"kd", "links", "hints", "fsp"}  # a soft term (T, alpha); fsp/hints: in their second stage
 LINK_METHODS = {"links", "hints"}  # a link set and its weight beta
 TWO_STAGE_METHODS = {"hints", "fsp", "adversarial_pretrained"}  # stage1_epochs
 ADVERSARIAL_METHODS = {"adversarial", "adversarial_pretrained"}  # adv_weight, discriminator settings
 
 
-def candidate_link_sets(teacher: str, student: str) -> list[str]:
-    """Link sets on the links a pair shares: each single link, adjacent pairs, and all of them."""
-    common = sorted(set(models.model_spec(teacher).link_points) & set(models.model_spec(student).link_points))
+def candidate_link_sets(common: list[int]) -> list[str]:
+    """Link sets on the numbered links a pair shares: each single link, adjacent pairs, and all of them."""
     sets = [str(k) for k in common] + [f"{a},{b}" for a, b in zip(common, common[1:])]
     if len(common) > 2:
         sets.append(",".join(map(str, common)))

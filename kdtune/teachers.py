@@ -1,29 +1,39 @@
-"""Obtain a study's teacher once: from the MLflow registry, from a file, or by training it (then registering it).
+"""Obtain a study's teacher once, in the driver: `TeacherSource` says where its weights come from.
 
-The teacher is trained with the same engine as every student (method 'none'), inside a Ray task with a trial's
-resources, and logged as the study's 'teacher' child run. Registered as `kdtune-teacher-<dataset>-<arch>` with
-alias `champion`, so the next study on that dataset reuses it instead of training another.
+    None (default)          the registered teacher for this dataset and architecture, else trained once now
+    "pretrained"            the architecture's library weights (torchvision DEFAULT, timm pretrained=True, or
+                            ImageNet VGG-16 conv layers for the built-in vgg16), new head, fine-tuned here
+                            for the teacher recipe's epochs (seed 000's protocol), then registered
+    "models:/..." "runs:/"  a model in the MLflow registry or a run
+    a file path             a state dict, a kdtune trial checkpoint, or a whole saved nn.Module
+    an nn.Module (Python)   the object itself: its weights are the teacher
+
+Training (from scratch or from pretrained weights) uses the same engine as every student (method 'none'),
+inside a Ray task with a trial's resources, logged as the study's 'teacher' child run, and is registered as
+`kdtune-teacher-<dataset>-<architecture>` with alias `champion`, so the next study on that dataset reuses it.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.errors import ConfigError, TrackingError
 from kdtune.tracking import ChildRun, ServableModel, TrackingContext, network_state, register_model
 
 TEACHER_ALIAS = "champion"
+PRETRAINED = "pretrained"
 
 
 @dataclass
 class Teacher:
     state_dict: dict
-    source: str  # where it came from: a models:/ URI or a file path
+    source: str  # where it came from: a models:/ URI, a file path, "python object"
     trained_now: bool
     test_acc: float | None = None
 
@@ -32,8 +42,47 @@ def registry_name(dataset: str, arch: str) -> str:
     return f"kdtune-teacher-{dataset}-{arch}"
 
 
-def load_teacher_state(source: str, arch: str, dataset: Dataset) -> dict:
-    """Read a teacher's weights from `models:/...` or a file, and check they fit the architecture."""
+def fit_state(state: dict, ref, dataset: Dataset, source: str) -> dict:
+    """Check that weights fit the architecture built for this dataset; return them as that model's state."""
+    model = ref.build(dataset.num_classes, dataset.input_shape)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"teacher {source}: weights do not fit model {ref.spec!r} for {dataset.name} "
+                          f"({first})") from None
+    return model.state_dict()
+
+
+def read_weights_file(source: str) -> dict:
+    """A state dict, a kdtune trial checkpoint ({"student": ...}) or a whole saved module, read from a file."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"teacher_source={source!r}: no such file (give a models:/name@alias URI, a .pt file, "
+                          "or 'pretrained')")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch.save(model) pickles the class itself: only the weights-only reader refuses it. The user named
+        # this file as their teacher, so it is trusted like their own code.
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise ConfigError(f"teacher_source={source!r}: not a PyTorch weights file ({type(error).__name__}: "
+                              f"{error})") from None
+    except Exception as error:
+        raise ConfigError(f"teacher_source={source!r}: not a PyTorch weights file ({type(error).__name__})") from None
+    if isinstance(state, nn.Module):
+        return state.state_dict()
+    if isinstance(state, dict) and isinstance(state.get("student"), dict):
+        return state["student"]  # a kdtune trial checkpoint
+    if not isinstance(state, dict):
+        raise ConfigError(f"teacher_source={source!r}: holds a {type(state).__name__}, not a state dict or module")
+    return state
+
+
+def load_teacher_state(source: str, ref, dataset: Dataset) -> dict:
+    """Read a teacher's weights from `models:/...`, `runs:/...` or a file, and check they fit the architecture."""
     if source.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -44,22 +93,8 @@ def load_teacher_state(source: str, arch: str, dataset: Dataset) -> dict:
                                 f"{str(error).splitlines()[0] if str(error) else ''})") from None
         state = network_state(loaded)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"teacher={source!r}: no such file (give a models:/name@alias URI or a .pt path)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ConfigError(f"teacher={source!r}: not a PyTorch weights file ({type(error).__name__})") from None
-        if isinstance(state, dict) and "student" in state and isinstance(state["student"], dict):
-            state = state["student"]  # a kdtune trial checkpoint
-    model = models.build_model(arch, dataset.num_classes, dataset.input_shape)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"teacher {source}: weights do not fit model {arch!r} for {dataset.name} ({first})") from None
-    return model.state_dict()
+        state = read_weights_file(source)
+    return fit_state(state, ref, dataset, source)
 
 
 def registered_teacher_uri(dataset: str, arch: str) -> str | None:
@@ -74,22 +109,49 @@ def registered_teacher_uri(dataset: str, arch: str) -> str | None:
     return f"models:/{name}@{TEACHER_ALIAS}"
 
 
-def train_teacher(config: TrialConfig, dataset: Dataset, tracking: TrackingContext, threads: int) -> dict:
-    """Runs inside a Ray task: train, log the 'teacher' child run and its model. Returns weights and metrics."""
-    from kdtune.engine import Trainer
+@dataclass
+class TeacherPlan:
+    """What the driver found before anything was created: weights in hand, or what to train from."""
+
+    source: str | None  # as the user gave it (None: registry, else train)
+    state: dict | None = None  # weights already read (file, Python object)
+    initial_state: dict | None = None  # pretrained weights to fine-tune from
+
+
+def plan_teacher(source, ref, dataset: Dataset) -> TeacherPlan:
+    """Check a teacher source before any run, folder or version exists (MLflow sources are read later)."""
+    if isinstance(source, nn.Module):
+        return TeacherPlan("python object", state=fit_state(source.state_dict(), ref, dataset, "python object"))
+    if source is None or str(source).startswith(("models:/", "runs:/")):
+        return TeacherPlan(source)
+    if source == PRETRAINED:
+        model = ref.build_pretrained(dataset.num_classes, dataset.input_shape)
+        return TeacherPlan(source, initial_state=model.state_dict())
+    return TeacherPlan(str(source), state=load_teacher_state(str(source), ref, dataset))
+
+
+def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dict | None,
+                  tracking: TrackingContext, threads: int) -> dict:
+    """Runs inside a Ray task: train (or fine-tune), log the 'teacher' child run and its model."""
+    from kdtune.parts import StudyParts
 
     torch.set_num_threads(max(1, threads))
-    run = ChildRun(tracking, trial_key="teacher", run_name=f"teacher {config.student}",
-                   params=config.to_flat(), tags={"kdtune.role": "teacher"})
-    trainer = Trainer(config, dataset)
+    what = "fine-tuned from pretrained weights" if initial_state is not None else "trained from scratch"
+    run = ChildRun(tracking, trial_key="teacher", run_name=f"teacher {ref.spec}",
+                   params=config.to_flat(), tags={"kdtune.role": "teacher", "kdtune.teacher.init": what})
+    network = None
+    if initial_state is not None:
+        network = ref.build(dataset.num_classes, dataset.input_shape)
+        network.load_state_dict(initial_state)
+    trainer = StudyParts(dataset, ref).trainer(config, student=network)  # seeded as every student is
     metrics = {}
     try:
         for metrics in trainer.epochs():
             run.log_epoch(metrics, step=metrics["epoch"])
         trainer.close()
-        servable = ServableModel(trainer.student.cpu().eval(), **_norm(trainer))
-        example = dataset.test_images[:2].float() * dataset.scale
-        model_uri = run.log_model(servable, example, name="teacher")
+        servable = ServableModel(trainer.student.cpu().eval(), trainer.normalisation["mean"],
+                                 trainer.normalisation["std"], len(dataset.input_shape))
+        model_uri = run.log_model(servable, dataset.example(2), name="teacher")
         run.finish()
     except BaseException as error:
         run.fail(f"{type(error).__name__}: {error}")
@@ -98,37 +160,40 @@ def train_teacher(config: TrialConfig, dataset: Dataset, tracking: TrackingConte
             "run_id": run.run_id}
 
 
-def _norm(trainer) -> dict:
-    return {"mean": trainer.normalisation["mean"], "std": trainer.normalisation["std"]}
-
-
-def obtain_teacher(config: TrialConfig, dataset: Dataset, source: str | None, tracking: TrackingContext,
+def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan, tracking: TrackingContext,
                    cpus: float, gpus: float, log=print) -> Teacher:
     """`config` is the teacher's training config (its `student` field is the teacher architecture)."""
-    arch = config.student
-    if source:
-        log(f"teacher: loading {source}")
-        return Teacher(load_teacher_state(source, arch, dataset), source, trained_now=False)
-    uri = registered_teacher_uri(dataset.name, arch)
+    if plan.state is not None:
+        log(f"teacher: {plan.source}")
+        return Teacher(plan.state, plan.source, trained_now=False)
+    if plan.source and plan.source != PRETRAINED:
+        log(f"teacher: loading {plan.source}")
+        return Teacher(load_teacher_state(plan.source, ref, dataset), plan.source, trained_now=False)
+    if plan.source == PRETRAINED:
+        log(f"teacher: fine-tuning {ref.spec} from its pretrained weights ({config.epochs} epochs)")
+        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, plan.initial_state)
+    uri = registered_teacher_uri(dataset.name, ref.name)
     if uri:
         log(f"teacher: reusing the registered {uri}")
-        return Teacher(load_teacher_state(uri, arch, dataset), uri, trained_now=False)
-    log(f"teacher: none registered for {dataset.name}/{arch}; training one ({config.epochs} epochs)")
-    return train_and_register(config, dataset, tracking, cpus, gpus, log)
+        return Teacher(load_teacher_state(uri, ref, dataset), uri, trained_now=False)
+    log(f"teacher: none registered for {dataset.name}/{ref.spec}; training one ({config.epochs} epochs)")
+    return train_and_register(config, dataset, ref, tracking, cpus, gpus, log)
 
 
-def train_and_register(config: TrialConfig, dataset: Dataset, tracking: TrackingContext, cpus: float, gpus: float,
-                       log=print) -> Teacher:
+def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: TrackingContext, cpus: float,
+                       gpus: float, log=print, initial_state: dict | None = None) -> Teacher:
     """Train a teacher in a Ray task with a trial's resources and register it as the dataset's teacher."""
     import ray
 
-    arch = config.student
+    from kdtune.models import count_parameters
+
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(train_teacher)
-    result = ray.get(task.remote(config, dataset, tracking, int(cpus)))
-    name = registry_name(dataset.name, arch)
-    tags = {"kdtune.role": "teacher", "dataset": dataset.name, "architecture": arch,
+    result = ray.get(task.remote(config, dataset, ref, initial_state, tracking, int(cpus)))
+    name = registry_name(dataset.name, ref.name)
+    tags = {"kdtune.role": "teacher", "dataset": dataset.name, "architecture": ref.spec,
+            "init": PRETRAINED if initial_state is not None else "scratch",
             "test_acc": f"{result['metrics']['test_acc']:.4f}", "run_id": result["run_id"],
-            "parameters": models.count_parameters(models.build_model(arch, dataset.num_classes, dataset.input_shape))}
+            "parameters": count_parameters(ref.build(dataset.num_classes, dataset.input_shape))}
     version = register_model(result["model_uri"], name, TEACHER_ALIAS, tags)
     log(f"teacher: test accuracy {result['metrics']['test_acc']:.4f}; registered {name} version {version} "
         f"as @{TEACHER_ALIAS}")

@@ -25,11 +25,6 @@ from torch import nn
 
 from kdtune.errors import TrackingError
 
-# Trials run in parallel: MLflow's per-run "View run at ..." lines and artifact progress bars would bury the
-# study's own output. Users can still turn them on through these variables.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_KEY_TAG = "kdtune.trial_key"
 UI_SUFFIX = "?workflowType=machine_learning"  # MLflow 3.17 opens the GenAI view otherwise
@@ -202,11 +197,25 @@ class TrackingContext:
     parent_run_id: str
 
 
-def client_for(uri: str):
+def use_tracking(uri: str) -> None:
+    """Point this process's MLflow (fluent API: log_model, register_model, load_model) at `uri`.
+
+    Called by entry points only (a study's driver, a trial, a teacher task, the `kdtune` command), never at
+    import time. Trials run in parallel: MLflow's per-run "View run at ..." lines and artifact progress bars
+    would bury the study's own output, so they are off unless the user set these variables.
+    """
     import mlflow
 
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # else the registry may default to a local ./mlflow.db
+
+
+def client_for(uri: str):
+    """A client bound to `uri`; it changes nothing process-wide."""
+    import mlflow
+
     return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
@@ -237,6 +246,7 @@ class ChildRun:
 
     def __init__(self, context: TrackingContext, trial_key: str, run_name: str, params: dict, tags: dict | None = None):
         self.context = context
+        use_tracking(context.uri)  # a trial or teacher task is an entry point: its models go to this server
         self.client = client_for(context.uri)
         existing = find_child_run(self.client, context, trial_key)
         # A run that finished with its model logged is complete even if Tune never heard of it (the driver
@@ -307,13 +317,15 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> No
 # ---- models -------------------------------------------------------------------------------------
 
 class ServableModel(nn.Module):
-    """The student with its input normalisation built in: takes images scaled to [0, 1], returns logits."""
+    """The student with its input normalisation built in: takes samples scaled to [0, 1] (images N x C x H x W,
+    or any other shape; statistics are per channel, dim 1), returns logits."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], sample_dims: int = 3):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        shape = (1, -1, *([1] * (sample_dims - 1)))  # broadcast over dim 1 of a batch
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)

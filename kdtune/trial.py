@@ -17,6 +17,7 @@ from kdtune import tracking
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.errors import TrainingDiverged
+from kdtune.parts import StudyParts
 
 FAILURE_TAG = "kdtune.failure"
 
@@ -42,12 +43,10 @@ def describe(overrides: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
-def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, teacher_logits, context,
-                  base: dict, threads: int) -> None:
-    """The Ray Tune function trainable."""
+def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads: int) -> None:
+    """The Ray Tune function trainable: the dataset, the networks' references and the teacher arrive as objects
+    (`parts`, from the object store); nothing is looked up by name here."""
     from ray import tune
-
-    from kdtune.engine import Trainer
 
     torch.set_num_threads(max(1, threads))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
@@ -68,7 +67,8 @@ def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, te
     if previous_failure.startswith("TrainingDiverged"):
         # a retry cannot fix a diverging configuration: fail again at once instead of retraining
         raise TrainingDiverged(previous_failure.split(": ", 1)[-1])
-    trainer = Trainer(trial_config, dataset, teacher_state, teacher_logits=teacher_logits)
+    trainer = parts.trainer(trial_config)
+    dataset = parts.dataset
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -77,7 +77,7 @@ def distill_trial(config: dict, dataset: Dataset, teacher_state: dict | None, te
     run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(trainer.device)})
     try:
         for metrics in trainer.epochs():
-            final = "test_acc" in metrics
+            final = metrics["epoch"] == metrics["epochs_total"]
             if final:
                 metrics.update(inference_latency(trainer.student, dataset, trainer.device))
             run.log_epoch(metrics, step=metrics["epoch"])
@@ -116,10 +116,9 @@ def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.de
 
 def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:
     trainer.close()  # forward hooks hold closures: remove them before the model is serialised
-    servable = tracking.ServableModel(copy.deepcopy(trainer.student).cpu().eval(),
-                                      trainer.normalisation["mean"], trainer.normalisation["std"])
-    example = dataset.test_images[:2].float() * dataset.scale
-    return run.log_model(servable, example)
+    servable = tracking.ServableModel(copy.deepcopy(trainer.student).cpu().eval(), trainer.normalisation["mean"],
+                                      trainer.normalisation["std"], len(dataset.input_shape))
+    return run.log_model(servable, dataset.example(2))
 
 
 def _node_id() -> str:
@@ -151,7 +150,7 @@ def close_runs_callback(context):
             if run is None or run.info.status != "RUNNING":
                 return
             last = trial.last_result or {}
-            if status == "FINISHED" and "test_acc" not in last:
+            if status == "FINISHED" and last.get("epoch") != last.get("epochs_total"):
                 client.set_tag(run.info.run_id, "kdtune.stopped_early_at_epoch", str(last.get("epoch", 0)))
             if status == "FAILED" and getattr(trial, "error_file", None):
                 client.set_tag(run.info.run_id, FAILURE_TAG, _last_line(trial))

@@ -24,9 +24,9 @@ def main() -> int:
     args.teacher = args.teacher or "resnet32"
     args.student = args.student or "resnet8"
     if args.epochs is None:
-        from kdtune.recipes import recipe_for
+        from kdtune.resolve import recipe_of
 
-        args.epochs = recipe_for(args.dataset)["student_recipe"]["epochs"]
+        args.epochs = recipe_of(spec_from_args(args, name="fsp", variants=[]))["student_recipe"]["epochs"]
     short = max(1, args.epochs // 3)
     main_only = {"alpha": 0.0}  # seed 002's stage 2 is the main task alone: hard loss, no soft term
     variants = [

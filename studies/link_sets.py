@@ -7,10 +7,10 @@ The paper's rows use VGG links 1-6. The digits pair has links 1-4 (three conv st
 so on digits the same shapes of set are used on the links that exist: a single middle link, the middle links,
 the last conv link, all links, all but the first.
 """
-from kdtune import models
 from kdtune.options import finish, spec_from_args, study_parser
 from kdtune.results import BASELINE_LABEL
-from kdtune.study import run_study, student_base
+from kdtune.resolve import common_links, models_of
+from kdtune.study import run_study
 
 TABLE4 = [("3", 10), ("2,3,4,5", 10), ("2,3,4,5", 40), ("5", 10), ("3,4", 10), ("1,2,3,4,5,6", 10), ("2,3,4,5,6", 10)]
 FOUR_LINKS = [("2", 10), ("2,3", 10), ("2,3", 40), ("3", 10), ("1,2", 10), ("1,2,3,4", 10), ("2,3,4", 10)]
@@ -21,6 +21,9 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, help="soft weight (Table 4: alpha = 10; digits default 0.5)")
     parser.add_argument("--hard-weight", type=float, help="hard weight (Table 4 leaves it unstated: 1; digits 0.5)")
+    parser.add_argument("--link-sets", nargs="+", metavar="LINKS",
+                        help="link sets to compare instead of the paper's rows, each numbers ('2,3') or module "
+                             "paths ('layer2=features.6,layer3=features.9'); list paths with kdtune models links")
     parser.add_argument("--beta-scale", type=float,
                         help="multiply the paper's beta values (10, 40); digits default 0.1")
     args = parser.parse_args()
@@ -30,10 +33,15 @@ def main() -> int:
     args.alpha = args.alpha if args.alpha is not None else (10.0 if paper else 0.5)
     args.hard_weight = args.hard_weight if args.hard_weight is not None else (1.0 if paper else 0.5)
     args.beta_scale = args.beta_scale if args.beta_scale is not None else (1.0 if paper else 0.1)
-    base = student_base(spec_from_args(args, name="link_sets", variants=[]))
-    common = sorted(set(models.model_spec(base["teacher"]).link_points) & set(models.model_spec(base["student"]).link_points))
-    rows = TABLE4 if common == [1, 2, 3, 4, 5, 6] else FOUR_LINKS if common == [1, 2, 3, 4] else [
-        (",".join(map(str, common)), 10)]
+    if args.link_sets:
+        rows = [(links, 10) for links in args.link_sets]
+    else:
+        common = common_links(*models_of(spec_from_args(args, name="link_sets", variants=[])))
+        if not common:
+            parser.error("these models declare no common link numbers: give --link-sets with module paths, "
+                         "e.g. --link-sets layer2=features.6 (kdtune models links MODEL --dataset D lists them)")
+        rows = TABLE4 if common == [1, 2, 3, 4, 5, 6] else FOUR_LINKS if common == [1, 2, 3, 4] else [
+            (",".join(map(str, common)), 10)]
     kd = {"temperature": args.temperature, "alpha": args.alpha, "hard_weight": args.hard_weight}
     variants = [{"label": BASELINE_LABEL, "method": "none"}, {"label": "last layer", "method": "kd", **kd}] + [
         {"label": f"{links} b={beta * args.beta_scale:g}", "method": "links", "links": links,

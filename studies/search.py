@@ -12,7 +12,8 @@ set with the gain over the baseline and its 95% confidence interval.
 """
 from kdtune.options import finish, spec_from_args, study_parser
 from kdtune.spaces import MethodSpace, candidate_link_sets
-from kdtune.study import Search, run_study, student_base
+from kdtune.resolve import common_links, models_of
+from kdtune.study import Search, run_study
 
 KNOWN_GOOD = [{"method": "kd", "temperature": 4.0, "alpha": 0.9}]
 
@@ -28,8 +29,8 @@ def main() -> int:
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep 1/N trials at each rung")
     parser.add_argument("--searcher-seed", type=int, default=0)
     args = parser.parse_args()
-    base = student_base(spec_from_args(args, name="search", variants=[]))
-    space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(base["teacher"], base["student"])),
+    teacher, student = models_of(spec_from_args(args, name="search", variants=[]))
+    space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(common_links(teacher, student))),
                         fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "")
     search = Search(suggest=space,
                     num_samples=args.num_samples, time_budget_s=args.time_budget_s,

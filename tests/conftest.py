@@ -37,10 +37,10 @@ def mlflow_server(tmp_path_factory):
 def trained_digits_teacher(digits):
     """A digits teacher trained once with the engine (a few seconds)."""
     from kdtune.config import TrialConfig
-    from kdtune.engine import Trainer
+    from kdtune.parts import trainer_for
 
     config = TrialConfig.from_flat(dict(student="digits_teacher", method="none", epochs=12, lr=0.05))
-    trainer = Trainer(config, digits)
+    trainer = trainer_for(config, digits)
     for metrics in trainer.epochs():
         pass
     trainer.close()

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from kdtune.config import TrialConfig
-from kdtune.engine import Trainer, teacher_logits_for
+from kdtune.engine import teacher_logits_for
+from kdtune.parts import teacher_network, trainer_for
 from kdtune.errors import ConfigError, TrainingDiverged
 
 from conftest import write_cifar10
@@ -22,7 +23,7 @@ def test_teacher_trains_to_high_accuracy_with_the_same_engine(trained_digits_tea
 
 def test_each_loss_term_is_reported_every_epoch(digits, trained_digits_teacher):
     config = TrialConfig.from_flat({"method": "links", "links": "3,4", "beta": 0.5, "alpha": 0.5, "epochs": 2})
-    trainer = Trainer(config, digits, trained_digits_teacher[0])
+    trainer = trainer_for(config, digits, trained_digits_teacher[0])
     epochs = list(trainer.epochs())
     assert [m["epoch"] for m in epochs] == [1, 2]
     for m in epochs:
@@ -33,13 +34,13 @@ def test_each_loss_term_is_reported_every_epoch(digits, trained_digits_teacher):
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(digits, trained_digits_teacher, tmp_path):
     config = TrialConfig.from_flat({"method": "kd", "temperature": 4, "epochs": 4, "lr_step_epochs": 2})
-    straight = run(Trainer(config, digits, trained_digits_teacher[0]))
+    straight = run(trainer_for(config, digits, trained_digits_teacher[0]))
 
-    first = Trainer(config, digits, trained_digits_teacher[0])
+    first = trainer_for(config, digits, trained_digits_teacher[0])
     epochs = first.epochs()
     next(epochs), next(epochs)
     torch.save(first.state_dict(), tmp_path / "trainer.pt")
-    resumed = Trainer(config, digits, trained_digits_teacher[0])
+    resumed = trainer_for(config, digits, trained_digits_teacher[0])
     resumed.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True))
     final = run(resumed)
     assert final["epoch"] == 4
@@ -49,15 +50,15 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(digits, train
 
 def test_cached_teacher_logits_equal_the_teacher_on_the_same_samples(digits, trained_digits_teacher):
     state = trained_digits_teacher[0]
-    cache = teacher_logits_for("digits_teacher", state, digits, 0.1)
+    cache = teacher_logits_for(teacher_network("digits_teacher", state, digits), digits, 0.1)
     config = TrialConfig.from_flat({"method": "kd", "epochs": 1})
-    online = Trainer(config, digits, state)
+    online = trainer_for(config, digits, state)
     images, labels, index = next(online.train.batches(64, torch.Generator().manual_seed(0)))
     with torch.no_grad():
         expected = online.teacher(images)
     assert torch.allclose(cache[index], expected, atol=1e-5)
     # and the cached trial trains to the same place as the online one
-    cached = Trainer(config, digits, state, teacher_logits=cache)
+    cached = trainer_for(config, digits, state, teacher_logits=cache)
     assert cached.teacher is None
     assert run(cached)["loss_soft"] == pytest.approx(run(online)["loss_soft"], rel=1e-4)
 
@@ -71,11 +72,12 @@ def test_cache_with_random_augmentation_is_refused(tmp_path, digits):
     config = TrialConfig.from_flat({"dataset": "cifar10", "teacher": "vgg7", "student": "vgg7", "method": "kd",
                                     "teacher_cache": "on", "augment": False})
     logits = torch.zeros(len(cifar.train_labels), 10)
-    with pytest.raises(ConfigError, match="teacher_cache='on' with random augmentation"):
-        config.replace(augment=True)
-    # 'auto' quietly runs the teacher online when augmentation makes the cache invalid
     teacher_state = build_model("vgg7", 10, (3, 32, 32)).state_dict()
-    auto = Trainer(config.replace(teacher_cache="auto", augment=True), cifar, teacher_state, teacher_logits=logits)
+    with pytest.raises(ConfigError, match="teacher_cache='on': method 'kd' with augment='crop:4,flip' needs the "
+                                          "teacher run on every batch"):
+        trainer_for(config.replace(augment=True), cifar, teacher_state, teacher_logits=logits)
+    # 'auto' quietly runs the teacher online when augmentation makes the cache invalid
+    auto = trainer_for(config.replace(teacher_cache="auto", augment=True), cifar, teacher_state, teacher_logits=logits)
     assert auto.teacher_logits is None and auto.teacher is not None
 
 
@@ -89,7 +91,7 @@ def test_cifar_path_trains_vgg7_from_vgg16_end_to_end(tmp_path):
     config = TrialConfig.from_flat({"dataset": "cifar10", "teacher": "vgg16", "student": "vgg7", "method": "links",
                                     "links": "2,3,4,5", "beta": 10, "alpha": 0.6, "hard_weight": 0.05,
                                     "epochs": 1, "batch_size": 8})
-    trainer = Trainer(config, cifar, teacher)
+    trainer = trainer_for(config, cifar, teacher)
     assert trainer.train.augment  # crop + flip on by default for CIFAR
     metrics = run(trainer)
     assert {"loss_hard", "loss_soft", "loss_intermediate", "test_acc"} <= set(metrics)
@@ -99,4 +101,4 @@ def test_cifar_path_trains_vgg7_from_vgg16_end_to_end(tmp_path):
 def test_a_diverging_trial_stops_with_its_reason(digits):
     config = TrialConfig.from_flat({"method": "none", "lr": 1e6, "epochs": 3})
     with pytest.raises(TrainingDiverged, match="loss term 'hard' became nan in epoch 1"):
-        run(Trainer(config, digits))
+        run(trainer_for(config, digits))

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from kdtune.errors import ConfigError
+
 from kdtune.config import TrialConfig
 from kdtune.distill import method_class
 from kdtune.distill.base import Outputs
@@ -53,8 +55,8 @@ def test_kd_method_weights_each_term():
 def test_intermediate_term_is_beta_times_sum_of_mse_over_links():
     config = TrialConfig.from_flat({"method": "links", "links": "1,2", "beta": 10, "alpha": 0.0, "hard_weight": 0.0})
     method = method_class("links")(config)
-    student_features = {1: torch.zeros(1, 2, 2, 2), 2: torch.ones(1, 3)}
-    teacher_features = {1: torch.full((1, 2, 2, 2), 2.0), 2: torch.full((1, 3), 4.0)}
+    student_features = {"1": torch.zeros(1, 2, 2, 2), "2": torch.ones(1, 3)}
+    teacher_features = {"1": torch.full((1, 2, 2, 2), 2.0), "2": torch.full((1, 3), 4.0)}
     method.setup({k: v.shape for k, v in student_features.items()}, {k: v.shape for k, v in teacher_features.items()})
     terms = method.losses(Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT,
                                   teacher_logits=TEACHER, student_features=student_features,
@@ -69,8 +71,13 @@ def test_adapters_only_where_widths_differ():
     conv = make_adapter(torch.Size([1, 8, 8, 8]), torch.Size([1, 32, 8, 8]), 1)
     assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) and conv.out_channels == 32
     assert isinstance(make_adapter(torch.Size([1, 32]), torch.Size([1, 256]), 4), torch.nn.Linear)
-    with pytest.raises(Exception, match="differ in spatial size"):
-        make_adapter(torch.Size([1, 8, 4, 4]), torch.Size([1, 8, 8, 8]), 2)
+    with pytest.raises(ConfigError, match=r"student feature \(8, 4, 4\) and teacher feature \(8, 8, 8\) differ in "
+                       "height/width; set link_spatial=interpolate"):
+        make_adapter(torch.Size([1, 8, 4, 4]), torch.Size([1, 8, 8, 8]), "2")
+    resized = make_adapter(torch.Size([1, 4, 4, 4]), torch.Size([1, 8, 8, 8]), "2", spatial="interpolate")
+    assert tuple(resized(torch.ones(2, 4, 4, 4)).shape) == (2, 8, 8, 8)
+    with pytest.raises(ConfigError, match="cannot be joined by an adapter"):
+        make_adapter(torch.Size([1, 8, 4, 4]), torch.Size([1, 32]), "layer4=fc")
 
 
 def test_feature_mse():

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
-from kdtune.engine import Trainer, cpu_has_native_bf16, teacher_logits_for
+from kdtune.engine import cpu_has_native_bf16, teacher_logits_for
+from kdtune.parts import teacher_network, trainer_for
 
 KD = {"method": "kd", "temperature": 3.0, "alpha": 0.7, "hard_weight": 0.3, "epochs": 1, "lr": 0.05,
       "momentum": 0.9, "weight_decay": 1e-3, "seed": 3}
@@ -27,7 +28,7 @@ KD = {"method": "kd", "temperature": 3.0, "alpha": 0.7, "hard_weight": 0.3, "epo
 
 def one_batch_trainer(config: TrialConfig, dataset, teacher_state, **kwargs):
     """A Trainer whose whole training split is one batch, with a spy recording the batch it trains on."""
-    trainer = Trainer(config, dataset, teacher_state, device=torch.device("cpu"), **kwargs)
+    trainer = trainer_for(config, dataset, teacher_state, device=torch.device("cpu"), **kwargs)
     assert len(trainer.train) <= config.batch_size
     seen = []
     batches = trainer.train.batches
@@ -77,14 +78,14 @@ def small_cifar():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (42, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (42,), generator=generator)
-    return Dataset("cifar10", images, labels, images[:8], labels[:8], 10, 1 / 255)
+    return Dataset("cifar10", images, labels, images[:8], labels[:8], 10, 1 / 255, default_augment="crop:4,flip")
 
 
 def test_online_teacher_step_on_device_augmented_batch_matches_the_reference(small_cifar):
     """VGG-16 -> VGG-7 on a crop+flip batch made on the device: same losses, same weights after the step."""
     config = TrialConfig.from_flat({**KD, "dataset": "cifar10", "teacher": "vgg16", "student": "vgg7",
                                     "batch_size": 64, "val_fraction": 0.05})
-    assert config.uses_augmentation()
+    assert config.augment_recipe(small_cifar.default_augment) == "crop:4,flip"
     torch.manual_seed(1)
     teacher_state = models.build_model("vgg16", 10, (3, 32, 32)).state_dict()
     # an untrained VGG-16 gives near-uniform logits (a KL of ~1e-4, all rounding); sharpen them to a real target
@@ -121,7 +122,7 @@ def test_cached_teacher_logits_step_matches_the_online_reference(digits, trained
     """Seed 003's mode: teacher logits computed once on un-augmented images, looked up by sample index."""
     teacher_state = trained_digits_teacher[0]
     config = TrialConfig.from_flat({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "on"})
-    cache = teacher_logits_for(config.teacher, teacher_state, digits, config.val_fraction)
+    cache = teacher_logits_for(teacher_network(config.teacher, teacher_state, digits), digits, config.val_fraction)
     trainer, seen = one_batch_trainer(config, digits, teacher_state, teacher_logits=cache)
     assert trainer.teacher is None and trainer.teacher_logits is not None  # no teacher forward in the step
     initial = copy.deepcopy(trainer.student.state_dict())
@@ -166,4 +167,4 @@ def test_bf16_step_stays_within_bf16_rounding_of_the_fp32_reference(digits, trai
 def test_bf16_on_a_cpu_without_native_bf16_says_it_will_be_slow(digits):
     config = TrialConfig.from_flat({"dataset": "digits", "method": "none", "epochs": 1, "precision": "bf16"})
     with pytest.warns(RuntimeWarning, match="without AMX or AVX512-BF16.*use precision='fp32'"):
-        Trainer(config, digits, device=torch.device("cpu")).close()
+        trainer_for(config, digits, device=torch.device("cpu")).close()

@@ -10,7 +10,7 @@ import torch
 
 from kdtune import cli, registry
 from kdtune.config import TrialConfig
-from kdtune.engine import Trainer
+from kdtune.parts import trainer_for
 from kdtune.models import build_model
 from kdtune.tracking import ChildRun, ServableModel, TrackingContext, client_for, get_or_create_experiment
 
@@ -18,7 +18,7 @@ NAME = "test-gate-student"
 
 
 def train_and_log(context, digits, teacher_state, label, **config):
-    trainer = Trainer(TrialConfig.from_flat({"epochs": 3, **config}), digits, teacher_state)
+    trainer = trainer_for(TrialConfig.from_flat({"epochs": 3, **config}), digits, teacher_state)
     for metrics in trainer.epochs():
         pass
     trainer.close()

@@ -5,6 +5,7 @@ import math
 import pytest
 from scipy import stats
 
+from kdtune.records import TrialRecord
 from kdtune.results import format_table, pick_best, summarise
 
 
@@ -12,7 +13,8 @@ def trial(label, seed, val=None, test=None, error=None):
     metrics = {} if val is None else {"val_acc": val}
     if test is not None:
         metrics["test_acc"] = test
-    return {"label": label, "seed": seed, "metrics": metrics, "error": error, "params": {}}
+    status = "failed" if error else "finished" if test is not None else "stopped"
+    return TrialRecord("grid", label, {}, seed, status, metrics, error)
 
 
 def study(kd_tests, baseline_tests, kd_vals=None, baseline_vals=None):

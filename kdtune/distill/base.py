@@ -40,7 +40,7 @@ class Stage:
     name: str
     epochs: int
     terms: frozenset[str] | None = None  # None: every term the method has
-    train_up_to: tuple[int, ...] = ()
+    train_up_to: tuple[str, ...] = ()  # links: train only the student parameters feeding them
     uses_teacher: bool = True
 
 
@@ -52,8 +52,8 @@ class Outputs:
     indices: torch.Tensor
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None = None
-    student_features: dict[int, torch.Tensor] = field(default_factory=dict)
-    teacher_features: dict[int, torch.Tensor] = field(default_factory=dict)
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)  # by link
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # Optional fields that only some methods read: a value set for another method is a mistake worth a message.
@@ -96,12 +96,13 @@ class Method(nn.Module):
     @property
     def needs_teacher_features(self) -> bool:
         """Methods that read teacher features cannot use cached teacher logits."""
-        return bool(self.link_numbers())
+        return bool(self.link_keys())
 
-    def link_numbers(self) -> tuple[int, ...]:
+    def link_keys(self) -> tuple[str, ...]:
+        """The links (numbers or teacher.path=student.path, see config.parse_links) whose features it reads."""
         return ()
 
-    def setup(self, student_shapes: dict[int, torch.Size], teacher_shapes: dict[int, torch.Size],
+    def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size],
               num_classes: int | None = None) -> None:
         """Create extra modules once the feature shapes are known (called before the optimiser is built)."""
 

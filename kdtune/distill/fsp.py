@@ -2,7 +2,7 @@
 
 Stage 'fsp' (stage1_epochs): the student minimises
     beta * mean over samples of sum over pairs i of ||G_i^T - G_i^S||_2^2,   G = F1^T F2 / (h * w)
-one lambda (= beta) for every pair, as the paper does. A pair "a-b" of fsp_pairs names two link points of equal
+one lambda (= beta) for every pair, as the paper does. A pair "a-b" of fsp_pairs names two links (numbers or teacher.path=student.path) of equal
 height and width; it is taken in both networks, so the student's matrix lines up with the teacher's.
 Stage 'main' (epochs): the main task, hard_weight * CE, plus alpha * T^2 * KL when alpha > 0
 (alpha=0 is seed 002's stage 2).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from kdtune import models
 from kdtune.config import TrialConfig, format_pairs
 from kdtune.distill.base import Outputs, Stage
 from kdtune.distill.kd import KnowledgeDistillation
@@ -31,23 +30,16 @@ class FlowOfSolution(KnowledgeDistillation):
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
         super().check_config(config)
-        pairs = format_pairs(config.fsp_pairs)
         if not config.fsp_pairs:
             raise ConfigError("fsp_pairs='': method 'fsp' needs at least one layer pair, e.g. fsp_pairs='1-2,3-4,5-6'")
-        common = sorted(set(models.model_spec(config.teacher).link_points)
-                        & set(models.model_spec(config.student).link_points))
-        for link in sorted({k for pair in config.fsp_pairs for k in pair}):
-            if link not in common:
-                raise ConfigError(f"fsp_pairs={pairs}: link {link} is not a link point of both {config.teacher} "
-                                  f"and {config.student}; allowed: {', '.join(map(str, common)) or 'none'}")
         if config.beta <= 0:
             raise ConfigError(f"beta={config.beta}: method 'fsp' needs beta > 0 (the FSP loss weight lambda)")
         if config.alpha <= 0 and config.effective_hard_weight <= 0:
             raise ConfigError(f"alpha={config.alpha}, hard_weight={config.effective_hard_weight}: method 'fsp' "
                               "needs a main stage with a term of weight > 0")
 
-    def link_numbers(self) -> tuple[int, ...]:
-        return tuple(sorted({k for pair in self.config.fsp_pairs for k in pair}))
+    def link_keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for pair in self.config.fsp_pairs for k in pair))
 
     def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
         """Equal spatial sizes within each network, equal matrix shapes across them: checked on real shapes."""
@@ -70,7 +62,7 @@ class FlowOfSolution(KnowledgeDistillation):
 
     def stages(self) -> list[Stage]:
         return [
-            Stage("fsp", self.config.stage1_epochs, frozenset({"fsp"}), train_up_to=self.link_numbers()),
+            Stage("fsp", self.config.stage1_epochs, frozenset({"fsp"}), train_up_to=self.link_keys()),
             Stage("main", self.config.epochs, self.kd_terms(), uses_teacher=self.config.alpha > 0),
         ]
 

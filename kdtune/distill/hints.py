@@ -7,7 +7,7 @@ convolution for feature maps (a linear map for vectors). Seed 001 always puts th
 layer, so it is there even when widths match; heights and widths must already agree.
 Stage 'main' (epochs): the whole student trains with KD, hard_weight * CE + alpha * T^2 * KL (seed 001 §2.3).
 
-Hint/guided pairs are named by link number, as for method 'links': link k is the teacher's hint layer and the
+Hint/guided pairs are links, as for method 'links' (a number or teacher.path=student.path): link k is the teacher's hint layer and the
 student's guided layer; several links give several pairs. The loss is the mean over elements (MSE) rather
 than the summed squared norm of eq. 2.4, so beta means the same whatever the feature size.
 """
@@ -19,7 +19,7 @@ from torch import nn
 from kdtune.config import TrialConfig
 from kdtune.distill.base import Outputs, Stage
 from kdtune.distill.kd import KnowledgeDistillation
-from kdtune.distill.links import make_adapter
+from kdtune.distill.links import adapter_key, make_adapter
 from kdtune.distill.losses import feature_mse
 from kdtune.errors import ConfigError
 
@@ -40,12 +40,14 @@ class Hints(KnowledgeDistillation):
             raise ConfigError(f"alpha={config.alpha}, hard_weight={config.effective_hard_weight}: method 'hints' "
                               "needs a KD stage with a term of weight > 0")
 
-    def link_numbers(self) -> tuple[int, ...]:
+    def link_keys(self) -> tuple[str, ...]:
         return self.config.links
 
     def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
         self.adapters = nn.ModuleDict({
-            str(k): make_adapter(student_shapes[k], teacher_shapes[k], k, always=True) for k in self.config.links
+            adapter_key(k): make_adapter(student_shapes[k], teacher_shapes[k], k, always=True,
+                                         spatial=self.config.link_spatial)
+            for k in self.config.links
         })
 
     def stages(self) -> list[Stage]:
@@ -62,6 +64,6 @@ class Hints(KnowledgeDistillation):
         terms = super().losses(out)
         if self.term_on("hint"):
             terms["hint"] = self.config.beta * sum(
-                feature_mse(self.adapters[str(k)](out.student_features[k]), out.teacher_features[k])
+                feature_mse(self.adapters[adapter_key(k)](out.student_features[k]), out.teacher_features[k])
                 for k in self.config.links)
         return terms

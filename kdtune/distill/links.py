@@ -2,8 +2,13 @@
 
 Where a linked pair differs in width, a 1x1 convolution (or a linear map for FC links) adapts the student
 feature to the teacher's width before the MSE; where widths match (VGG-7 vs VGG-16) no adapter is added.
+Linked maps whose height and width differ are refused (link_spatial='refuse', the default, naming both
+shapes), or the student's map is bilinearly resized to the teacher's before the adapter
+(link_spatial='interpolate'): an explicit choice, because resizing changes what the student is asked to match.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -15,18 +20,42 @@ from kdtune.distill.base import Outputs
 from kdtune.errors import ConfigError
 
 
-def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: int, always: bool = False) -> nn.Module:
+def adapter_key(link: str) -> str:
+    """A link as a ModuleDict key (which may not contain '.')."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", link)
+
+
+class Resize(nn.Module):
+    """Bilinear resize of a feature map to the teacher's height and width (link_spatial='interpolate')."""
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.size = tuple(size)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(feature, size=self.size, mode="bilinear", align_corners=False)
+
+
+def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: str, always: bool = False,
+                 spatial: str = "refuse") -> nn.Module:
     """Identity when shapes match (unless `always`); a 1x1 conv (maps) or linear layer (vectors) otherwise."""
-    if student_shape[1:] == teacher_shape[1:] and not always:
+    student, teacher = tuple(student_shape[1:]), tuple(teacher_shape[1:])
+    if student == teacher and not always:
         return nn.Identity()
-    if len(student_shape) == 4 and len(teacher_shape) == 4 and student_shape[2:] == teacher_shape[2:]:
-        return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1)
-    if len(student_shape) == 2 and len(teacher_shape) == 2:
-        return nn.Linear(student_shape[1], teacher_shape[1])
+    if len(student) == 3 and len(teacher) == 3:
+        widths = nn.Conv2d(student[0], teacher[0], kernel_size=1) if student[0] != teacher[0] or always else None
+        if student[1:] == teacher[1:]:
+            return widths
+        if spatial == "interpolate":
+            return nn.Sequential(Resize(teacher[1:]), *([widths] if widths is not None else []))
+        raise ConfigError(
+            f"link {link}: student feature {student} and teacher feature {teacher} differ in height/width; "
+            "set link_spatial=interpolate to resize the student's map, or link layers of equal spatial size")
+    if len(student) == 1 and len(teacher) == 1:
+        return nn.Linear(student[0], teacher[0])
     raise ConfigError(
-        f"link {link}: student feature {tuple(student_shape[1:])} and teacher feature "
-        f"{tuple(teacher_shape[1:])} differ in spatial size; only widths can be adapted"
-    )
+        f"link {link}: student feature {student} and teacher feature {teacher} cannot be joined by an adapter "
+        "(a 1x1 convolution joins two C x H x W maps, a linear layer two vectors); link layers of the same kind")
 
 
 class MultiLayerLinks(KnowledgeDistillation):
@@ -41,20 +70,20 @@ class MultiLayerLinks(KnowledgeDistillation):
         if config.beta <= 0:
             raise ConfigError(f"beta={config.beta}: method 'links' needs beta > 0 (the intermediate weight)")
 
-    def link_numbers(self) -> tuple[int, ...]:
+    def link_keys(self) -> tuple[str, ...]:
         return self.config.links
 
     def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
-        self.adapters = nn.ModuleDict(
-            {str(k): make_adapter(student_shapes[k], teacher_shapes[k], k) for k in self.config.links}
-        )
+        self.adapters = nn.ModuleDict({
+            adapter_key(k): make_adapter(student_shapes[k], teacher_shapes[k], k, spatial=self.config.link_spatial)
+            for k in self.config.links})
 
     def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         terms = super().losses(out)
         if not self.term_on("intermediate"):
             return terms
         total = sum(
-            feature_mse(self.adapters[str(k)](out.student_features[k]), out.teacher_features[k])
+            feature_mse(self.adapters[adapter_key(k)](out.student_features[k]), out.teacher_features[k])
             for k in self.config.links
         )
         terms["intermediate"] = self.config.beta * total

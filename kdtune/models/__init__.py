@@ -97,6 +97,9 @@ _MODELS: dict[str, ModelSpec] = {
     "wrn_40_10": _wrn(40, 10, 0.0, "teacher"),
     "wrn_22_4": _wrn(22, 4, 0.3, "ImageNet32 student"),
     "wrn_10_4": _wrn(10, 4, 0.3, "CIFAR student"),
+    # the rule recipe's pair for samples that are not images (vectors, signals): kdtune/recipes.py
+    "mlp_teacher": _mlp([512, 512], "rule-recipe teacher for non-image data"),
+    "mlp_student": _mlp([64], "rule-recipe student for non-image data"),
     # between the two in size: the teacher assistant of a digits chain (seed 001 section 3.2)
     "digits_assistant": _vgg([[16], [32], [64]], [64]),
 }
@@ -159,3 +162,9 @@ class FeatureTap:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+# Model references (resolved once, picklable) and model inspection; imported last: they use the registry above.
+from kdtune.models.refs import MODEL_FORMS_HELP, ModelRef, model_ref, shippable_path  # noqa: E402
+from kdtune.models.inspect import check_module_path, format_module_table, module_shapes  # noqa: E402
+from kdtune.models.pretrained import vgg_conv_state_from_torchvision  # noqa: E402

@@ -1,0 +1,66 @@
+"""What a study resolves once, in the driver, and every trial receives as objects: `StudyParts`.
+
+    dataset          a kdtune Dataset (tensors, or file paths for a streamed one)
+    student, teacher ModelRefs (kdtune/models/refs.py): built-in, torchvision:, timm:, module:factory, objects
+    teacher_state    the teacher's weights (from the registry, a file, pretrained + fine-tuned, or trained now)
+    teacher_logits   cached teacher logits on un-augmented training samples (row i = sample i), or None
+
+Ray puts a StudyParts in the object store once (`tune.with_parameters`); a trial builds its student from the
+reference and never resolves a name. `trainer_for` is the same path for scripts and tests that start from a
+TrialConfig's texts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdtune.config import TrialConfig
+from kdtune.data import Dataset
+
+
+@dataclass
+class StudyParts:
+    dataset: Dataset
+    student: object  # ModelRef
+    teacher: object | None = None  # ModelRef
+    teacher_state: dict | None = None
+    teacher_logits: torch.Tensor | None = None
+
+    def build_teacher(self) -> nn.Module | None:
+        if self.teacher is None or self.teacher_state is None:
+            return None
+        teacher = self.teacher.build(self.dataset.num_classes, self.dataset.input_shape)
+        teacher.load_state_dict(self.teacher_state)
+        return teacher
+
+    def trainer(self, config: TrialConfig, device: torch.device | None = None, student: nn.Module | None = None):
+        """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights)."""
+        from kdtune import distill
+        from kdtune.engine import Trainer
+        from kdtune.linking import plan_links
+
+        method = distill.method_class(config.method)(config)
+        links = plan_links(method.link_keys(), self.teacher, self.student)
+        if student is None:
+            torch.manual_seed(config.seed)  # the student's initial weights depend on the trial's seed alone
+            student = self.student.build(self.dataset.num_classes, self.dataset.input_shape)
+        return Trainer(config, self.dataset, student, self.build_teacher, teacher_logits=self.teacher_logits, links=links,
+                       device=device)
+
+
+def trainer_for(config: TrialConfig, dataset: Dataset, teacher_state: dict | None = None,
+                teacher_logits: torch.Tensor | None = None, device: torch.device | None = None):
+    """A Trainer from a config's model texts (built-in names or any other reference form)."""
+    from kdtune.models.refs import model_ref
+
+    parts = StudyParts(dataset, model_ref(config.student), model_ref(config.teacher), teacher_state, teacher_logits)
+    return parts.trainer(config, device)
+
+
+def teacher_network(spec, state: dict, dataset: Dataset) -> nn.Module:
+    """A teacher built from a reference (text or object) and its weights."""
+    from kdtune.models.refs import model_ref
+
+    return StudyParts(dataset, None, model_ref(spec), state).build_teacher()

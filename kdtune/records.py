@@ -1,0 +1,67 @@
+"""What a study knows about each trial once Tune is done with it, and what it optimises.
+
+`TrialRecord` is one typed row per trial (phase, label, seed, status, metrics, run id, error): every consumer
+(tables, selection, the registry, the report, the trials CSV) reads `status` instead of guessing "finished"
+from which metrics a dict happens to hold. `OBJECTIVE` is named once and passed to Tune's searcher, ASHA,
+the status table and selection.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
+UNFINISHED = "unfinished"  # read back from MLflow: still running, or its driver was killed
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "val_acc"
+    mode: str = "max"
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def best(self, items, value):
+        """The item whose value is best (None for no items)."""
+        items = list(items)
+        if not items:
+            return None
+        return (max if self.mode == "max" else min)(items, key=value)
+
+
+OBJECTIVE = Objective("val_acc", "max")  # selection is on validation; test accuracy is only reported
+
+
+@dataclass
+class TrialRecord:
+    phase: str
+    label: str
+    params: dict  # what the trial set on top of the study's base configuration
+    seed: int
+    status: str  # finished | stopped (by the scheduler, before its last epoch) | failed | unfinished
+    metrics: dict = field(default_factory=dict)  # the last reported epoch's metrics (with test_acc if finished)
+    error: str | None = None
+    run_id: str | None = None
+    path: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAILED
+
+    @property
+    def stopped(self) -> bool:
+        return self.status == STOPPED
+
+
+def status_of(metrics: dict, error) -> str:
+    """A trial finished when it reported its last epoch (epoch == epochs_total); Tune's error makes it failed."""
+    if error is not None:
+        return FAILED
+    total = metrics.get("epochs_total")
+    if total is not None and metrics.get("epoch") == total:
+        return FINISHED
+    return STOPPED

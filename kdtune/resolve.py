@@ -1,0 +1,182 @@
+"""Resolve a study once, in the driver, and check everything it can before anything is created.
+
+    spec (texts or objects)  ->  ResolvedStudy
+      dataset      built-in | folder: | npz: | module:function | a Dataset      (kdtune/sources.py)
+      references   teacher and student: built-in | torchvision: | timm: | module:factory | objects
+                   (kdtune/models/refs.py), each built once and run on a sample batch
+      configs      every trial config the study can produce (a search: its space, sampled), validated
+      links        each distinct link set probed on the real networks (paths exist, adapters can join)
+      augmentation each distinct recipe parsed against the samples' shape
+      teacher      its source checked (a file read, pretrained weights found); MLflow sources are read later
+
+A bad value ends here with one ConfigError/DatasetError line: no MLflow run, study folder or registry
+version exists yet. Trials later receive these objects and resolve nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdtune import recipes
+from kdtune.config import TrialConfig
+from kdtune.data import Dataset
+from kdtune.errors import ConfigError
+from kdtune.teachers import TeacherPlan, plan_teacher
+
+
+@dataclass
+class ResolvedStudy:
+    dataset: Dataset
+    student: object  # ModelRef
+    teacher: object  # ModelRef
+    base: dict  # the flat config every student trial starts from
+    configs: list[TrialConfig]  # every trial config the study can produce
+    teacher_config: TrialConfig  # how the teacher is trained (its `student` field is the teacher)
+    teacher_plan: TeacherPlan | None  # None: no trial uses a teacher
+    user_modules: list[str]  # folders/files of the user's own code to ship to every node
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher_plan is not None
+
+
+def resolve_study(spec, echo=print) -> ResolvedStudy:
+    from kdtune.models.refs import model_ref, shippable_path
+    from kdtune.sources import resolve_dataset
+
+    _check_resources(spec)
+    if spec.search is None and not spec.variants:
+        raise ConfigError(f"study {spec.name!r}: no variants and no search to run")
+    labels = [v.get("label") for v in spec.variants]
+    if len(set(labels)) != len(labels) or None in labels:
+        raise ConfigError(f"study {spec.name!r}: every variant needs a distinct 'label' (got {labels})")
+    dataset = resolve_dataset(spec.dataset, spec.data_dir, spec.download, image_size=spec.image_size,
+                              stream=spec.stream)
+    recipe = recipes.recipe_for(dataset, builtin=_is_builtin(spec.dataset))
+    student = model_ref(spec.student if spec.student is not None else recipe["student"])
+    teacher = model_ref(spec.teacher if spec.teacher is not None else recipe["teacher"])
+    for ref in (student, teacher):
+        ref.check(dataset.num_classes, dataset.input_shape)
+    base = {"dataset": dataset.name, "teacher": teacher.spec, "student": student.spec,
+            **recipe["student_recipe"], **spec.overrides}
+    configs = [TrialConfig.from_flat({**base, **_without_label(v), "seed": seed})
+               for v in spec.variants for seed in range(spec.seeds)]
+    if spec.search is not None:
+        configs += _sample_search_space(spec.search, base)
+    _check_against_data(configs, dataset, student, teacher)
+    teacher_config = TrialConfig.from_flat({
+        "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
+        **recipe["teacher_recipe"], **spec.teacher_overrides})
+    needs_teacher = any(_method(c).needs_teacher for c in configs)
+    source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
+    plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
+    modules = sorted({p for p in (shippable_path(student), shippable_path(teacher)) if p})
+    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules)
+
+
+def models_of(spec) -> tuple[object, object]:
+    """(teacher, student) references of a study, for scripts that shape their variants by the models' link
+    points; the dataset is loaded only when its recipe must choose a model."""
+    from kdtune.models.refs import model_ref
+
+    if spec.teacher is not None and spec.student is not None:
+        return model_ref(spec.teacher), model_ref(spec.student)
+    recipe = recipe_of(spec)
+    return (model_ref(spec.teacher if spec.teacher is not None else recipe["teacher"]),
+            model_ref(spec.student if spec.student is not None else recipe["student"]))
+
+
+def recipe_of(spec) -> dict:
+    """The dataset's recipe (recipes.py); a dataset kdtune does not ship is loaded to apply the rule."""
+    from kdtune.sources import resolve_dataset
+
+    if _is_builtin(spec.dataset):
+        return recipes.recipe_for(spec.dataset)
+    dataset = resolve_dataset(spec.dataset, spec.data_dir, spec.download, image_size=spec.image_size,
+                              stream=spec.stream)
+    return recipes.recipe_for(dataset, builtin=False)
+
+
+def common_links(teacher, student) -> list[int]:
+    """The numbered links both models declare."""
+    return sorted(set(teacher.link_points) & set(student.link_points))
+
+
+def _check_resources(spec) -> None:
+    if not isinstance(spec.seeds, int) or spec.seeds < 1:
+        raise ConfigError(f"seeds={spec.seeds!r}: must be a whole number >= 1")
+    if not spec.cpus_per_trial > 0:
+        raise ConfigError(f"cpus_per_trial={spec.cpus_per_trial}: must be > 0")
+    if not spec.gpus_per_trial >= 0:
+        raise ConfigError(f"gpus_per_trial={spec.gpus_per_trial}: must be >= 0")
+    if spec.max_concurrent is not None and spec.max_concurrent < 1:
+        raise ConfigError(f"max_concurrent={spec.max_concurrent}: must be >= 1")
+    if spec.image_size is not None and (not isinstance(spec.image_size, int) or spec.image_size < 1):
+        raise ConfigError(f"image_size={spec.image_size!r}: must be a whole number of pixels >= 1")
+
+
+def _is_builtin(dataset) -> bool:
+    from kdtune.data import dataset_names
+
+    return isinstance(dataset, str) and dataset in dataset_names()
+
+
+def _is_trained_module(teacher) -> bool:
+    from torch import nn
+
+    return isinstance(teacher, nn.Module)
+
+
+def _method(config: TrialConfig):
+    from kdtune import distill
+
+    return distill.method_class(config.method)(config)
+
+
+def _without_label(variant: dict) -> dict:
+    return {k: v for k, v in variant.items() if k != "label"}
+
+
+def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher) -> None:
+    """What needs the data and the networks: augmentation, the logit cache, links (each distinct case once)."""
+    from kdtune.engine import training_augmentation
+    from kdtune.linking import check_method_on_models
+
+    seen_augment, seen_links = set(), set()
+    for config in configs:
+        recipe = config.augment_recipe(dataset.default_augment)
+        if recipe not in seen_augment:
+            seen_augment.add(recipe)
+            training_augmentation(config, dataset)
+        if config.teacher_cache == "on" and recipe:
+            raise ConfigError(
+                f"teacher_cache='on' with augment={recipe!r}: cached teacher logits are computed on un-augmented "
+                "samples and would not match augmented inputs; set augment=none or teacher_cache='off'")
+        if config.teacher_cache == "on" and not dataset.in_memory:
+            raise ConfigError(
+                "teacher_cache='on' with a dataset streamed from disk: kdtune caches teacher logits only for "
+                "in-memory data; set teacher_cache='auto' (the teacher then runs on every batch) or give a "
+                "larger memory budget")
+        key = (config.method, config.links, config.fsp_pairs, config.link_spatial)
+        if key not in seen_links:
+            seen_links.add(key)
+            check_method_on_models(config, dataset, student, teacher)
+
+
+def _sample_search_space(search, base: dict, samples: int = 48) -> list[TrialConfig]:
+    """Draw configurations from the define-by-run space (random sampler) and validate each one now,
+    so a bad range fails before any trial instead of inside one."""
+    import optuna
+
+    if search.num_samples < 1:
+        raise ConfigError(f"num_samples={search.num_samples}: must be >= 1")
+    if search.time_budget_s is not None and search.time_budget_s <= 0:
+        raise ConfigError(f"time_budget_s={search.time_budget_s}: must be > 0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
+    configs = [TrialConfig.from_flat({**base, **point}) for point in search.points_to_evaluate]
+    for _ in range(samples):
+        trial = study.ask()
+        constants = search.suggest(trial) or {}
+        configs.append(TrialConfig.from_flat({**base, **trial.params, **constants}))
+        study.tell(trial, 0.0)
+    return configs
