@@ -855,10 +855,14 @@ class _Split:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _order(self, generator: torch.Generator | None) -> torch.Tensor:
+    def _order(self, generator: torch.Generator | None, batch_size: int) -> torch.Tensor:
+        """The samples in batch order: as stored for evaluation; shuffled for training (a generator given),
+        where a last batch of a single sample is left out: BatchNorm cannot train on one sample (a torchvision
+        ResNet fails on it), and one sample of a reshuffled epoch is a negligible loss."""
         if generator is None:
             return self.indices
-        return self.indices[torch.randperm(len(self.indices), generator=generator).to(self.indices.device)]
+        order = self.indices[torch.randperm(len(self.indices), generator=generator).to(self.indices.device)]
+        return order[:-1] if len(order) % batch_size == 1 and len(order) > 1 else order
 
     def _prepare(self, raw: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         images = raw.float() * self._mul + self._add
@@ -887,7 +891,7 @@ class DeviceData(_Split):
     def batches(self, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (samples, labels, sample indices); shuffled when a generator is given."""
-        order = self._order(generator)
+        order = self._order(generator, batch_size)
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             yield self._prepare(self.images[index], generator), self.labels[index], index
@@ -918,7 +922,7 @@ class StreamingData(_Split):
     def batches(self, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (samples, labels, sample indices); shuffled when a generator is given."""
-        self._sampler.set(self._order(generator), batch_size)
+        self._sampler.set(self._order(generator, batch_size), batch_size)
         move = dict(device=self.device, non_blocking=self._pin)
         for raw, labels, index in _checked(self._loader):
             yield self._prepare(raw.to(**move), generator), labels.to(**move), index.to(**move)

@@ -1,15 +1,14 @@
-"""Define-by-run search spaces for Optuna: a parameter is sampled only where the chosen method uses it.
+"""Define-by-run search spaces for Optuna, assembled from the methods: a parameter is sampled only where the
+chosen method declares it (`Method.search_parameters` in kdtune/distill/), with the method's default range
+unless the study overrides it.
 
 A space is a picklable object (Ray Tune checkpoints the Optuna searcher with pickle, which refuses closures).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-SOFT_METHODS = {"kd", "links", "hints", "fsp"}  # a soft term (T, alpha); fsp/hints: in their second stage
-LINK_METHODS = {"links", "hints"}  # a link set and its weight beta
-TWO_STAGE_METHODS = {"hints", "fsp", "adversarial_pretrained"}  # stage1_epochs
-ADVERSARIAL_METHODS = {"adversarial", "adversarial_pretrained"}  # adv_weight, discriminator settings
+from kdtune.errors import ConfigError
 
 
 def candidate_link_sets(common: list[int]) -> list[str]:
@@ -22,37 +21,45 @@ def candidate_link_sets(common: list[int]) -> list[str]:
 
 @dataclass
 class MethodSpace:
-    """method -> its own parameters: T and alpha where a soft term exists, beta and a link set with links,
-    FSP weight with FSP pairs, first-stage length for two-stage methods, loss weights and the discriminator's
-    learning rate for adversarial methods."""
+    """method -> the parameters that method declares. `link_sets` are the candidates for methods with links,
+    `fsp_pairs` the pair's FSP pairs (one value; empty: fsp not searchable), `ranges` overrides a parameter's
+    default range by name, e.g. {"temperature": (1.0, 8.0)}."""
 
     methods: tuple[str, ...]
-    link_sets: tuple[str, ...]
-    fsp_pairs: str = ""  # the model pair's section pairs, e.g. "1-2,3-4,5-6" (empty: fsp not searchable)
-    temperature: tuple[float, float] = (0.5, 20.0)
-    alpha: tuple[float, float] = (0.05, 1.0)
-    beta: tuple[float, float] = (0.01, 10.0)
-    stage1_epochs: tuple[int, int] = (1, 5)
-    adv_weight: tuple[float, float] = (0.01, 10.0)
-    disc_lr: tuple[float, float] = (1e-4, 1e-1)
+    link_sets: tuple[str, ...] = ()
+    fsp_pairs: str = ""
+    ranges: dict[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from kdtune import distill
+
+        for method in self.methods:
+            params = {p.name: p for p in distill.method_class(method).search_parameters}
+            if "links" in params and not self.link_sets:
+                raise ConfigError(f"method {method!r} in a search needs candidate link sets; these models share no "
+                                  "numbered links (give link sets with module paths, teacher.path=student.path)")
+            if "fsp_pairs" in params and not self.fsp_pairs:
+                raise ConfigError(f"method {method!r} in a search needs fsp_pairs (e.g. '1-2,3-4,5-6')")
+        known = {p.name for m in self.methods for p in distill.method_class(m).search_parameters}
+        unknown = sorted(set(self.ranges) - known)
+        if unknown:
+            raise ConfigError(f"ranges: {unknown[0]!r} is not a parameter of the searched methods; "
+                              f"allowed: {', '.join(sorted(known))}")
 
     def __call__(self, trial) -> dict:
+        from kdtune import distill
+
         method = trial.suggest_categorical("method", list(self.methods))
         constants = {}
-        if method in SOFT_METHODS:
-            trial.suggest_float("temperature", *self.temperature, log=True)
-            trial.suggest_float("alpha", *self.alpha)
-        if method in LINK_METHODS:
-            trial.suggest_float("beta", *self.beta, log=True)
-            trial.suggest_categorical("links", list(self.link_sets))
-        if method == "fsp":
-            trial.suggest_float("beta", *self.beta, log=True)
-            constants["fsp_pairs"] = self.fsp_pairs
-        if method in TWO_STAGE_METHODS:
-            trial.suggest_int("stage1_epochs", *self.stage1_epochs)
-        if method in ADVERSARIAL_METHODS:
-            trial.suggest_float("adv_weight", *self.adv_weight, log=True)
-            trial.suggest_float("disc_lr", *self.disc_lr, log=True)
-        if method == "adversarial":
-            trial.suggest_float("l1_weight", *self.adv_weight, log=True)
+        for param in distill.method_class(method).search_parameters:
+            if param.choices == "link_sets":
+                trial.suggest_categorical(param.name, list(self.link_sets))
+            elif param.choices == "fsp_pairs":
+                constants[param.name] = self.fsp_pairs
+            else:
+                low, high = self.ranges.get(param.name, (param.low, param.high))
+                if param.integer:
+                    trial.suggest_int(param.name, int(low), int(high))
+                else:
+                    trial.suggest_float(param.name, low, high, log=param.log)
         return constants

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from kdtune.config import TrialConfig
-from kdtune.distill.base import Method, Outputs, Stage
-from kdtune.distill.discriminator import LogitDiscriminator, discriminator_optimizer
+from kdtune.distill.base import Method, Outputs, Param, Stage
+from kdtune.distill.discriminator import ADV_WEIGHT, DISC_LR, LogitDiscriminator, discriminator_optimizer
 from kdtune.distill.losses import FAKE, REAL, adversarial_log_likelihoods, hard_loss, l1_alignment
 from kdtune.errors import ConfigError
 
@@ -29,6 +29,7 @@ from kdtune.errors import ConfigError
 class ConditionalAdversarial(Method):
     name = "adversarial"
     needs_teacher = True
+    search_parameters = (ADV_WEIGHT, DISC_LR, Param("l1_weight", 0.01, 10.0, log=True))
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:

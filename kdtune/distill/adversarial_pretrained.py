@@ -23,7 +23,8 @@ from torch.nn import functional as F
 
 from kdtune.config import TrialConfig
 from kdtune.distill.base import Method, Outputs, Stage
-from kdtune.distill.discriminator import LogitDiscriminator, discriminator_optimizer
+from kdtune.distill.discriminator import ADV_WEIGHT, DISC_LR, LogitDiscriminator, discriminator_optimizer
+from kdtune.distill.kd import STAGE1_EPOCHS
 from kdtune.distill.losses import hard_loss, student_source_loss
 from kdtune.errors import ConfigError
 
@@ -35,6 +36,7 @@ class PretrainedDiscriminator(Method):
     name = "adversarial_pretrained"
     needs_teacher = True
     first_stage = "pretrain"
+    search_parameters = (STAGE1_EPOCHS, ADV_WEIGHT, DISC_LR)
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:

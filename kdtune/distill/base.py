@@ -44,6 +44,21 @@ class Stage:
     uses_teacher: bool = True
 
 
+@dataclass(frozen=True)
+class Param:
+    """A setting a method adds, and its default search range (kdtune/spaces.py samples it only for that method).
+
+    `choices` names values the model pair supplies instead of a range: "link_sets" (sampled from the pair's
+    candidate link sets) or "fsp_pairs" (one value, the pair's sections, used as a constant)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: str | None = None
+
+
 @dataclass
 class Outputs:
     """One batch as the method sees it."""
@@ -65,6 +80,7 @@ class Method(nn.Module):
     needs_teacher = False
     uses_fields: frozenset[str] = frozenset()  # which of _STRUCTURAL_FIELDS the method reads
     first_stage: str | None = None  # two-stage methods: the name of the stage run for stage1_epochs
+    search_parameters: tuple[Param, ...] = ()  # what a search samples for this method, in this order
 
     def __init__(self, config: TrialConfig):
         super().__init__()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdtune.distill.base import Param
+
 from kdtune.config import TrialConfig
 
 DROPOUT = 0.3  # seed 003 §3, for the discriminator
@@ -31,3 +33,7 @@ def discriminator_optimizer(discriminator: nn.Module, config: TrialConfig) -> to
     lr = config.lr if config.disc_lr is None else config.disc_lr
     return torch.optim.SGD(discriminator.parameters(), lr=lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
+
+
+ADV_WEIGHT = Param("adv_weight", 0.01, 10.0, log=True)
+DISC_LR = Param("disc_lr", 1e-4, 1e-1, log=True)

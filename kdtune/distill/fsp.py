@@ -17,7 +17,8 @@ import torch
 
 from kdtune.config import TrialConfig, format_pairs
 from kdtune.distill.base import Outputs, Stage
-from kdtune.distill.kd import KnowledgeDistillation
+from kdtune.distill.base import Param
+from kdtune.distill.kd import BETA, STAGE1_EPOCHS, KnowledgeDistillation
 from kdtune.distill.losses import fsp_distance, fsp_matrix
 from kdtune.errors import ConfigError
 
@@ -26,6 +27,8 @@ class FlowOfSolution(KnowledgeDistillation):
     name = "fsp"
     uses_fields = frozenset({"fsp_pairs"})
     first_stage = "fsp"
+    search_parameters = KnowledgeDistillation.search_parameters + (
+        BETA, Param("fsp_pairs", choices="fsp_pairs"), STAGE1_EPOCHS)
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:

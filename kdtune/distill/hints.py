@@ -18,7 +18,7 @@ from torch import nn
 
 from kdtune.config import TrialConfig
 from kdtune.distill.base import Outputs, Stage
-from kdtune.distill.kd import KnowledgeDistillation
+from kdtune.distill.kd import BETA, LINK_SETS, STAGE1_EPOCHS, KnowledgeDistillation
 from kdtune.distill.links import adapter_key, make_adapter
 from kdtune.distill.losses import feature_mse
 from kdtune.errors import ConfigError
@@ -28,6 +28,7 @@ class Hints(KnowledgeDistillation):
     name = "hints"
     uses_fields = frozenset({"links"})
     first_stage = "hint"
+    search_parameters = KnowledgeDistillation.search_parameters + (BETA, LINK_SETS, STAGE1_EPOCHS)
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from kdtune.config import TrialConfig
-from kdtune.distill.base import Method, Outputs
+from kdtune.distill.base import Method, Outputs, Param
 from kdtune.distill.losses import soft_loss
 
 
 class KnowledgeDistillation(Method):
     name = "kd"
     needs_teacher = True
+    search_parameters = (Param("temperature", 0.5, 20.0, log=True), Param("alpha", 0.05, 1.0))
 
     @classmethod
     def default_hard_weight(cls, config: TrialConfig) -> float:
@@ -33,3 +34,8 @@ class KnowledgeDistillation(Method):
         """The terms of a KD stage under this config (for two-stage methods whose second stage is KD)."""
         return frozenset(name for name, weight in (("hard", self.hard_weight), ("soft", self.config.alpha))
                          if weight > 0)
+
+
+BETA = Param("beta", 0.01, 10.0, log=True)  # the weight of an intermediate (links, hints) or FSP term
+LINK_SETS = Param("links", choices="link_sets")
+STAGE1_EPOCHS = Param("stage1_epochs", 1, 5, integer=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdtune.config import TrialConfig
-from kdtune.distill.kd import KnowledgeDistillation
+from kdtune.distill.kd import BETA, LINK_SETS, KnowledgeDistillation
 from kdtune.distill.losses import feature_mse
 from kdtune.distill.base import Outputs
 from kdtune.errors import ConfigError
@@ -61,6 +61,7 @@ def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: str
 class MultiLayerLinks(KnowledgeDistillation):
     name = "links"
     uses_fields = frozenset({"links"})
+    search_parameters = KnowledgeDistillation.search_parameters + (BETA, LINK_SETS)
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
