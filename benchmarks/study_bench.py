@@ -122,7 +122,7 @@ def instrument_driver(marks: dict):
     """Time the driver's phases by wrapping kdtune's and Ray's functions (same behaviour, timestamps added)."""
     from ray import tune
 
-    from kdtune import study, teachers, tracking
+    from kdtune import cluster, resolve, study, teachers, tracking
 
     def wrap(owner, name, key):
         original = getattr(owner, name, None)
@@ -141,10 +141,10 @@ def instrument_driver(marks: dict):
 
     wrap(tracking.EmbeddedServer, "start", "mlflow_server_start")
     wrap(tracking.EmbeddedServer, "stop", "mlflow_server_stop")
-    wrap(study, "load_dataset", "load_dataset")
-    wrap(study, "_init_ray", "ray_init")
+    wrap(resolve, "resolve_dataset", "load_dataset")
+    wrap(cluster, "init_ray", "ray_init")
     wrap(teachers, "obtain_teacher", "teacher_obtain")
-    wrap(study, "_teacher_logits_if_useful", "teacher_logits_cache")
+    wrap(getattr(study, "_Study", study), "_teacher_logits_if_useful", "teacher_logits_cache")
     wrap(tune.Tuner, "fit", "tuner_fit")
     wrap(getattr(study, "_Study", study), "_register_best", "register_champion")
     wrap(study, "_log_study_results", "log_study_results")
@@ -192,7 +192,7 @@ def main() -> int:
         "run_study_finished": finished, "wall_time_s": finished - started,
         "result_wall_time_s": result.wall_time_s, "result_training_time_s": result.training_time_s,
         "concurrency": args.concurrency, "n_trials": len(result.trials),
-        "failed": [t for t in result.trials if t.get("error")],
+        "failed": [t.error for t in result.trials if t.failed],
         "marks": marks, "trials": trials,
         "driver_peak_rss_mb": vm_hwm_mb(),
         "workdir": workdir,

@@ -20,6 +20,7 @@ from kdtune import recipes
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.errors import ConfigError
+from kdtune.sources import resolve_dataset
 from kdtune.teachers import TeacherPlan, plan_teacher
 
 
@@ -41,7 +42,6 @@ class ResolvedStudy:
 
 def resolve_study(spec, echo=print) -> ResolvedStudy:
     from kdtune.models.refs import model_ref, shippable_path
-    from kdtune.sources import resolve_dataset
 
     _check_resources(spec)
     if spec.search is None and not spec.variants:
@@ -87,8 +87,6 @@ def models_of(spec) -> tuple[object, object]:
 
 def recipe_of(spec) -> dict:
     """The dataset's recipe (recipes.py); a dataset kdtune does not ship is loaded to apply the rule."""
-    from kdtune.sources import resolve_dataset
-
     if _is_builtin(spec.dataset):
         return recipes.recipe_for(spec.dataset)
     dataset = resolve_dataset(spec.dataset, spec.data_dir, spec.download, image_size=spec.image_size,
