@@ -168,9 +168,9 @@ def _print_models(client, filter_string: str | None = None) -> int:
         for version in client.search_model_versions(f"name = '{model.name}'"):
             tags = version.tags
             marks = " ".join(f"@{a}" for a in aliases.get(str(version.version), []))
-            print(f"  v{version.version:<4} {marks:<22} test_acc={tags.get('test_acc', '-'):<7} "
-                  f"mean={tags.get('test_acc_mean', '-')[:6]:<7} study={tags.get('study', '-')} "
-                  f"{tags.get('label', '')}")
+            print(f"  v{version.version:<4} {marks:<22} val mean={tags.get('val_acc_mean', '-')[:6]:<7} "
+                  f"test mean={tags.get('test_acc_mean', tags.get('test_acc', '-'))[:6]:<7} "
+                  f"study={tags.get('study', '-')} {tags.get('label', '')} {tags.get('tuned', '')}".rstrip())
     return 0
 
 

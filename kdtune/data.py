@@ -44,10 +44,26 @@ SPLIT_SEED = 20240611  # fixed: every trial of every study validates on the same
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # what an MLflow registry name built from a dataset name allows
 
 
-def _seeded_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _seeded_split(labels: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded and stratified: each class gives round(val_fraction x its count) samples to validation (at least
+    one, never all, of a class with two or more), so the validation accuracy of a small dataset is not skewed by
+    which classes the draw happened to favour. (train indices, validation indices), each sorted."""
+    n = len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_val = max(1, int(round(n * val_fraction)))
-    return order[n_val:].sort().values, order[:n_val].sort().values
+    ordered_labels = labels[order]
+    chosen = []
+    for label in torch.unique(labels):
+        members = order[ordered_labels == label]  # this class's samples, in the seeded order
+        take = int(round(len(members) * val_fraction))
+        if len(members) >= 2:
+            take = min(max(1, take), len(members) - 1)
+        chosen.append(members[:take])
+    val = torch.cat(chosen) if chosen else order[:0]
+    if len(val) == 0:  # only singleton classes: fall back to a plain seeded draw
+        val = order[:max(1, int(round(n * val_fraction)))]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[val] = True
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
 
 def _stat_dims(rank: int) -> tuple[int, ...]:
@@ -100,7 +116,7 @@ class Dataset:
 
     def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded train/validation split of the training set: (train indices, validation indices)."""
-        return _seeded_split(len(self.train_labels), val_fraction)
+        return _seeded_split(self.train_labels, val_fraction)
 
     def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per entry of dim 1 (channels, or features of vectors) in [0, 1] units, computed on
@@ -707,7 +723,7 @@ class StreamedDataset:
 
     def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The same seeded split as an in-memory Dataset of the same size."""
-        return _seeded_split(len(self.train_labels), val_fraction)
+        return _seeded_split(self.train_labels, val_fraction)
 
     def channel_stats(self, indices: torch.Tensor, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std in [0, 1] units over the given training files: one pass, then cached."""

@@ -14,6 +14,7 @@ import sys
 
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, KdtuneError
+from kdtune.results import baseline_tuning, verdict
 
 
 def study_parser(description: str) -> argparse.ArgumentParser:
@@ -53,6 +54,13 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     what.add_argument("--seeds", type=int, default=1, help="repeats of every configuration (seeds 0..N-1)")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="any other trial config value for every student trial, e.g. --set weight_decay=5e-4")
+    what.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
+                      help="recipe values tried for every setting, the baseline included, each setting then "
+                           "selected on validation at its own best value, e.g. --tune lr=0.003,0.01,0.03 "
+                           "(several --tune: every combination); --tune none: no tuning")
+    what.add_argument("--select-with-failures", action="store_true",
+                      help="let a setting with failed seeds be chosen as best (by default it is flagged and "
+                           "not chosen: its mean covers only the seeds that survived)")
     how = parser.add_argument_group("resources")
     how.add_argument("--cpus-per-trial", type=float, default=1.0)
     how.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials, e.g. 0.25")
@@ -63,7 +71,7 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     how.add_argument("--resume", metavar="STUDY_FOLDER",
                      help="continue a stopped study from the folder it printed at its start")
     how.add_argument("--margin", type=float, default=0.0,
-                     help="registry gate: the best student becomes champion only if its mean test accuracy beats "
+                     help="registry gate: the best student becomes champion only if its mean validation accuracy beats "
                           "the current champion's by more than this (else it is registered as challenger)")
     how.add_argument("--register-as", help="registered model name for the best student "
                                            "(default: kdtune-<dataset>-<student>)")
@@ -81,6 +89,32 @@ def parse_set_options(pairs: list[str]) -> dict:
             raise ConfigError(f"--set {key}: unknown config key; allowed: {', '.join(sorted(known))}")
         values[key] = value
     return values
+
+
+def parse_tune_options(pairs: list[str] | None) -> dict:
+    """--tune lr=0.003,0.01,0.03 --tune batch_size=32,64 -> {"lr": [...], "batch_size": [...]}."""
+    if not pairs or pairs == ["none"]:
+        return {}
+    known = TrialConfig.field_names()
+    tune = {}
+    for pair in pairs:
+        key, sep, values = pair.partition("=")
+        if not sep or not key or not values.strip():
+            raise ConfigError(f"--tune {pair!r}: expected KEY=V1,V2,..., e.g. --tune lr=0.003,0.01,0.03")
+        if key not in known:
+            raise ConfigError(f"--tune {key}: unknown config key; allowed: {', '.join(sorted(known))}")
+        if key in tune:
+            raise ConfigError(f"--tune {key}: given twice; list all its values once, e.g. --tune {key}=1,2,3")
+        tune[key] = [_number_or_text(v.strip()) for v in values.split(",") if v.strip()]
+    return tune
+
+
+def _number_or_text(text: str):
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
 def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **spec_fields):
@@ -102,7 +136,7 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
         address=args.address,
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
         download=not args.no_download, register_as=args.register_as, resume=args.resume,
-        margin=args.margin,
+        margin=args.margin, tune=parse_tune_options(args.tune), allow_failed_best=args.select_with_failures,
     )
     fields.update(spec_fields)
     return StudySpec(**fields)
@@ -138,10 +172,12 @@ def finish(run, spec, table=None) -> int:
     if spec.title:
         print(spec.title)
     print(table(result) if table else result.table())
+    print(verdict(result.summary, tuning_of(result)))
     for phase, trials in result.phases.items():
         for trial in trials:
             if trial.failed:
-                print(f"failed ({phase}): {trial.label} seed={trial.seed}: {trial.error}")
+                point = f" {trial.point}" if trial.point else ""
+                print(f"failed ({phase}): {trial.label}{point} seed={trial.seed}: {trial.error}")
     share = result.training_time_s / result.wall_time_s if result.wall_time_s else 0.0
     decision = result.registration
     registered = (f"registered {decision.name} version {decision.version} as @{decision.alias}: {decision.reason}"
@@ -151,6 +187,12 @@ def finish(run, spec, table=None) -> int:
           f"(sum over trials = {share:.2f} x wall time)")
     print(f"mlflow: {result.tracking_uri} experiment {result.experiment_id}, study run {result.parent_run_id}")
     return 0
+
+
+def tuning_of(result) -> str | None:
+    """How the study's baseline was tuned (results.baseline_tuning)."""
+    search = result.spec.baseline_search
+    return baseline_tuning(result.spec.tune, search.num_samples if search else 0)
 
 
 def search_table(trials, top: int = 10) -> str:

@@ -43,6 +43,7 @@ class TrialRecord:
     error: str | None = None
     run_id: str | None = None
     path: str | None = None
+    point: str = ""  # the tuned recipe values of this trial (e.g. "lr=0.03"); "" when the study tunes none
 
     @property
     def finished(self) -> bool:

@@ -1,9 +1,11 @@
 """The model registry with a gate: `champion` moves only to a student that earned it.
 
-A candidate is compared with the current champion of the same registered model on the same test set
-(the test set's fingerprint is a version tag). It takes `champion` only if its mean test accuracy over seeds
-beats the champion's by more than `margin`; otherwise it is registered with alias `challenger` and the reason
-is recorded as a tag. Every version carries what a reader needs to trust it: study, dataset, teacher, method,
+A candidate is compared with the current champion of the same registered model on the same validation split
+(its fingerprint, `val_set`, is a version tag). It takes `champion` only if its mean validation accuracy over
+seeds beats the champion's by more than `margin`; otherwise it is registered with alias `challenger`. The
+`gate` tag says what was compared. Test accuracy is recorded (per seed and mean, with the test set's
+fingerprint) and reported, never used to choose: a registry that moves on test accuracy lets the test set steer
+every later study that starts from the champion. Every version carries what a reader needs to trust it: study, dataset, teacher, method,
 hyperparameters, test accuracy (per seed and mean), parameter count and the inference latency measured on
 the machine that trained it.
 """
@@ -40,6 +42,19 @@ def test_set_fingerprint(dataset: Dataset) -> str:
     return f"{dataset.name}:{digest.hexdigest()[:16]}"
 
 
+def validation_fingerprint(dataset: Dataset, val_fraction: float) -> str:
+    """Which samples the validation split holds: the same fingerprint means accuracies are comparable."""
+    _, val_idx = dataset.split(val_fraction)
+    digest = hashlib.sha1()
+    digest.update(val_idx.numpy().tobytes())
+    digest.update(dataset.train_labels[val_idx].contiguous().numpy().tobytes())
+    if dataset.in_memory:
+        digest.update(dataset.train_images[val_idx].contiguous().numpy().tobytes())
+    else:
+        digest.update("\n".join(dataset.train_files[i] for i in val_idx.tolist()).encode())
+    return f"{dataset.name}:val{len(val_idx)}:{digest.hexdigest()[:16]}"
+
+
 def current_champion(client, name: str):
     import mlflow
 
@@ -66,33 +81,35 @@ def measure_accuracy(model_uri: str, dataset: Dataset) -> float:
     return correct / len(dataset.test_labels)
 
 
-def gate(client, name: str, candidate_mean: float, fingerprint: str, margin: float) -> tuple[bool, str]:
-    """(takes champion?, reason)."""
+def gate(client, name: str, val_mean: float, val_set: str, margin: float) -> tuple[bool, str]:
+    """(takes champion?, reason): mean validation accuracy against the champion's, on the same split."""
     champion = current_champion(client, name)
     if champion is None:
-        return True, "no champion yet"
-    if not fingerprint:
-        return False, "this version records no test set (registered before kdtune recorded one): use --force"
-    if champion.tags.get("test_set") != fingerprint:
-        return False, (f"champion version {champion.version} was measured on test set "
-                       f"{champion.tags.get('test_set', 'unknown')}, not {fingerprint}: not comparable")
-    champion_mean = float(champion.tags.get("test_acc_mean", champion.tags.get("test_acc", "nan")))
-    if candidate_mean > champion_mean + margin:
-        return True, (f"mean test accuracy {candidate_mean:.4f} beats champion version {champion.version} "
-                      f"({champion_mean:.4f}) by more than {margin:g}")
-    return False, (f"mean test accuracy {candidate_mean:.4f} does not beat champion version {champion.version} "
-                   f"({champion_mean:.4f}) by more than {margin:g}")
+        return True, f"no champion yet (mean validation accuracy {val_mean:.4f})"
+    if not val_set:
+        return False, "this version records no validation split: use --force"
+    if champion.tags.get("val_set") != val_set:
+        return False, (f"champion version {champion.version} was measured on validation split "
+                       f"{champion.tags.get('val_set', 'unknown (registered before kdtune gated on validation)')}, "
+                       f"not {val_set}: not comparable")
+    champion_mean = float(champion.tags.get("val_acc_mean", "nan"))
+    compared = (f"mean validation accuracy {val_mean:.4f} vs champion version {champion.version} "
+                f"{champion_mean:.4f} on {val_set}")
+    if val_mean > champion_mean + margin:
+        return True, f"{compared}: better by more than {margin:g}"
+    return False, f"{compared}: not better by more than {margin:g}"
 
 
-def register(client, model_uri: str, name: str, tags: dict, candidate_mean: float, fingerprint: str,
-             margin: float = 0.0) -> Decision:
+def register(client, model_uri: str, name: str, tags: dict, val_mean: float, seeds: int, test_mean: float,
+             val_set: str, test_set: str, margin: float = 0.0) -> Decision:
     """Register `model_uri` as a new version of `name`, then let the gate decide its alias."""
     import mlflow
 
     if margin < 0:
         raise TrackingError(f"margin={margin}: must be >= 0")
-    takes_champion, reason = gate(client, name, candidate_mean, fingerprint, margin)
-    all_tags = {**tags, "test_acc_mean": f"{candidate_mean:.6f}", "test_set": fingerprint, "gate": reason}
+    takes_champion, reason = gate(client, name, val_mean, val_set, margin)
+    all_tags = {**tags, "val_acc_mean": f"{val_mean:.6f}", "val_set": val_set, "seeds": seeds,
+                "test_acc_mean": f"{test_mean:.6f}", "test_set": test_set, "gate": reason}
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in all_tags.items()}).version
     alias = CHAMPION if takes_champion else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
@@ -110,8 +127,8 @@ def promote(client, name: str, version: str, margin: float = 0.0, force: bool = 
     if force:
         reason = "promoted by hand (--force), without the gate"
     else:
-        mean = float(candidate.tags.get("test_acc_mean", candidate.tags.get("test_acc", "nan")))
-        takes, reason = gate(client, name, mean, candidate.tags.get("test_set", ""), margin)
+        mean = float(candidate.tags.get("val_acc_mean", "nan"))
+        takes, reason = gate(client, name, mean, candidate.tags.get("val_set", ""), margin)
         if not takes:
             return Decision(name, version, "unchanged", reason)
     client.set_registered_model_alias(name, CHAMPION, version)

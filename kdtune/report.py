@@ -36,7 +36,7 @@ from kdtune import tracking
 from kdtune.errors import KdtuneError
 from kdtune.records import FINISHED, STOPPED, UNFINISHED, TrialRecord, status_of
 from kdtune.results import (BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, percent,
-                            pick_best, summarise)
+                            baseline_tuning, pick_best, summarise, verdict)
 from kdtune.trial import FAILURE_TAG
 
 REPORT_ARTIFACT_PATH = "report"
@@ -130,7 +130,8 @@ def trial_of(run) -> TrialRecord:
     else:  # a run recorded before kdtune logged epochs_total: its final epoch logged test_acc
         status = FINISHED if "test_acc" in metrics else UNFINISHED
     return TrialRecord("study", tags["kdtune.label"], json.loads(tags.get("kdtune.overrides", "{}")),
-                       int(run.data.params.get("seed", 0)), status, metrics, error, run.info.run_id)
+                       int(run.data.params.get("seed", 0)), status, metrics, error, run.info.run_id,
+                       point=tags.get("kdtune.point", ""))
 
 
 def is_confirm(trial: TrialRecord) -> bool:
@@ -535,7 +536,7 @@ def render_html(report: Report) -> str:
     title = f"kdtune study report: {study.experiment_name}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>", _header_html(report),
-             "<h2>Results</h2>", _summary_html(report.summary)]
+             "<h2>Results</h2>", _summary_html(report.summary, _tuning(study.params))]
     if "matrix.txt" in report.texts:
         parts += ["<h2>Test accuracy (%) per temperature and alpha</h2>",
                   _matrix_html(report.texts["matrix.txt"], " \\ ".join(MATRIX_CORNER))]
@@ -583,6 +584,11 @@ def _header_items(report: Report) -> list[tuple[str, str]]:
              ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))),
              ("status", _status(parent)),
              ("trials", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet")]
+    if "val_samples" in params:
+        items.append(("splits", f"train {params.get('train_samples', '?')} (validation {params['val_samples']} of "
+                                f"them, stratified by class), test {params.get('test_samples', '?')}"))
+    if params.get("tune", "-") != "-":
+        items.append(("tuned per setting", f"{params['tune']}, each setting chosen on validation"))
     if "wall_time_s" in parent.data.metrics:
         items.append(("wall time", f"{parent.data.metrics['wall_time_s']:.0f} s"))
     return items
@@ -605,21 +611,34 @@ def _mlflow_links(study: StudyRuns) -> str:
     return f"<a href=\"{_e(runs)}\">runs of this study</a> · <a href=\"{_e(run)}\">the study run</a> ({ids})"
 
 
-def _summary_html(summary: list[dict]) -> str:
+def _tuning(params: dict) -> str | None:
+    """How the study tuned its baseline, from the parent run's params."""
+    tune = json.loads(params["tune"]) if params.get("tune", "-") != "-" else {}
+    return baseline_tuning(tune, int(float(params.get("baseline_search", 0) or 0)))
+
+
+def _summary_html(summary: list[dict], tuning: str | None = None) -> str:
     if not summary:
         return "<p class=\"note\">No trial has finished yet.</p>"
     best = pick_best(summary)
     rows, classes = [], []
     for row in summary:
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        rows.append([row["label"], percent(row["val_mean"]),
+        if row["failed"]:
+            notes += " (flagged: not chosen as best)"
+        rows.append([row["label"], row.get("point") or "-", percent(row["val_mean"]),
                      mean_and_spread(row) if row["n"] else "-",
-                     percent(row["test_median"]), format_gain(row), str(row["n"]), notes])
+                     percent(row["test_median"]), format_gain(row), f"{row['n']}/{row['total']}", notes])
         classes.append("best" if row["label"] == best else "")
-    table = _table(["setting", "val acc (%)", "test acc (%) mean ± std", "median", "vs baseline [95% CI]",
-                    "n", "notes"], rows, classes)
+    table = _table(["setting", "chosen on val", "val acc (%)", "test acc (%) mean ± std", "median",
+                    "vs baseline [95% CI]", "finished", "notes"], rows, classes)
+    failures = [f"{row['label']} {row.get('point', '')}: {failure}" for row in summary
+                for failure in row.get("failures", [])]
+    listed = ("<h3>Failed trials</h3><ul>" + "".join(f"<li>{_e(f)}</li>" for f in failures) + "</ul>"
+              if failures else "")
     return (table + f"<p class=\"note\">Bold: the best setting by mean validation accuracy ({_e(best)}); "
-            "its test accuracy is what is reported. The gain's interval is a Welch t 95% CI over seeds.</p>")
+            "its test accuracy is what is reported. The gain's interval is a Welch t 95% CI over seeds; "
+            f"{_e(verdict(summary, tuning))}.</p>" + listed)
 
 
 def _matrix_html(text: str, corner: str) -> str:

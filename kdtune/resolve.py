@@ -34,6 +34,7 @@ class ResolvedStudy:
     teacher_config: TrialConfig  # how the teacher is trained (its `student` field is the teacher)
     teacher_plan: TeacherPlan | None  # None: no trial uses a teacher
     user_modules: list[str]  # folders/files of the user's own code to ship to every node
+    variants: list[dict]  # the grid: every variant at every tuned point (`tune`), labels kept
 
     @property
     def needs_teacher(self) -> bool:
@@ -58,10 +59,16 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
         ref.check(dataset.num_classes, dataset.input_shape)
     base = {"dataset": dataset.name, "teacher": teacher.spec, "student": student.spec,
             **recipe["student_recipe"], **spec.overrides}
+    variants = expand_tuning(spec.variants, spec.tune)
     configs = [TrialConfig.from_flat({**base, **_without_label(v), "seed": seed})
-               for v in spec.variants for seed in range(spec.seeds)]
-    if spec.search is not None:
-        configs += _sample_search_space(spec.search, base)
+               for v in variants for seed in range(spec.seeds)]
+    for search in (spec.search, spec.baseline_search):
+        if search is not None:
+            configs += _sample_search_space(search, base)
+    for config in configs:  # one teacher and one student per study: a trial builds the study's references
+        if (config.teacher, config.student) != (teacher.spec, student.spec):
+            raise ConfigError(f"a variant sets teacher={config.teacher!r}, student={config.student!r}; a study has "
+                              f"one teacher ({teacher.spec}) and one student ({student.spec}): run one study per pair")
     _check_against_data(configs, dataset, student, teacher)
     teacher_config = TrialConfig.from_flat({
         "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
@@ -70,7 +77,32 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
     plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
     modules = sorted({p for p in (shippable_path(student), shippable_path(teacher)) if p})
-    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules)
+    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants)
+
+
+def expand_tuning(variants: list[dict], tune: dict) -> list[dict]:
+    """Every variant at every point of the product of the tuned values, e.g. tune={"lr": [0.003, 0.01, 0.03]}:
+    the baseline and each distilled setting alike, each later selected on validation at its own best point."""
+    import itertools
+
+    if not tune:
+        return [dict(v) for v in variants]
+    known = TrialConfig.field_names() - {"seed", "dataset", "teacher", "student", "method"}
+    for key, values in tune.items():
+        if key not in known:
+            raise ConfigError(f"tune {key}: not a recipe value to tune; allowed: {', '.join(sorted(known))}")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"tune {key}={values!r}: give one or more values, e.g. --tune {key}=0.003,0.01,0.03")
+        for variant in variants:
+            if key in variant:
+                raise ConfigError(f"tune {key}: variant {variant['label']!r} sets {key} itself; tune it or set it")
+    keys = list(tune)
+    expanded = []
+    for variant in variants:
+        for values in itertools.product(*(tune[k] for k in keys)):
+            point = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, values))
+            expanded.append({**variant, **dict(zip(keys, values)), "point": point})
+    return expanded
 
 
 def models_of(spec) -> tuple[object, object]:
@@ -131,7 +163,7 @@ def _method(config: TrialConfig):
 
 
 def _without_label(variant: dict) -> dict:
-    return {k: v for k, v in variant.items() if k != "label"}
+    return {k: v for k, v in variant.items() if k not in ("label", "point")}
 
 
 def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher) -> None:

@@ -14,31 +14,56 @@ from kdtune.records import TrialRecord
 BASELINE_LABEL = "baseline"
 
 
-def summarise(trials: list[TrialRecord], order: list[str] | None = None) -> list[dict]:
-    """One row per label (in `order`, else as first seen): mean/std/median over finished seeds, gain vs baseline."""
-    rows: dict[str, dict] = {}
+def point_rows(trials: list[TrialRecord], order: list[str] | None = None) -> list[dict]:
+    """One row per (label, tuned point), in `order` (else as first seen): statistics over finished seeds."""
+    rows: dict[tuple, dict] = {}
     rank = {label: i for i, label in enumerate(order or [])}
     for trial in sorted(trials, key=lambda t: (rank.get(t.label, len(rank)), t.seed)):
-        row = rows.setdefault(trial.label, {"label": trial.label, "params": trial.params,
-                                            "val": [], "test": [], "failed": 0, "stopped": 0})
+        row = rows.setdefault((trial.label, trial.point), {
+            "label": trial.label, "point": trial.point, "params": trial.params, "val": [], "test": [],
+            "failed": 0, "stopped": 0, "failures": []})
         if trial.failed:
             row["failed"] += 1
+            row["failures"].append(f"seed {trial.seed}: {trial.error}")
         elif trial.stopped:
             row["stopped"] += 1  # stopped early by the scheduler: no final test evaluation
         else:
             row["val"].append(trial.metrics["val_acc"])
             row["test"].append(trial.metrics["test_acc"])
-    summary = [_statistics(row) for row in rows.values()]
+    return [_statistics(row) for row in rows.values()]
+
+
+def summarise(trials: list[TrialRecord], order: list[str] | None = None, allow_failed: bool = False) -> list[dict]:
+    """One row per label: its tuned point chosen on validation (`choose_point`), mean/std/median over its
+    finished seeds, finished/total, and the gain over the baseline's chosen point."""
+    by_label: dict[str, list[dict]] = {}
+    for row in point_rows(trials, order):
+        by_label.setdefault(row["label"], []).append(row)
+    summary = []
+    for candidates in by_label.values():
+        row = dict(choose_point(candidates, allow_failed))
+        row["points_tried"] = [c["point"] for c in candidates]
+        summary.append(row)
     baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
     for row in summary:
         row.update(gain_over(row, baseline))
     return summary
 
 
+def choose_point(candidates: list[dict], allow_failed: bool = False) -> dict:
+    """A setting's tuned point: the best mean validation accuracy among the points whose every seed finished
+    (a point with a failed seed is chosen only when no clean one exists, or `allow_failed`)."""
+    finished = [c for c in candidates if c["n"]]
+    clean = [c for c in finished if not c["failed"]]
+    pool = finished if allow_failed or not clean else clean
+    return max(pool, key=lambda c: c["val_mean"]) if pool else candidates[0]
+
+
 def _statistics(row: dict) -> dict:
     n = len(row["test"])
     return {
-        "label": row["label"], "params": row["params"], "n": n, "failed": row["failed"], "stopped": row["stopped"],
+        "label": row["label"], "point": row["point"], "params": row["params"], "n": n, "failed": row["failed"],
+        "stopped": row["stopped"], "total": n + row["failed"] + row["stopped"], "failures": row["failures"],
         "val": row["val"], "test": row["test"],
         "val_mean": statistics.fmean(row["val"]) if n else math.nan,
         "test_mean": statistics.fmean(row["test"]) if n else math.nan,
@@ -56,8 +81,8 @@ def gain_over(row: dict, baseline: dict | None, confidence: float = 0.95) -> dic
     if n1 < 2 or n2 < 2:
         return {"gain": gain, "gain_low": math.nan, "gain_high": math.nan}
     v1, v2 = row["test_std"] ** 2 / n1, baseline["test_std"] ** 2 / n2
-    if v1 + v2 == 0:
-        return {"gain": gain, "gain_low": gain, "gain_high": gain}
+    if v1 + v2 == 0:  # seeds that all agree measure no spread: a zero-width interval would read as certainty
+        return {"gain": gain, "gain_low": math.nan, "gain_high": math.nan}
     dof = (v1 + v2) ** 2 / (v1**2 / (n1 - 1) + v2**2 / (n2 - 1))
     from scipy import stats
 
@@ -65,9 +90,53 @@ def gain_over(row: dict, baseline: dict | None, confidence: float = 0.95) -> dic
     return {"gain": gain, "gain_low": gain - half, "gain_high": gain + half}
 
 
-def pick_best(summary: list[dict], include_baseline: bool = True) -> str | None:
-    finished = [r for r in summary if r["n"] and (include_baseline or r["label"] != BASELINE_LABEL)]
+def pick_best(summary: list[dict], include_baseline: bool = True, allow_failed: bool = False) -> str | None:
+    """The setting with the best mean validation accuracy. A setting with a failed seed is not picked (its
+    mean covers only the seeds that survived) unless `allow_failed`."""
+    finished = [r for r in summary if r["n"] and (include_baseline or r["label"] != BASELINE_LABEL)
+                and (allow_failed or not r["failed"])]
     return max(finished, key=lambda r: r["val_mean"])["label"] if finished else None
+
+
+def baseline_tuning(tune: dict, baseline_search_samples: int = 0) -> str | None:
+    """How a study tuned its baseline, for `verdict`: the grid's tuned values, a search of the same budget, or
+    None (untuned)."""
+    if tune:
+        values = " x ".join(f"{k} in {{{_values(v)}}}" for k, v in tune.items())
+        return f"every setting at {values}, each chosen on validation"
+    if baseline_search_samples:
+        return f"its own search of {baseline_search_samples} trials, the distillation search's budget"
+    return None
+
+
+def verdict(summary: list[dict], baseline_tuning: str | None = None) -> str:
+    """One sentence on what the table shows: does the best distilled setting (chosen on validation) beat the
+    baseline on test, by its 95% interval? It says how the baseline was tuned (`baseline_tuning`: the same
+    grid or search the students had; None: untuned) and when the evidence is thin."""
+    baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
+    best_label = pick_best(summary, include_baseline=False)
+    if baseline is None or best_label is None:
+        return "no comparison: the baseline or every distilled setting has no finished trial"
+    best = next(r for r in summary if r["label"] == best_label)
+    how = (f"a baseline tuned as the students were ({baseline_tuning})" if baseline_tuning
+           else "an untuned baseline (the recipe's values; --tune lr=... gives a fair comparison)")
+    gain = f"{100 * best['gain']:+.2f} pt"
+    if best["gain_low"] != best["gain_low"]:  # no interval
+        reason = "one seed" if min(best["n"], baseline["n"]) < 2 else "no spread over seeds"
+        return (f"against {how}, the best distilled setting ({best_label}) differs by {gain} on test; "
+                f"with {reason} there is no interval, so this is not evidence either way (use --seeds 3 or more)")
+    interval = f"{gain}, 95% CI [{100 * best['gain_low']:+.2f}, {100 * best['gain_high']:+.2f}]"
+    if best["gain_low"] > 0:
+        return f"against {how}, distillation helps: the best setting ({best_label}) gains {interval} on test"
+    if best["gain_high"] < 0:
+        return (f"against {how}, distillation does not help on this dataset: the best setting ({best_label}) "
+                f"loses {interval} on test")
+    return (f"against {how}, distillation does not beat the baseline on this dataset: the best setting "
+            f"({best_label}) is within noise of it ({interval} on test)")
+
+
+def _values(values) -> str:
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def percent(value: float) -> str:
@@ -92,21 +161,34 @@ def format_gain(row: dict) -> str:
 
 
 def format_table(summary: list[dict], label_header: str, show_median: bool = False) -> str:
-    """Seed 000 Tables 3/4 shape: one row per setting; test accuracy mean ± std (and the median, which seed 003
-    reports), gain over the baseline with its 95% CI."""
+    """Seed 000 Tables 3/4 shape: one row per setting; its tuned point when the study tuned one, test accuracy
+    mean ± std (and the median, which seed 003 reports), gain over the baseline with its 95% CI, and
+    finished/total seeds. A setting with failed seeds is flagged with '!'."""
+    tuned = any(row.get("point") for row in summary)
+    point_header = f"  {'chosen (on val)':>18}" if tuned else ""
     median_header = f"  {'median':>7}" if show_median else ""
-    lines = [f"{label_header:>18}  {'val acc':>8}  {'test acc':>17}{median_header}  {'vs baseline [95% CI]':>26}  {'n':>2}"]
+    lines = [f"{label_header:>18}{point_header}  {'val acc':>8}  {'test acc':>17}{median_header}  "
+             f"{'vs baseline [95% CI]':>26}  {'done':>5}"]
     for row in summary:
+        point = f"  {row.get('point', ''):>18}" if tuned else ""
+        done = f"{row['n']}/{row['total']}" + ("!" if row["failed"] else "")
         if not row["n"]:
             note = f"{row['failed']} failed" if row["failed"] else f"{row['stopped']} stopped early"
             median = f"  {'-':>7}" if show_median else ""
-            lines.append(f"{row['label']:>18}  {'-':>8}  {'-':>17}{median}  {'':>26}  {0:>2}  ({note})")
+            lines.append(f"{row['label']:>18}{point}  {'-':>8}  {'-':>17}{median}  {'':>26}  {done:>5}  ({note})")
             continue
         test = f"{mean_and_spread(row)} %"
         median = f"  {percent(row['test_median']):>6}%" if show_median else ""
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        lines.append(f"{row['label']:>18}  {percent(row['val_mean']):>7}%  {test:>17}{median}  {format_gain(row):>26}  "
-                     f"{row['n']:>2}" + (f"  ({notes})" if notes else ""))
+        lines.append(f"{row['label']:>18}{point}  {percent(row['val_mean']):>7}%  {test:>17}{median}  "
+                     f"{format_gain(row):>26}  {done:>5}" + (f"  ({notes})" if notes else ""))
+    return "\n".join(lines)
+
+
+def format_failures(summary: list[dict]) -> str:
+    """Every failed seed with its reason, per setting (empty when none failed)."""
+    lines = [f"failed: {row['label']}{' ' + row['point'] if row.get('point') else ''} {failure}"
+             for row in summary for failure in row.get("failures", [])]
     return "\n".join(lines)
 
 

@@ -23,12 +23,15 @@ def candidate_link_sets(common: list[int]) -> list[str]:
 class MethodSpace:
     """method -> the parameters that method declares. `link_sets` are the candidates for methods with links,
     `fsp_pairs` the pair's FSP pairs (one value; empty: fsp not searchable), `ranges` overrides a parameter's
-    default range by name, e.g. {"temperature": (1.0, 8.0)}."""
+    default range by name, e.g. {"temperature": (1.0, 8.0)}. `recipe` names recipe values searched for every
+    method, the baseline's "none" included, on a log scale: {"lr": (0.003, 0.03)}; a baseline searched with
+    the same recipe ranges and budget is tuned as well as the students."""
 
     methods: tuple[str, ...]
     link_sets: tuple[str, ...] = ()
     fsp_pairs: str = ""
     ranges: dict[str, tuple] = field(default_factory=dict)
+    recipe: dict[str, tuple] = field(default_factory=dict)
 
     def __post_init__(self):
         from kdtune import distill
@@ -40,6 +43,12 @@ class MethodSpace:
                                   "numbered links (give link sets with module paths, teacher.path=student.path)")
             if "fsp_pairs" in params and not self.fsp_pairs:
                 raise ConfigError(f"method {method!r} in a search needs fsp_pairs (e.g. '1-2,3-4,5-6')")
+        from kdtune.config import TrialConfig
+
+        for name, bounds in self.recipe.items():
+            if name not in TrialConfig.field_names() or len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+                raise ConfigError(f"recipe range {name}={bounds!r}: expected a config field and (low, high) with "
+                                  "0 < low <= high")
         known = {p.name for m in self.methods for p in distill.method_class(m).search_parameters}
         unknown = sorted(set(self.ranges) - known)
         if unknown:
@@ -62,4 +71,6 @@ class MethodSpace:
                     trial.suggest_int(param.name, int(low), int(high))
                 else:
                     trial.suggest_float(param.name, low, high, log=param.log)
+        for name, (low, high) in self.recipe.items():
+            trial.suggest_float(name, low, high, log=True)
         return constants

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdtune import cluster, registry, report, teachers, tracking
+from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.parts import StudyParts
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
 from kdtune.results import BASELINE_LABEL, format_table, pick_best, summarise
-from kdtune.trial import close_runs_callback, distill_trial, variant_of
+from kdtune.trial import close_runs_callback, describe, distill_trial, point_of, variant_of
 
 STUDY_FILE = "kdtune_study.json"
 
@@ -70,6 +71,9 @@ class StudySpec:
     dataset: Any = "digits"
     variants: list[dict] = field(default_factory=list)  # grid: each {"label": ..., <TrialConfig fields>}
     search: Search | None = None
+    baseline_search: Search | None = None  # a search: the baseline's own search, same budget (else untuned)
+    tune: dict = field(default_factory=dict)  # grid: recipe values tried for every setting, e.g. {"lr": [...]}
+    allow_failed_best: bool = False  # may a setting with failed seeds be chosen as best?
     overrides: dict = field(default_factory=dict)  # applied to every student trial (after the dataset recipe)
     teacher_overrides: dict = field(default_factory=dict)
     seeds: int = 1
@@ -90,7 +94,7 @@ class StudySpec:
     data_dir: str | None = None
     download: bool = True
     register_as: str | None = None
-    margin: float = 0.0  # the registry gate: champion moves only for a mean test accuracy better by more
+    margin: float = 0.0  # the registry gate: champion moves only for a mean validation accuracy better by more
     resume: str | None = None  # a study folder to continue
     label_header: str = "setting"
     title: str = ""
@@ -157,19 +161,29 @@ class _Study:
             confirm: list[dict] = []
             if spec.search is None:
                 phases["grid"] = self._run_phase("grid", trainable, study_dir, context,
-                                                 self._grid_space(spec.variants))
+                                                 self._grid_space(self.resolved.variants))
             else:
-                phases["search"] = self._run_phase("search", trainable, study_dir, context, None)
+                phases["search"] = self._run_phase("search", trainable, study_dir, context, None, spec.search)
                 best = _best_search_trial(phases["search"])
                 if best is None:
                     raise KdtuneError("the search finished no trial; see the failures above")
-                confirm = [{"label": BASELINE_LABEL, "method": "none"},
-                           {"label": f"best: {best.label}", **best.params}]
+                baseline = {"label": BASELINE_LABEL, "method": "none"}
+                if spec.baseline_search is not None:
+                    # the same budget over the baseline's own hyperparameters, so the comparison is fair
+                    phases["baseline_search"] = self._run_phase("baseline_search", trainable, study_dir, context,
+                                                                None, spec.baseline_search)
+                    tuned = _best_search_trial(phases["baseline_search"])
+                    if tuned is None:
+                        raise KdtuneError("the baseline search finished no trial; see the failures above")
+                    point = describe({k: v for k, v in tuned.params.items() if k != "method"})
+                    baseline = {**tuned.params, "label": BASELINE_LABEL, "point": point}
+                confirm = [baseline, {"label": f"best: {best.label}", **best.params}]
                 phases["confirm"] = self._run_phase("confirm", trainable, study_dir, context,
                                                     self._grid_space(confirm))
             final = phases.get("confirm") or phases["grid"]
-            summary = summarise(final, order=[v["label"] for v in (confirm if spec.search else spec.variants)])
-            best_label = pick_best(summary)
+            order = [v["label"] for v in (confirm if spec.search else spec.variants)]
+            summary = summarise(final, order=order, allow_failed=spec.allow_failed_best)
+            best_label = pick_best(summary, allow_failed=spec.allow_failed_best)
             champion = self._register_best(final, summary, best_label) if best_label else None
             training_time = sum(t.metrics.get("training_time_s", 0.0) for p in phases.values() for t in p)
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
@@ -210,6 +224,11 @@ class _Study:
             "seeds": spec.seeds, "variants": len(spec.variants), "search": spec.search is not None,
             "search.num_samples": spec.search.num_samples if spec.search else 0,
             "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
+            "tune": json.dumps(spec.tune) if spec.tune else "-",
+            "baseline_search": spec.baseline_search.num_samples if spec.baseline_search else 0,
+            "train_samples": self.dataset.num_train, "test_samples": len(self.dataset.test_labels),
+            # the validation split is carved from the training set, stratified by class (data.py)
+            "val_samples": len(self.dataset.split(self.base.get("val_fraction", 0.1))[1]),
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
         return experiment_id, parent.info.run_id
@@ -266,8 +285,8 @@ class _Study:
 
         return {"variant": tune.grid_search(variants), "seed": tune.grid_search(list(range(self.spec.seeds)))}
 
-    def _run_phase(self, name: str, trainable, study_dir: Path, context, param_space: dict | None
-                   ) -> list[TrialRecord]:
+    def _run_phase(self, name: str, trainable, study_dir: Path, context, param_space: dict | None,
+                   search: Search | None = None) -> list[TrialRecord]:
         from ray import tune
 
         path = study_dir / name
@@ -276,30 +295,32 @@ class _Study:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space=param_space or {},
-                               tune_config=self._tune_config(name),
+                               tune_config=self._tune_config(search),
                                run_config=self._run_config(name, study_dir, context))
         return _collect(name, tuner.fit())
 
-    def _tune_config(self, phase: str):
+    def _tune_config(self, search: Search | None):
         from ray import tune
 
         common = dict(reuse_actors=cluster.reuse_actors(self.spec.reuse_actors), trial_name_creator=_trial_name,
                       trial_dirname_creator=_trial_name)
-        if phase != "search":
+        if search is None:
             return tune.TuneConfig(max_concurrent_trials=self.spec.max_concurrent, **common)
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        search = self.spec.search
         import optuna
 
         searcher = OptunaSearch(space=search.suggest, metric=OBJECTIVE.metric, mode=OBJECTIVE.mode,
                                 points_to_evaluate=search.points_to_evaluate or None,
                                 sampler=optuna.samplers.TPESampler(seed=search.seed))
         limited = ConcurrencyLimiter(searcher, max_concurrent=self.spec.max_concurrent or 2)
+        # ASHA counts main-stage epochs (trial.py reports `main_epoch`): a two-stage method (hints, fsp,
+        # adversarial_pretrained) is compared with the others at the same point of its main stage, never while
+        # its first stage still runs, and can run to its last epoch and win
         epochs = max(c.epochs for c in self.configs)
-        scheduler = ASHAScheduler(time_attr="epoch", metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_t=epochs,
+        scheduler = ASHAScheduler(time_attr="main_epoch", metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_t=epochs,
                                   grace_period=search.grace_period, reduction_factor=search.reduction_factor)
         return tune.TuneConfig(search_alg=limited, scheduler=scheduler, num_samples=search.num_samples,
                                time_budget_s=search.time_budget_s, **common)
@@ -319,25 +340,29 @@ class _Study:
         """Register the best configuration's best seed; the registry gate decides whether it is champion."""
         from kdtune.models import count_parameters
 
-        candidates = [t for t in trials if t.label == best_label and t.finished and "model_uri" in t.metrics]
+        row = next(r for r in summary if r["label"] == best_label)
+        candidates = [t for t in trials if t.label == best_label and t.point == row["point"] and t.finished
+                      and "model_uri" in t.metrics]
         best = OBJECTIVE.best(candidates, lambda t: t.metrics[OBJECTIVE.metric])
         if best is None:
             return None
-        row = next(r for r in summary if r["label"] == best_label)
         spec, base, metrics = self.spec, self.base, best.metrics
         student = self.resolved.student.build(self.dataset.num_classes, self.dataset.input_shape)
         tags = {
             "study": spec.name, "dataset": self.dataset.name, "teacher": self.teacher_cfg.student,
             "student": base["student"], "method": best.params.get("method", base.get("method")),
-            "label": best_label, "seed": best.seed, "run_id": best.run_id,
+            "label": best_label, "tuned": row["point"] or "-", "seed": best.seed, "run_id": best.run_id,
             "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
             "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]), "parameters": count_parameters(student),
             **{f"hp.{k}": v for k, v in best.params.items()},
             **{k: f"{metrics[k]:.4f}" for k in ("latency_ms_batch1", "latency_ms_per_image") if k in metrics},
         }
-        decision = registry.register(self.client, metrics["model_uri"], self.registered_name(), tags,
-                                     candidate_mean=row["test_mean"],
-                                     fingerprint=registry.test_set_fingerprint(self.dataset), margin=spec.margin)
+        val_fraction = TrialConfig.from_flat({**base, **best.params}).val_fraction
+        decision = registry.register(
+            self.client, metrics["model_uri"], self.registered_name(), tags, val_mean=row["val_mean"],
+            seeds=row["n"], test_mean=row["test_mean"],
+            val_set=registry.validation_fingerprint(self.dataset, val_fraction),
+            test_set=registry.test_set_fingerprint(self.dataset), margin=spec.margin)
         self.echo(f"registry: {decision.name} version {decision.version} -> @{decision.alias} ({decision.reason})")
         return decision
 
@@ -382,7 +407,7 @@ def _collect(phase: str, grid) -> list[TrialRecord]:
             error = (lines[-1] if lines else type(result.error).__name__)[:500]
         metrics = dict(result.metrics or {})
         trials.append(TrialRecord(phase, label, params, seed, status_of(metrics, error), metrics, error,
-                                  metrics.get("mlflow_run_id"), result.path))
+                                  metrics.get("mlflow_run_id"), result.path, point_of(config)))
     return trials
 
 
@@ -426,15 +451,21 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     tracking.log_metrics(client, parent_id, metrics, step=0)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["phase", "label", "seed", "status", "params", "val_acc", "test_acc", "test_acc_at_best_val",
-                     "best_epoch", "epochs", "mlflow_run_id", "error"])
+    writer.writerow(["phase", "label", "point", "seed", "status", "params", "val_acc", "test_acc",
+                     "test_acc_at_best_val", "best_epoch", "epochs", "mlflow_run_id", "error"])
     for t in all_trials:
         m = t.metrics
-        writer.writerow([t.phase, t.label, t.seed, t.status, json.dumps(t.params, sort_keys=True), m.get("val_acc"),
+        writer.writerow([t.phase, t.label, t.point, t.seed, t.status, json.dumps(t.params, sort_keys=True),
+                         m.get("val_acc"),
                          m.get("test_acc"), m.get("test_acc_at_best_val"), m.get("best_epoch"), m.get("epoch"),
                          t.run_id, t.error or ""])
     client.log_text(parent_id, buffer.getvalue(), "results/trials.csv")
-    client.log_text(parent_id, result.table() + "\n", "results/table.txt")
+    from kdtune.options import tuning_of
+    from kdtune.results import format_failures, verdict
+
+    failures = format_failures(result.summary)
+    client.log_text(parent_id, "\n".join(filter(None, [result.table(), verdict(result.summary, tuning_of(result)),
+                                                      failures])) + "\n", "results/table.txt")
     client.set_tag(parent_id, "kdtune.best", str(result.best_label))
     if result.registration:
         client.set_tag(parent_id, "kdtune.registered", f"{result.registration.name} version "

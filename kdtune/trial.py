@@ -26,9 +26,15 @@ def variant_of(config: dict) -> tuple[str, dict, int]:
     """(label, overrides, seed) from a Tune config of either form."""
     if "variant" in config:
         variant = dict(config["variant"])
+        variant.pop("point", None)
         return variant.pop("label"), variant, int(config.get("seed", 0))
     overrides = {k: v for k, v in config.items() if k != "seed"}
     return describe(overrides), overrides, int(config.get("seed", 0))
+
+
+def point_of(config: dict) -> str:
+    """The tuned recipe values of a grid trial ("lr=0.03"), "" when the study tunes none."""
+    return str(config.get("variant", {}).get("point", ""))
 
 
 def describe(overrides: dict) -> str:
@@ -53,9 +59,10 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     label, overrides, seed = variant_of(config)
     trial_config = TrialConfig.from_flat({**base, **overrides, "seed": seed})
     trial_id = tune.get_context().get_trial_id()
-    run = tracking.ChildRun(context, trial_key=trial_id, run_name=f"{label} seed={seed}",
+    point = point_of(config)
+    run = tracking.ChildRun(context, trial_key=trial_id, run_name=f"{label} {point} seed={seed}".replace("  ", " "),
                             params=trial_config.to_flat(),
-                            tags={"kdtune.role": "student", "kdtune.label": label,
+                            tags={"kdtune.role": "student", "kdtune.label": label, "kdtune.point": point,
                                   # what this trial set on top of the study's base: for a search, exactly
                                   # the parameters the space sampled for this method
                                   "kdtune.overrides": json.dumps(overrides, sort_keys=True)})
@@ -76,7 +83,10 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
         trainer.load_state_dict(state)
     run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(trainer.device)})
     try:
+        first_stages = trainer.total_epochs - trial_config.epochs
         for metrics in trainer.epochs():
+            # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
+            metrics["main_epoch"] = max(0, metrics["epoch"] - first_stages)
             final = metrics["epoch"] == metrics["epochs_total"]
             if final:
                 metrics.update(inference_latency(trainer.student, dataset, trainer.device))

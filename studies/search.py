@@ -9,7 +9,13 @@ exists, beta and the link set only for methods with links, the first-stage lengt
 adversarial weights and the discriminator's learning rate only for adversarial methods. ASHA stops weak trials on their own epoch counter. Then the best
 configuration (by validation accuracy) and the baseline are re-run over --seeds seeds and reported on the test
 set with the gain over the baseline and its 95% confidence interval.
+
+Fair by construction: every trial searches the learning rate too (--search-lr, default 1/3x to 3x the
+recipe's), and the baseline gets a search of its own over the same range with the same budget (--num-samples)
+before the confirm phase, so the student trained alone is tuned as well as the distilled ones.
 """
+import sys
+
 from kdtune.options import finish, spec_from_args, study_parser
 from kdtune.spaces import MethodSpace, candidate_link_sets
 from kdtune.resolve import common_links, models_of
@@ -28,17 +34,46 @@ def main() -> int:
     parser.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep 1/N trials at each rung")
     parser.add_argument("--searcher-seed", type=int, default=0)
+    parser.add_argument("--search-lr", metavar="LOW,HIGH",
+                        help="learning-rate range searched for every method and the baseline (log scale); "
+                             "default: 1/3x to 3x the recipe's; 'none' keeps the recipe's lr")
     args = parser.parse_args()
-    teacher, student = models_of(spec_from_args(args, name="search", variants=[]))
+    plain = spec_from_args(args, name="search", variants=[])
+    teacher, student = models_of(plain)
+    recipe = _lr_range(args, plain)
     space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(common_links(teacher, student))),
-                        fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "")
-    search = Search(suggest=space,
-                    num_samples=args.num_samples, time_budget_s=args.time_budget_s,
-                    points_to_evaluate=[p for p in KNOWN_GOOD if p["method"] in args.methods],
-                    grace_period=args.grace_period, reduction_factor=args.reduction_factor, seed=args.searcher_seed)
-    spec = spec_from_args(args, name="search", variants=[], search=search, label_header="configuration",
+                        fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "", recipe=recipe)
+    budget = dict(num_samples=args.num_samples, time_budget_s=args.time_budget_s, grace_period=args.grace_period,
+                  reduction_factor=args.reduction_factor, seed=args.searcher_seed)
+    known_good = [{**p, **({"lr": plain.overrides.get("lr") or _recipe_lr(plain)} if recipe else {})}
+                  for p in KNOWN_GOOD if p["method"] in args.methods]
+    search = Search(suggest=space, points_to_evaluate=known_good, **budget)
+    baseline = Search(suggest=MethodSpace(("none",), recipe=recipe), **budget)
+    spec = spec_from_args(args, name="search", variants=[], search=search, baseline_search=baseline,
+                          label_header="configuration",
                           title=f"Search result re-run over {args.seeds} seed(s), {args.dataset}")
     return finish(run_study, spec)
+
+
+def _recipe_lr(spec) -> float:
+    from kdtune.resolve import recipe_of
+
+    return recipe_of(spec)["student_recipe"]["lr"]
+
+
+def _lr_range(args, spec) -> dict:
+    if args.search_lr == "none":
+        return {}
+    if args.search_lr:
+        try:
+            low, high = (float(v) for v in args.search_lr.split(","))
+        except ValueError:
+            print(f"kdtune: error: --search-lr {args.search_lr!r}: expected LOW,HIGH, e.g. 0.003,0.03",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        return {"lr": (low, high)}
+    lr = spec.overrides.get("lr") or _recipe_lr(spec)
+    return {"lr": (lr / 3, lr * 3)}
 
 
 if __name__ == "__main__":

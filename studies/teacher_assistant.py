@@ -4,12 +4,13 @@
     python studies/teacher_assistant.py --dataset cifar10 --assistant <2-block CNN> --student <1-block CNN>
 
 Three studies on one MLflow server and one Ray: (1) the assistant distilled from the teacher and registered
-(its own runs; its champion becomes the next teacher), (2) the student's baseline and direct KD from the
+(its own runs; the version it registers, not whichever is @champion, becomes the next teacher), (2) the student's baseline and direct KD from the
 teacher, (3) the student distilled from the assistant. Each step has its own T and alpha.
 """
+from kdtune.errors import KdtuneError
 from kdtune.options import finish, shared_tracking, spec_from_args, study_parser
 from kdtune.results import BASELINE_LABEL, format_table, summarise
-from kdtune.study import run_study, student_base
+from kdtune.study import run_study
 
 DIGITS_CHAIN = {"assistant": "digits_assistant", "student": "digits_student"}
 
@@ -43,10 +44,15 @@ def main() -> int:
 
         def chain(_spec):
             results["assistant"] = run_study(assistant_spec)
+            registered = results["assistant"].registration
+            if registered is None:
+                raise KdtuneError("the assistant study registered no assistant (every trial failed); see above")
             results["direct"] = run_study(spec_direct)
+            # the version this study just trained, not @champion: an earlier study's champion would let another
+            # run (and whichever test set chose it) steer this chain
             via = spec_from_args(args, name="teacher_assistant.chain", label_header="student",
                                  variants=[{"label": "via assistant", **step}],
-                                 teacher=assistant, teacher_source=f"models:/{assistant_spec.register_as}@champion",
+                                 teacher=assistant, teacher_source=f"models:/{registered.name}/{registered.version}",
                                  register_as=f"kdtune-{args.dataset}-{args.student}-via-assistant")
             results["chain"] = run_study(via)
             return results["chain"]
@@ -55,8 +61,8 @@ def main() -> int:
             rows = summarise(results["direct"].trials + results["chain"].trials,
                              order=[BASELINE_LABEL, "direct KD", "via assistant"])
             ta = results["assistant"].summary[0]
-            base = student_base(spec_direct)
-            return (f"teacher {base['teacher']} -> assistant {assistant}: assistant test acc "
+            teacher = results["direct"].spec.teacher or "the dataset's teacher"
+            return (f"teacher {teacher} -> assistant {assistant}: assistant test acc "
                     f"{100 * ta['test_mean']:.2f}% ({ta['n']} seed(s))\n" + format_table(rows, "student"))
 
         return finish(chain, spec_direct, table=table)
