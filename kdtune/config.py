@@ -6,20 +6,39 @@ the field, the value and what is allowed. Studies validate every trial's config 
 
 Loss weights (the seed papers disagree, so every form is expressible):
   total = hard_weight * CE(y, p_S)                      "hard"
-        + alpha * T^2 * KL(p_T^T || p_S^T)              "soft"  (batchmean; T may be below 1)
+        + alpha * S * KL(p_T^T || p_S^T)                "soft"  (batchmean; T may be below 1)
         + beta * sum over links of MSE(adapter(f_S), f_T)  "intermediate"
   hard_weight defaults to 1 - alpha (seed 001's (1-a)*hard + a*soft); set it explicitly for
   seed 000's independent weights (0.05 / 0.6 / 0.35) or seed 004's hard + lambda*soft (hard_weight=1).
   Methods without a soft term (adversarial, adversarial_pretrained) default hard_weight to 1.
+  S is set by soft_scale, in every method with a soft term (kd, links, hints, fsp):
+    soft_scale="T2"   (default) S = T^2, Hinton's scaling: the soft gradient's size barely depends on T
+    soft_scale="none" S = 1, the plain H(P_T^T, P_S^T) / KL that seeds 000, 001 and 004 write
+  (KL and the seeds' cross-entropy differ by the teacher's entropy, a constant: same gradients.)
 
 The other methods' weights (each term is logged as loss_<name>; kdtune/distill/<method>.py says more):
-  hints   stage 'hint': beta * sum over links of MSE(1x1 adapter(f_S), f_T), then stage 'main' = kd
+  hints   stage 'hint': beta * sum over links of D(1x1 adapter(f_S), f_T), then stage 'main' = kd
+          hint_loss="mean" (default): D = MSE, the mean over elements
+          hint_loss="sum": D = 1/2 * ||f_T - adapter(f_S)||^2 summed over C*H*W, averaged over the batch (FitNets)
   fsp     stage 'fsp':  beta * mean over samples of sum over fsp_pairs of ||G_T - G_S||^2, then stage 'main' = kd
           (alpha=0 gives seed 002's plain main-task stage 2)
   adversarial (seed 003)  hard_weight * L_S + l1_weight * L_L1 + adv_weight * L_GAN
   adversarial_pretrained (seed 004)  stage 'pretrain': CE, then stage 'adversarial':
-          hard_weight * CE - adv_weight * L_class(a_S | student)
+          adv_loss="paper" (default): hard_weight * CE - adv_weight * L_class(a_S | student), as seed 004
+              writes it; L_class = -log P_D(student | a_S), so the term is <= 0 and UNBOUNDED below (the
+              student maximises a cross-entropy; a large adv_weight runs away to NaN)
+          adv_loss="nonsaturating": hard_weight * CE + adv_weight * (-log P_D(teacher | a_S)); the term is
+              >= 0, bounded below by 0, and pushes the same way
   Two-stage methods run stage1_epochs epochs of their first stage, then `epochs` epochs of the second.
+
+Reproducibility: deterministic=True makes the trial use deterministic algorithms only
+(torch.use_deterministic_algorithms(True, warn_only=False), cudnn.deterministic, no cudnn.benchmark); an op
+without a deterministic implementation then raises a RuntimeError. On CUDA that includes (torch's documented
+list) the backward of nn.AdaptiveAvgPool2d, which the ResNet and WRN models use for their global pooling, and
+of bilinear interpolation (link_spatial='interpolate'). Deterministic cuBLAS also needs
+CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before the process first uses CUDA; the trial sets it when
+unset. deterministic=False (the default) lets cudnn.benchmark pick the fastest convolution algorithms on CUDA
+(fixed-shape CNN training). The settings hold for the trial and are restored when it closes.
 """
 from __future__ import annotations
 
@@ -34,6 +53,11 @@ from kdtune.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 TEACHER_CACHE_MODES = ("auto", "on", "off")
+SOFT_SCALES = ("T2", "none")  # soft term times T^2 (Hinton) or not (the seeds' plain KL / cross-entropy)
+HINT_LOSSES = ("mean", "sum")  # hint term: MSE, or FitNets' 1/2 * squared L2 norm summed per sample
+ADV_LOSSES = ("paper", "nonsaturating")  # seed 004's adversarial term: as written (unbounded), or bounded
+# how a study's title names the soft term it runs
+SOFT_SCALE_TEXT = {"T2": "soft = T^2 * KL (Hinton)", "none": "soft = KL without T^2 (the seeds' form)"}
 
 
 def parse_link(part: Any, field: str = "links", whole: Any = None) -> str:
@@ -145,6 +169,8 @@ class TrialConfig:
     # None: the dataset's default (crop:4,flip for CIFAR, none for digits)
     val_fraction: float = 0.1
     teacher_cache: str = "auto"
+    soft_scale: str = "T2"  # soft term: "T2" = T^2 * KL (Hinton), "none" = KL as seeds 000/001/004 write it
+    deterministic: bool = False  # deterministic algorithms only (module docstring); False: cudnn.benchmark on CUDA
     # ---- method-specific (see the module docstring and kdtune/distill/) ----
     stage1_epochs: int = 0  # two-stage methods: epochs of the first stage, run before `epochs` main epochs
     fsp_pairs: tuple[tuple[str, str], ...] = ()  # fsp: layer pairs of links, e.g. "1-2,3-4,5-6"
@@ -153,6 +179,9 @@ class TrialConfig:
     disc_hidden: int = 128  # adversarial methods: width of the discriminator's two hidden layers
     disc_lr: float | None = None  # adversarial methods: discriminator SGD learning rate (None: lr)
     disc_epochs: int = 10  # adversarial_pretrained: epochs fitting the discriminator before the adversarial stage
+    hint_loss: str = "mean"  # hints: "mean" = MSE, "sum" = FitNets' 1/2 * ||u - r(v)||^2 summed, batch mean
+    adv_loss: str = "paper"  # adversarial_pretrained: "paper" = -beta * L_class (unbounded), "nonsaturating" =
+    # beta * -log P_D(teacher | a_S) (>= 0)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -220,6 +249,9 @@ class TrialConfig:
         _choice("link_spatial", self.link_spatial, LINK_SPATIAL_MODES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("teacher_cache", self.teacher_cache, TEACHER_CACHE_MODES)
+        _choice("soft_scale", self.soft_scale, SOFT_SCALES)
+        _choice("hint_loss", self.hint_loss, HINT_LOSSES)
+        _choice("adv_loss", self.adv_loss, ADV_LOSSES)
         _positive("temperature", self.temperature)
         _at_least("alpha", self.alpha, 0.0)
         if self.hard_weight is None and self.effective_hard_weight < 0:
@@ -273,6 +305,8 @@ def _convert(name: str, value: Any, annotation: str) -> Any:
                 raise TypeError
             return int(value)
         if annotation.startswith("bool"):
+            if type(value).__name__ == "bool_":  # numpy's, as a Tune search space may give
+                value = bool(value)
             if isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered in ("true", "1", "yes", "on"):

@@ -7,11 +7,21 @@ with it. Its whole state fits in `state_dict()`, so a trial resumes from its las
 Stages: a method's stages run in order with one epoch counter across them. Each stage gets a fresh optimiser
 and LR schedule over the parameters it trains (the student, or only the part feeding `Stage.train_up_to`,
 plus the method's student-side parameters); the hooks a method may use are listed in kdtune/distill/base.py.
+A stage with `train_up_to` (FitNets' hint stage, FSP's first stage) changes nothing it does not train: the student
+modules whose parameters it leaves alone stay in eval mode (BatchNorm running statistics unchanged, dropout
+off), and the forward passes stop once every linked feature is captured (a hook raises the private
+`_StopForward`), so the layers after the last link do not run and the batch's logits are None.
+
+Randomness: the student is built under torch.manual_seed(config.seed) (kdtune/parts.py); the method's set-up
+(adapters, a discriminator) runs under the same seed, whether or not the teacher was built in between (with a
+teacher-logit cache it is not), and every epoch reseeds the global generator, so a resumed trial draws what
+the uninterrupted one did. `deterministic=True` also makes the kernels deterministic (see kdtune/config.py).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -70,6 +80,9 @@ class Trainer:
                  device: torch.device | None = None):
         self.config = config
         self.device = device or pick_device()
+        if config.deterministic:  # before this trial's first CUDA work, where it can still take effect
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self._restore_backends = lambda: None
         self.method = distill.method_class(config.method)(config)
         torch.manual_seed(config.seed)
 
@@ -114,6 +127,7 @@ class Trainer:
         self.best_epoch = 0
         self.best_state: dict | None = None
         self.training_time_s = 0.0  # seconds spent in epochs (training + validation), across resumes
+        self._restore_backends = configure_backends(config, self.device)  # last: nothing after it can fail
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup_teacher(self, dataset: Dataset, teacher: nn.Module | None, teacher_logits) -> None:
@@ -153,14 +167,29 @@ class Trainer:
                 self.teacher(images)
         student_shapes = {k: v.shape for k, v in self._student_tap.features.items()}
         teacher_shapes = {k: v.shape for k, v in (self._teacher_tap.features if self._teacher_tap else {}).items()}
+        # The method's initial weights depend on the seed alone: building the teacher online consumes the global
+        # generator, a cached-logit trial does not. Seeded with config.seed, the state a cached trial has always
+        # had here (nothing before draws from it), so cached-logit results are what they were.
+        torch.manual_seed(self.config.seed)
         self.method.setup(student_shapes, teacher_shapes, num_classes=self.num_classes)
 
     def _build_optimizer(self, index: int) -> None:
         """A fresh SGD + StepLR for stage `index` over the parameters that stage trains."""
         stage = self.stages[index]
         student = list(self.student.parameters())
+        self._frozen_modules: list[nn.Module] = []
+        self._stop_at: tuple[list[nn.Module], list[nn.Module]] = ([], [])
         if stage.train_up_to:
             student = self._parameters_feeding(stage.train_up_to)
+            trained = {id(p) for p in student}
+            # whole subtrees none of whose parameters this stage trains: kept in eval mode while it runs
+            self._frozen_modules = [m for m in self.student.modules() if any(True for _ in m.parameters())
+                                    and not any(id(p) in trained for p in m.parameters())]
+            plan = self.links.only(stage.train_up_to)
+            student_modules = dict(self.student.named_modules())
+            teacher_modules = dict(self.teacher.named_modules()) if self.teacher is not None else {}
+            self._stop_at = ([student_modules[name] for name in plan.student.values()],
+                             [teacher_modules[name] for name in plan.teacher.values()] if teacher_modules else [])
         parameters = student + list(self.method.student_side_parameters(stage))
         config = self.config
         self.optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
@@ -208,6 +237,7 @@ class Trainer:
             if self.stage_started < index:
                 self.stage_metrics.update(self.method.start_stage(stage, self))
                 self.stage_started = index
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
             term_means, batch_means = self._train_one_epoch(stage)
             self.scheduler.step()
             self.epoch += 1
@@ -226,7 +256,7 @@ class Trainer:
                 "best_val_acc": self.best_val_acc,
                 "best_epoch": self.best_epoch,
                 "train_loss": sum(term_means.values()),
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "epoch_time_s": epoch_time,
                 "training_time_s": self.training_time_s,
                 **{f"loss_{name}": value for name, value in term_means.items()},
@@ -246,6 +276,8 @@ class Trainer:
 
     def _train_one_epoch(self, stage) -> tuple[dict[str, float], dict[str, float]]:
         self.student.train()
+        for module in self._frozen_modules:  # not trained in this stage: leave BatchNorm statistics, no dropout
+            module.eval()
         self.method.train()
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
         sums: dict[str, torch.Tensor] = {}
@@ -282,22 +314,23 @@ class Trainer:
         return means, batch_means
 
     def _forward(self, images, labels, indices, uses_teacher: bool = True) -> Outputs:
-        student_logits = self.student(images)
+        student_logits = run_until(self.student, images, self._stop_at[0])
         out = Outputs(labels=labels, indices=indices, student_logits=student_logits,
                       student_features=dict(self._student_tap.features))
         if uses_teacher:
-            out.teacher_logits, out.teacher_features = self._teacher_outputs(images, indices)
+            out.teacher_logits, out.teacher_features = self._teacher_outputs(images, indices, self._stop_at[1])
         return out
 
-    def _teacher_outputs(self, images, indices) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    def _teacher_outputs(self, images, indices, stop_at=()) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
         if self.teacher_logits is not None:
             return self.teacher_logits[indices], {}
         if self.teacher is None:
             return None, {}
         with torch.inference_mode():
-            logits = self.teacher(images)
+            logits = run_until(self.teacher, images, stop_at)
         # inference tensors cannot enter autograd; clone to normal tensors (cheap, no grad needed)
-        return logits.clone(), {k: v.clone() for k, v in self._teacher_tap.features.items()}
+        return (None if logits is None else logits.clone(),
+                {k: v.clone() for k, v in self._teacher_tap.features.items()})
 
     @torch.no_grad()
     def collect_logits(self, split: DeviceData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,6 +409,64 @@ class Trainer:
         self._student_tap.remove()
         if self._teacher_tap is not None:
             self._teacher_tap.remove()
+        self._restore_backends()
+        self._restore_backends = lambda: None
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once every feature a partial forward needs is captured (caught in run_until)."""
+
+
+def run_until(model: nn.Module, images: torch.Tensor, stop_at: list[nn.Module]) -> torch.Tensor | None:
+    """model(images), or, with modules in `stop_at`, its forward up to the moment each of them has run once:
+    returns None then (no logits). The FeatureTap hooks on those modules were registered first, so they have
+    stored their features when the stop hook, registered here, runs."""
+    if not stop_at:
+        return model(images)
+    waiting = set(range(len(stop_at)))
+
+    def hook(index):
+        def stop(_module, _inputs, _output):
+            waiting.discard(index)
+            if not waiting:
+                raise _StopForward
+        return stop
+
+    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(stop_at)]
+    try:
+        return model(images)  # reached only if some module of stop_at did not run: the whole forward ran
+    except _StopForward:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def configure_backends(config: TrialConfig, device: torch.device):
+    """Set the trial's determinism / cudnn choices (kdtune/config.py, deterministic); return what restores the
+    previous ones (Trainer.close), so a reused Ray actor's next trial starts from the process's own settings.
+
+    deterministic=True: torch.use_deterministic_algorithms(True, warn_only=False), cudnn.deterministic=True,
+    cudnn.benchmark=False, and CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (deterministic cuBLAS needs it; it
+    takes effect if the process has not used cuBLAS yet, so set it yourself for scripts that have).
+    deterministic=False on CUDA: cudnn.benchmark=True (fixed-shape CNN training: the fastest algorithms),
+    unless deterministic algorithms are already on in this process.
+    """
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        cudnn.deterministic, cudnn.benchmark = True, False
+    elif device.type == "cuda" and not (before[0] or before[2]):
+        cudnn.benchmark = True
+    return restore
 
 
 def use_channels_last(device: torch.device, precision: str) -> bool:

@@ -143,6 +143,17 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
 
 
 @contextlib.contextmanager
+def user_errors():
+    """For the work a script does before `finish` (e.g. reading the recipe to shape its variants): a user's
+    mistake ends as it does inside a study, one line on stderr and exit status 2."""
+    try:
+        yield
+    except KdtuneError as error:
+        print(f"kdtune: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
 def shared_tracking(args: argparse.Namespace):
     """For scripts that run several studies: one embedded MLflow server for all of them (unless
     --tracking-uri names one), so the assistant a first study registers is there for the next."""

@@ -105,14 +105,14 @@ def expand_tuning(variants: list[dict], tune: dict) -> list[dict]:
     return expanded
 
 
-def models_of(spec) -> tuple[object, object]:
+def models_of(spec, recipe: dict | None = None) -> tuple[object, object]:
     """(teacher, student) references of a study, for scripts that shape their variants by the models' link
     points; the dataset is loaded only when its recipe must choose a model."""
     from kdtune.models.refs import model_ref
 
     if spec.teacher is not None and spec.student is not None:
         return model_ref(spec.teacher), model_ref(spec.student)
-    recipe = recipe_of(spec)
+    recipe = recipe or recipe_of(spec)
     return (model_ref(spec.teacher if spec.teacher is not None else recipe["teacher"]),
             model_ref(spec.student if spec.student is not None else recipe["student"]))
 

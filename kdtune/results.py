@@ -165,22 +165,24 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
     mean ± std (and the median, which seed 003 reports), gain over the baseline with its 95% CI, and
     finished/total seeds. A setting with failed seeds is flagged with '!'."""
     tuned = any(row.get("point") for row in summary)
-    point_header = f"  {'chosen (on val)':>18}" if tuned else ""
+    width = max([18, len(label_header)] + [len(row["label"]) for row in summary])
+    point_width = max([15] + [len(row.get("point", "")) for row in summary])
+    point_header = f"  {'chosen (on val)':>{point_width}}" if tuned else ""
     median_header = f"  {'median':>7}" if show_median else ""
-    lines = [f"{label_header:>18}{point_header}  {'val acc':>8}  {'test acc':>17}{median_header}  "
+    lines = [f"{label_header:>{width}}{point_header}  {'val acc':>8}  {'test acc':>17}{median_header}  "
              f"{'vs baseline [95% CI]':>26}  {'done':>5}"]
     for row in summary:
-        point = f"  {row.get('point', ''):>18}" if tuned else ""
+        point = f"  {row.get('point', ''):>{point_width}}" if tuned else ""
         done = f"{row['n']}/{row['total']}" + ("!" if row["failed"] else "")
         if not row["n"]:
             note = f"{row['failed']} failed" if row["failed"] else f"{row['stopped']} stopped early"
             median = f"  {'-':>7}" if show_median else ""
-            lines.append(f"{row['label']:>18}{point}  {'-':>8}  {'-':>17}{median}  {'':>26}  {done:>5}  ({note})")
+            lines.append(f"{row['label']:>{width}}{point}  {'-':>8}  {'-':>17}{median}  {'':>26}  {done:>5}  ({note})")
             continue
         test = f"{mean_and_spread(row)} %"
         median = f"  {percent(row['test_median']):>6}%" if show_median else ""
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        lines.append(f"{row['label']:>18}{point}  {percent(row['val_mean']):>7}%  {test:>17}{median}  "
+        lines.append(f"{row['label']:>{width}}{point}  {percent(row['val_mean']):>7}%  {test:>17}{median}  "
                      f"{format_gain(row):>26}  {done:>5}" + (f"  ({notes})" if notes else ""))
     return "\n".join(lines)
 

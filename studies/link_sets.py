@@ -6,8 +6,13 @@
 The paper's rows use VGG links 1-6. The digits pair has links 1-4 (three conv stages and the hidden FC layer),
 so on digits the same shapes of set are used on the links that exist: a single middle link, the middle links,
 the last conv link, all links, all but the first.
+
+Forms: the soft term runs in seed 000's own form by default, the cross-entropy at temperature T without T^2 (kdtune
+computes KL without T^2, which differs from it by a constant); --soft-scale T2 runs Hinton's T^2 * KL. The
+intermediate term is the MSE over each linked pair, as seed 000 writes it.
 """
-from kdtune.options import finish, spec_from_args, study_parser
+from kdtune.config import SOFT_SCALE_TEXT, SOFT_SCALES
+from kdtune.options import finish, spec_from_args, study_parser, user_errors
 from kdtune.results import BASELINE_LABEL
 from kdtune.resolve import common_links, models_of
 from kdtune.study import run_study
@@ -26,6 +31,8 @@ def main() -> int:
                              "paths ('layer2=features.6,layer3=features.9'); list paths with kdtune models links")
     parser.add_argument("--beta-scale", type=float,
                         help="multiply the paper's beta values (10, 40); digits default 0.1")
+    parser.add_argument("--soft-scale", choices=SOFT_SCALES, default="none",
+                        help="soft term: 'none' = no T^2, seed 000's form (default); 'T2' = Hinton's T^2 * KL")
     args = parser.parse_args()
     # The paper's weights (alpha 10, beta 10/40) belong with its recipe (VGG, lr 0.004); on the digits pair at
     # the digits recipe's lr they drive every student to chance (measured), so digits gets smaller defaults.
@@ -36,13 +43,15 @@ def main() -> int:
     if args.link_sets:
         rows = [(links, 10) for links in args.link_sets]
     else:
-        common = common_links(*models_of(spec_from_args(args, name="link_sets", variants=[])))
+        with user_errors():
+            common = common_links(*models_of(spec_from_args(args, name="link_sets", variants=[])))
         if not common:
             parser.error("these models declare no common link numbers: give --link-sets with module paths, "
                          "e.g. --link-sets layer2=features.6 (kdtune models links MODEL --dataset D lists them)")
         rows = TABLE4 if common == [1, 2, 3, 4, 5, 6] else FOUR_LINKS if common == [1, 2, 3, 4] else [
             (",".join(map(str, common)), 10)]
-    kd = {"temperature": args.temperature, "alpha": args.alpha, "hard_weight": args.hard_weight}
+    kd = {"temperature": args.temperature, "alpha": args.alpha, "hard_weight": args.hard_weight,
+          "soft_scale": args.soft_scale}
     variants = [{"label": BASELINE_LABEL, "method": "none"}, {"label": "last layer", "method": "kd", **kd}] + [
         {"label": f"{links} b={beta * args.beta_scale:g}", "method": "links", "links": links,
          "beta": beta * args.beta_scale, **kd}
@@ -50,7 +59,8 @@ def main() -> int:
     ]
     spec = spec_from_args(args, name="link_sets", variants=variants, label_header="links, beta",
                           title=f"Intermediate-layer transfer (seed 000 Table 4), {args.dataset}, T={args.temperature:g}, "
-                                f"alpha={args.alpha:g}, hard weight={args.hard_weight:g}, beta x{args.beta_scale:g}")
+                                f"alpha={args.alpha:g}, hard weight={args.hard_weight:g}, beta x{args.beta_scale:g}, "
+                                f"{SOFT_SCALE_TEXT[args.soft_scale]}")
     return finish(run_study, spec)
 
 

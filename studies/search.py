@@ -16,9 +16,9 @@ before the confirm phase, so the student trained alone is tuned as well as the d
 """
 import sys
 
-from kdtune.options import finish, spec_from_args, study_parser
+from kdtune.options import finish, spec_from_args, study_parser, user_errors
 from kdtune.spaces import MethodSpace, candidate_link_sets
-from kdtune.resolve import common_links, models_of
+from kdtune.resolve import common_links, models_of, recipe_of
 from kdtune.study import Search, run_study
 
 KNOWN_GOOD = [{"method": "kd", "temperature": 4.0, "alpha": 0.9}]
@@ -38,14 +38,17 @@ def main() -> int:
                         help="learning-rate range searched for every method and the baseline (log scale); "
                              "default: 1/3x to 3x the recipe's; 'none' keeps the recipe's lr")
     args = parser.parse_args()
-    plain = spec_from_args(args, name="search", variants=[])
-    teacher, student = models_of(plain)
-    recipe = _lr_range(args, plain)
-    space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(common_links(teacher, student))),
-                        fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "", recipe=recipe)
+    with user_errors():
+        plain = spec_from_args(args, name="search", variants=[])
+        defaults = recipe_of(plain)
+        teacher, student = models_of(plain, defaults)
+        lr = plain.overrides.get("lr") or defaults["student_recipe"]["lr"]
+        recipe = _lr_range(args, lr)
+        space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(common_links(teacher, student))),
+                            fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "", recipe=recipe)
     budget = dict(num_samples=args.num_samples, time_budget_s=args.time_budget_s, grace_period=args.grace_period,
                   reduction_factor=args.reduction_factor, seed=args.searcher_seed)
-    known_good = [{**p, **({"lr": plain.overrides.get("lr") or _recipe_lr(plain)} if recipe else {})}
+    known_good = [{**p, **({"lr": lr} if recipe else {})}
                   for p in KNOWN_GOOD if p["method"] in args.methods]
     search = Search(suggest=space, points_to_evaluate=known_good, **budget)
     baseline = Search(suggest=MethodSpace(("none",), recipe=recipe), **budget)
@@ -55,13 +58,7 @@ def main() -> int:
     return finish(run_study, spec)
 
 
-def _recipe_lr(spec) -> float:
-    from kdtune.resolve import recipe_of
-
-    return recipe_of(spec)["student_recipe"]["lr"]
-
-
-def _lr_range(args, spec) -> dict:
+def _lr_range(args, lr: float) -> dict:
     if args.search_lr == "none":
         return {}
     if args.search_lr:
@@ -72,7 +69,6 @@ def _lr_range(args, spec) -> dict:
                   file=sys.stderr)
             raise SystemExit(2) from None
         return {"lr": (low, high)}
-    lr = spec.overrides.get("lr") or _recipe_lr(spec)
     return {"lr": (lr / 3, lr * 3)}
 
 

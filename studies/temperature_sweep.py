@@ -8,7 +8,7 @@ chosen on validation. The line under the table says whether distillation beats t
     python studies/temperature_sweep.py --dataset cifar10 --address auto --gpus-per-trial 0.25 --seeds 3 \\
         --tracking-uri http://head:5000 --storage /shared/ray_results
 """
-from kdtune.options import finish, spec_from_args, study_parser
+from kdtune.options import finish, spec_from_args, study_parser, user_errors
 from kdtune.results import BASELINE_LABEL
 from kdtune.study import run_study
 
@@ -23,7 +23,8 @@ def main() -> int:
     if args.tune is None:
         from kdtune.resolve import recipe_of
 
-        lr = args.lr or recipe_of(spec_from_args(args, name="temperature_sweep", variants=[]))["student_recipe"]["lr"]
+        with user_errors():
+            lr = args.lr or recipe_of(spec_from_args(args, name="temperature_sweep", variants=[]))["student_recipe"]["lr"]
         args.tune = ["lr=" + ",".join(f"{lr * f:.3g}" for f in (1 / 3, 1, 3))]
     variants = [{"label": BASELINE_LABEL, "method": "none"}] + [
         {"label": f"{t:g}", "method": "kd", "temperature": t, "alpha": args.alpha} for t in args.temperatures

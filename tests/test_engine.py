@@ -34,7 +34,8 @@ def test_each_loss_term_is_reported_every_epoch(digits, trained_digits_teacher):
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(digits, trained_digits_teacher, tmp_path):
     config = TrialConfig.from_flat({"method": "kd", "temperature": 4, "epochs": 4, "lr_step_epochs": 2})
-    straight = run(trainer_for(config, digits, trained_digits_teacher[0]))
+    uninterrupted = trainer_for(config, digits, trained_digits_teacher[0])
+    straight = run(uninterrupted)
 
     first = trainer_for(config, digits, trained_digits_teacher[0])
     epochs = first.epochs()
@@ -46,6 +47,63 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(digits, train
     assert final["epoch"] == 4
     assert final["val_acc"] == pytest.approx(straight["val_acc"]) and final["test_acc"] == pytest.approx(straight["test_acc"])
     assert final["loss_soft"] == pytest.approx(straight["loss_soft"], rel=1e-4)
+    assert final["lr"] == straight["lr"] == pytest.approx(0.004 * 0.1)  # epoch 4 trained at the second step's rate
+    for name, value in uninterrupted.student.state_dict().items():  # bit for bit
+        assert torch.equal(resumed.student.state_dict()[name], value), name
+
+
+def test_lr_is_the_rate_the_epoch_trained_with(digits):
+    config = TrialConfig.from_flat({"method": "none", "epochs": 3, "lr": 0.1, "lr_step_epochs": 1, "lr_gamma": 0.5})
+    trainer = trainer_for(config, digits)
+    lrs = [m["lr"] for m in trainer.epochs()]
+    assert lrs == pytest.approx([0.1, 0.05, 0.025])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)  # the next epoch's, not logged
+
+
+def test_a_hint_stage_resumes_bit_for_bit_with_its_frozen_batchnorm(digits, tmp_path):
+    from kdtune.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10, (1, 8, 8)).state_dict()
+    config = TrialConfig.from_flat({"method": "hints", "teacher": "resnet8", "student": "resnet8", "links": "4",
+                                    "beta": 1, "stage1_epochs": 2, "epochs": 1, "lr": 0.02, "batch_size": 128})
+    straight = trainer_for(config, digits, teacher)
+    straight_epochs = list(straight.epochs())
+    first = trainer_for(config, digits, teacher)
+    next(first.epochs())  # one of the two hint epochs
+    torch.save(first.state_dict(), tmp_path / "trainer.pt")
+    resumed = trainer_for(config, digits, teacher)
+    resumed.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True))
+    final = list(resumed.epochs())
+    assert [m["stage"] for m in final] == ["hint", "main"]
+    assert final[0]["loss_hint"] == straight_epochs[1]["loss_hint"]
+    assert final[-1]["val_acc"] == straight_epochs[-1]["val_acc"]
+    for name, value in straight.student.state_dict().items():  # weights and BatchNorm buffers, bit for bit
+        assert torch.equal(resumed.student.state_dict()[name], value), name
+
+
+def test_deterministic_trial_sets_and_restores_the_backends(digits, monkeypatch):
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    config = TrialConfig.from_flat({"method": "none", "epochs": 1, "deterministic": True})
+    trainer = trainer_for(config, digits)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert cudnn.deterministic and not cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    first = run(trainer)
+    trainer.close()
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark) == before
+    again = trainer_for(config, digits)
+    second = run(again)
+    again.close()
+    assert first["val_acc"] == second["val_acc"] and first["train_loss"] == second["train_loss"]
+    # not deterministic: on the CPU nothing changes (on CUDA, cudnn.benchmark is on for the trial)
+    plain = trainer_for(config.replace(deterministic=False), digits)
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark) == before
+    plain.close()
 
 
 def test_cached_teacher_logits_equal_the_teacher_on_the_same_samples(digits, trained_digits_teacher):

@@ -125,3 +125,74 @@ def test_seed004_student_source_loss_is_cross_entropy_for_label_student():
 
     # logit ln 3 for 'student': P(student) = sigmoid(ln 3) = 3/4, L_class = -ln(3/4)
     assert student_source_loss(torch.tensor([[math.log(3)]])).item() == pytest.approx(-math.log(3 / 4), rel=1e-6)
+
+
+# ---- the forms the seeds write differently (soft_scale, hint_loss, adv_loss) ------------------------
+
+def test_soft_loss_with_and_without_t_squared_at_t4():
+    # p = softmax([3, 1, 0] / 4), q = softmax([1, 2, 3] / 4): KL(p || q) = sum p log(p / q) = 0.13465882854241471
+    p = [math.exp(x / 4) for x in (3, 1, 0)]
+    p = [x / sum(p) for x in p]
+    q = [math.exp(x / 4) for x in (1, 2, 3)]
+    q = [x / sum(q) for x in q]
+    kl = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert kl == pytest.approx(0.13465882854241471, rel=1e-12)
+    assert soft_loss(STUDENT, TEACHER, 4.0, "none").item() == pytest.approx(kl, rel=1e-6)  # seeds 000/001/004
+    assert soft_loss(STUDENT, TEACHER, 4.0, "T2").item() == pytest.approx(16 * kl, rel=1e-6)  # Hinton: T^2 = 16
+    assert soft_loss(STUDENT, TEACHER, 4.0).item() == pytest.approx(16 * kl, rel=1e-6)  # the default
+
+
+def test_kd_method_soft_scale_none_drops_the_t_squared():
+    outputs = Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT,
+                      teacher_logits=TEACHER)
+    plain = TrialConfig.from_flat({"method": "kd", "alpha": 0.5, "temperature": 4.0, "soft_scale": "none"})
+    hinton = TrialConfig.from_flat({"method": "kd", "alpha": 0.5, "temperature": 4.0})
+    assert hinton.soft_scale == "T2"
+    assert method_class("kd")(plain).losses(outputs)["soft"].item() == pytest.approx(0.5 * 0.13465882854241471,
+                                                                                      rel=1e-6)
+    assert method_class("kd")(hinton).losses(outputs)["soft"].item() == pytest.approx(0.5 * 2.1545412566786353,
+                                                                                       rel=1e-6)
+
+
+def test_hint_distance_mean_and_fitnets_sum():
+    from kdtune.distill.losses import hint_distance
+
+    # two samples of 1 x 2 x 2 against a zero hint: squared errors [1, 4, 0, 0] and [0, 0, 0, 9]
+    student = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 3.0]]]])
+    teacher = torch.zeros_like(student)
+    # mean: (1 + 4 + 9) / 8 elements = 1.75
+    assert hint_distance(student, teacher, "mean").item() == pytest.approx(1.75)
+    assert hint_distance(student, teacher).item() == pytest.approx(1.75)  # the default
+    # sum: 1/2 * ||.||^2 per sample = 2.5 and 4.5, averaged over the batch = 3.5
+    assert hint_distance(student, teacher, "sum").item() == pytest.approx(3.5)
+    # vectors (a dense guided layer): 1/2 * (1 + 4) = 2.5 and 1/2 * 9 = 4.5 -> 3.5; mean 14 / 4 = 3.5 too
+    vectors = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+    assert hint_distance(vectors, torch.zeros(2, 2), "sum").item() == pytest.approx(3.5)
+    assert hint_distance(vectors, torch.ones(2, 2), "sum").item() == pytest.approx((0.5 * 1 + 0.5 * 5) / 2)
+
+
+def test_seed004_paper_and_nonsaturating_terms_on_given_discriminator_logits():
+    from kdtune.distill.losses import seed004_adversarial_loss
+
+    beta = 2.0
+    # d = ln 3 is D's logit for 'student': P(student) = 3/4, P(teacher) = 1/4
+    d = torch.tensor([[math.log(3)]], requires_grad=True)
+    paper = beta * seed004_adversarial_loss(d, "paper")
+    # paper: -beta * L_class = -beta * -ln P(student) = beta * ln(3/4) < 0
+    assert paper.item() == pytest.approx(beta * math.log(3 / 4), rel=1e-6) and paper.item() < 0
+    paper.backward()
+    # d/dd of beta * ln sigmoid(d) = beta * (1 - sigmoid(d)) = 2 * 1/4: positive, so descent lowers d ('teacher')
+    assert d.grad.item() == pytest.approx(0.5, rel=1e-6)
+    d.grad = None
+    nonsaturating = beta * seed004_adversarial_loss(d, "nonsaturating")
+    # non-saturating: beta * -ln P(teacher) = beta * -ln(1/4) = 2 ln 4 > 0
+    assert nonsaturating.item() == pytest.approx(beta * math.log(4), rel=1e-6) and nonsaturating.item() >= 0
+    nonsaturating.backward()
+    # d/dd of beta * softplus(d) = beta * sigmoid(d) = 2 * 3/4: also positive, the same push
+    assert d.grad.item() == pytest.approx(1.5, rel=1e-6)
+    # bounded vs not: as the student fools D (d -> -inf) the paper's term falls without end, the other stays >= 0
+    fooled = torch.tensor([[-50.0], [-1e4]])
+    assert seed004_adversarial_loss(fooled, "paper").item() == pytest.approx(-(50 + 1e4) / 2, rel=1e-6)
+    for logits in (fooled, torch.linspace(-30, 30, 61)[:, None]):
+        assert seed004_adversarial_loss(logits, "nonsaturating").item() >= 0
+    assert seed004_adversarial_loss(fooled, "nonsaturating").item() == pytest.approx(0.0, abs=1e-20)

@@ -57,6 +57,29 @@ def test_hint_loss_by_hand():
     assert terms["hint"].item() == pytest.approx(2.5)
 
 
+def test_hint_loss_sum_is_fitnets_half_squared_norm():
+    config = TrialConfig.from_flat({"method": "hints", "links": "1", "beta": 2, "stage1_epochs": 1,
+                                    "hint_loss": "sum"})
+    method = method_class("hints")(config)
+    student = {"1": torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]]])}  # (1, 1, 2, 2)
+    teacher = {"1": torch.zeros(1, 1, 2, 2)}
+    method.setup({"1": student["1"].shape}, {"1": teacher["1"].shape})
+    with torch.no_grad():  # the 1x1 adapter as the identity
+        method.adapters["1"].weight.fill_(1.0)
+        method.adapters["1"].bias.zero_()
+    outputs = Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=None,
+                      student_features=student, teacher_features=teacher)
+    method.use_stage(method.stages()[0])
+    # sum: beta * 1/2 * (1 + 4) = 5; mean (the default): beta * (1 + 4) / 4 = 2.5
+    assert method.losses(outputs)["hint"].item() == pytest.approx(5.0)
+    mean = method_class("hints")(config.replace(hint_loss="mean"))
+    mean.setup({"1": student["1"].shape}, {"1": teacher["1"].shape})
+    mean.load_state_dict(method.state_dict())
+    mean.use_stage(mean.stages()[0])
+    assert set(mean.losses(outputs)) == {"hint"}  # no logits in the hint stage: only its term is computed
+    assert mean.losses(outputs)["hint"].item() == pytest.approx(2.5)
+
+
 def test_hint_adapter_is_there_even_when_widths_match():
     config = TrialConfig.from_flat({"method": "hints", "links": "1", "beta": 1, "stage1_epochs": 1})
     method = method_class("hints")(config)
@@ -83,6 +106,38 @@ def test_hints_train_up_to_the_guided_layer_then_the_whole_student_with_kd(digit
     assert {k for k in main if k.startswith("loss_")} == {"loss_hard", "loss_soft"}
     assert main["train_loss"] == pytest.approx(main["loss_hard"] + main["loss_soft"])
     assert "test_acc" in main
+
+
+def bn_buffers(model):
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()
+            if name.endswith(("running_mean", "running_var"))}
+
+
+def test_hint_stage_leaves_batchnorm_after_the_guided_layer_alone(digits):
+    # ResNet-8 guided at link 2 (the end of section 1): the stem and layer1 train; layer2, layer3 and the
+    # classifier are not trained in the hint stage, so their BatchNorm statistics must not move
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10, (1, 8, 8)).state_dict()
+    config = TrialConfig.from_flat({"method": "hints", "teacher": "resnet8", "student": "resnet8", "links": "2",
+                                    "beta": 1, "stage1_epochs": 2, "epochs": 1, "lr": 0.02, "batch_size": 64})
+    trainer = trainer_for(config, digits, teacher)
+    before = bn_buffers(trainer.student)
+    epochs = trainer.epochs()
+    hint = [next(epochs), next(epochs)]
+    after = bn_buffers(trainer.student)
+    guided = ("stem.", "layer1.")
+    unchanged = {name for name in before if torch.equal(before[name], after[name])}
+    assert unchanged == {name for name in before if not name.startswith(guided)}
+    assert len(unchanged) == 8  # layer2 and layer3: one block of two BatchNorms each, mean and var...
+    assert len(before) - len(unchanged) == 6  # ...while stem, layer1.0.bn1 and layer1.0.bn2 moved
+    assert [m["stage"] for m in hint] == ["hint", "hint"]
+    assert hint[1]["loss_hint"] < hint[0]["loss_hint"]  # and the stage still trains
+    assert not any(m.training for m in trainer._frozen_modules)
+    main = next(epochs)  # the main stage trains (and normalises with) the whole student again
+    assert main["stage"] == "main" and {"loss_hard", "loss_soft"} <= set(main)
+    final = bn_buffers(trainer.student)
+    assert all(not torch.equal(after[name], final[name]) for name in after)
+    trainer.close()
 
 
 # ---- FSP (seed 002) -------------------------------------------------------------------------------
@@ -275,6 +330,54 @@ def test_seed004_loss_by_hand_and_the_way_it_pushes():
     assert method.losses(out)["hard"].item() == pytest.approx(-math.log(3 / 4), rel=1e-6)
 
 
+def test_seed004_nonsaturating_loss_by_hand_is_bounded_and_pushes_the_same_way():
+    config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "hard_weight": 0.5,
+                                    "adv_weight": 2, "adv_loss": "nonsaturating"})
+    method = method_class("adversarial_pretrained")(config)
+    method.setup({}, {}, num_classes=2)
+    linear = torch.nn.Linear(2, 1, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -1.0]]))  # logit of 'student' z = s0 - s1
+    method.discriminator = linear
+    student = torch.tensor([[LN3, 0.0]], requires_grad=True)
+    method.use_stage(method.stages()[1])
+    terms = method.losses(Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=student))
+    # z = ln 3: P(teacher) = 1/4; beta * -ln P(teacher) = 2 ln 4 >= 0 (the paper's form gives -2 ln(4/3) here)
+    assert terms["adv"].item() == pytest.approx(2 * math.log(4), rel=1e-6) and terms["adv"].item() >= 0
+    assert terms["hard"].item() == pytest.approx(0.5 * -math.log(3 / 4), rel=1e-6)
+    # d(beta softplus(z))/dz = beta * sigmoid(z) = 3/2, dz/ds = [1, -1]: descent lowers z, towards 'teacher',
+    # the direction the paper's form pushes (its gradient here is [1/2, -1/2])
+    terms["adv"].backward()
+    assert student.grad[0].tolist() == pytest.approx([1.5, -1.5])
+
+
+@pytest.mark.parametrize("method", ["adversarial", "adversarial_pretrained"])
+def test_discriminator_starts_the_same_with_or_without_the_teacher_cache(method, digits, trained_digits_teacher,
+                                                                         teacher_cache):
+    # building the teacher online draws from the global generator; the method's set-up is seeded on its own
+    config = TrialConfig.from_flat({"method": method, "epochs": 1, "disc_hidden": 16,
+                                    **({"stage1_epochs": 1} if method == "adversarial_pretrained" else {})})
+    cached = trainer_for(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache)
+    online = trainer_for(config.replace(teacher_cache="off"), digits, trained_digits_teacher[0],
+                         teacher_logits=teacher_cache)
+    assert cached.teacher is None and online.teacher is not None
+    for name, value in cached.method.discriminator.state_dict().items():
+        assert torch.equal(online.method.discriminator.state_dict()[name], value), name
+    for name, value in cached.student.state_dict().items():
+        assert torch.equal(online.student.state_dict()[name], value), name
+    seeded = trainer_for(config.replace(seed=1), digits, trained_digits_teacher[0], teacher_logits=teacher_cache)
+    assert not torch.equal(seeded.method.discriminator.net[0].weight, cached.method.discriminator.net[0].weight)
+
+
+def test_seed004_nonsaturating_trial_trains_with_a_term_bounded_below(digits, trained_digits_teacher, teacher_cache):
+    config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 1,
+                                    "lr": 0.03, "disc_epochs": 2, "adv_weight": 1.0, "batch_size": 128,
+                                    "adv_loss": "nonsaturating"})
+    epochs = run(trainer_for(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache))
+    assert [m["stage"] for m in epochs] == ["pretrain", "adversarial"]
+    assert epochs[-1]["loss_adv"] >= 0 and math.isfinite(epochs[-1]["loss_adv"])
+
+
 def test_seed004_pretrains_fits_the_discriminator_once_and_resumes_exactly(
         digits, trained_digits_teacher, teacher_cache, tmp_path):
     config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 2,
@@ -335,6 +438,10 @@ def test_kd_trains_a_dense_student_from_a_conv_teacher(digits, trained_digits_te
     ({"disc_hidden": 0}, "disc_hidden=0: must be a whole number >= 1"),
     ({"disc_epochs": 0}, "disc_epochs=0: must be a whole number >= 1"),
     ({"method": "adversarial_pretrained"}, "stage1_epochs=0: method 'adversarial_pretrained' needs stage1_epochs >= 1"),
+    ({"soft_scale": "T^2"}, "soft_scale='T^2': unknown; allowed: T2, none"),
+    ({"hint_loss": "l2"}, "hint_loss='l2': unknown; allowed: mean, sum"),
+    ({"adv_loss": "bounded"}, "adv_loss='bounded': unknown; allowed: nonsaturating, paper"),
+    ({"deterministic": "maybe"}, "deterministic='maybe': expected a bool"),
 ])
 def test_bad_method_settings_are_rejected_with_one_line(values, message):
     with pytest.raises(ConfigError) as error:
@@ -350,6 +457,16 @@ def test_fsp_pairs_forms_and_round_trip():
     assert config.to_flat()["fsp_pairs"] == "1-2,5-6"
     assert TrialConfig.from_flat(config.to_flat()).to_flat() == config.to_flat()
     assert TrialConfig.from_flat({**config.to_flat(), "fsp_pairs": "6-5,2-1"}).fsp_pairs == (("1", "2"), ("5", "6"))
+
+
+def test_the_seed_forms_are_settings_with_kdtunes_defaults():
+    config = TrialConfig.from_flat({})
+    assert (config.soft_scale, config.hint_loss, config.adv_loss, config.deterministic) == ("T2", "mean", "paper",
+                                                                                          False)
+    flat = TrialConfig.from_flat({"soft_scale": "none", "deterministic": "true", "method": "hints", "links": "2",
+                                  "beta": 1, "stage1_epochs": 1, "hint_loss": "sum"}).to_flat()
+    assert (flat["soft_scale"], flat["deterministic"], flat["hint_loss"]) == ("none", True, "sum")
+    assert TrialConfig.from_flat(flat).to_flat() == flat
 
 
 def test_hard_weight_defaults_to_one_without_a_soft_term():

@@ -7,12 +7,19 @@ One trial runs seed 004's whole procedure:
       'from the student') is fitted for disc_epochs epochs on teacher logits (label 0) and the pre-trained
       student's logits (label 1) of the training split, 20% of those samples held out; its held-out accuracy
       is reported as `disc_heldout_acc` in every later epoch. D is fixed from then on.
-  stage 'adversarial' (epochs): the student minimises
-      hard_weight * CE(y, P_S) - adv_weight * L_class(a_S | student)        (alpha and beta of seed 004)
-      with L_class = -log P_D(student | a_S), the discriminator's loss for the true label 'student'.
-      Minimising -L_class maximises D's error on the student: the student is pushed towards logits D calls
-      'teacher'. The term is logged as loss_adv and is <= 0; it has no lower bound (seed 004 gives none), so a
-      large adv_weight can run away and end the trial as diverged.
+  stage 'adversarial' (epochs): the student minimises hard_weight * CE(y, P_S) + loss_adv, where loss_adv
+      is set by adv_loss (hard_weight and adv_weight are seed 004's alpha and beta):
+      adv_loss="paper" (default), the form seed 004 writes:
+          loss_adv = -adv_weight * L_class(a_S | student),   L_class = -log P_D(student | a_S)
+          the discriminator's loss for the true label 'student'. Minimising -L_class maximises D's error on
+          the student: the student is pushed towards logits D calls 'teacher'. loss_adv is <= 0 and UNBOUNDED
+          below: the student maximises a cross-entropy, which it can do without end by growing its logits
+          (measured: NaN after ~500 SGD steps at beta 1, logits of 1e16 at beta 0.1; the trial then ends as
+          diverged).
+      adv_loss="nonsaturating", the GAN generator's non-saturating form:
+          loss_adv = adv_weight * -log P_D(teacher | a_S)
+          the same push (towards logits D calls 'teacher'), but loss_adv is >= 0, BOUNDED below by 0, and its
+          gradient fades once D is fooled.
 The teacher is only needed for the fit, so neither stage runs it per batch; cached teacher logits serve.
 """
 from __future__ import annotations
@@ -25,7 +32,7 @@ from kdtune.config import TrialConfig
 from kdtune.distill.base import Method, Outputs, Stage
 from kdtune.distill.discriminator import ADV_WEIGHT, DISC_LR, LogitDiscriminator, discriminator_optimizer
 from kdtune.distill.kd import STAGE1_EPOCHS
-from kdtune.distill.losses import hard_loss, student_source_loss
+from kdtune.distill.losses import hard_loss, seed004_adversarial_loss
 from kdtune.errors import ConfigError
 
 HELD_OUT = 0.2  # share of the training split kept from the discriminator's fit to measure its accuracy
@@ -110,5 +117,6 @@ class PretrainedDiscriminator(Method):
         if self.hard_weight > 0 and self.term_on("hard"):
             terms["hard"] = self.hard_weight * hard_loss(out.student_logits, out.labels)
         if self.config.adv_weight > 0 and self.term_on("adv"):
-            terms["adv"] = -self.config.adv_weight * student_source_loss(self.discriminator(out.student_logits))
+            terms["adv"] = self.config.adv_weight * seed004_adversarial_loss(self.discriminator(out.student_logits),
+                                                                             self.config.adv_loss)
         return terms

@@ -33,7 +33,11 @@ class Stage:
     """A span of epochs with some loss terms on. Two-stage methods (hints, FSP, ...) return two.
 
     train_up_to: student link numbers; the stage trains only the student parameters their features depend
-    on (FitNets' stage 1 trains the student up to its guided layer); empty = the whole student.
+    on (FitNets' stage 1 trains the student up to its guided layer); empty = the whole student. In such a
+    stage the student modules it does not train stay in eval mode (BatchNorm statistics unchanged, dropout
+    off), the student's (and an online teacher's) forward stops once the feature of every link in train_up_to
+    is captured, so Outputs.student_logits and teacher_logits are None: the stage's `terms` may read only
+    those features (a method computes only the terms its stage has on; see term_on).
     uses_teacher: whether the batch loss reads the teacher; when not, the engine skips the teacher's forward.
     """
 
@@ -65,7 +69,7 @@ class Outputs:
 
     labels: torch.Tensor
     indices: torch.Tensor
-    student_logits: torch.Tensor
+    student_logits: torch.Tensor | None  # None in a stage with train_up_to: its forward stops at the last link
     teacher_logits: torch.Tensor | None = None
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)  # by link
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)

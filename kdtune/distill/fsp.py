@@ -4,8 +4,10 @@ Stage 'fsp' (stage1_epochs): the student minimises
     beta * mean over samples of sum over pairs i of ||G_i^T - G_i^S||_2^2,   G = F1^T F2 / (h * w)
 one lambda (= beta) for every pair, as the paper does. A pair "a-b" of fsp_pairs names two links (numbers or teacher.path=student.path) of equal
 height and width; it is taken in both networks, so the student's matrix lines up with the teacher's.
-Stage 'main' (epochs): the main task, hard_weight * CE, plus alpha * T^2 * KL when alpha > 0
-(alpha=0 is seed 002's stage 2).
+Stage 'main' (epochs): the main task, hard_weight * CE, plus alpha * S * KL when alpha > 0
+(alpha=0 is seed 002's stage 2; S = T^2 or 1 by soft_scale, as for kd).
+The FSP stage keeps every student module it does not train in eval mode (BatchNorm statistics unchanged,
+dropout off) and its forward stops after the last linked layer (kdtune/engine.py).
 
 Widths must match too (seed 002's ResNet-8/26/32 all have 16/32/64 channels per section): a 1x1 adapter would
 let the student match a projection of its flow instead of the flow itself, which the paper never does, so

@@ -1,15 +1,20 @@
 """FitNets hints with a 1x1 adaptation layer (seed 001 §2.4 and §3.1), then KD.
 
 Stage 'hint' (stage1_epochs): the student up to its guided layer(s), plus the adapters, minimise
-    beta * sum over links k of MSE(r_k(v_k(x)), u_k(x))
+    beta * sum over links k of D(r_k(v_k(x)), u_k(x))
 where u_k is the teacher's hint layer, v_k the student's guided layer and r_k the adaptation layer: a 1x1
 convolution for feature maps (a linear map for vectors). Seed 001 always puts the adapter after the guided
 layer, so it is there even when widths match; heights and widths must already agree.
-Stage 'main' (epochs): the whole student trains with KD, hard_weight * CE + alpha * T^2 * KL (seed 001 §2.3).
+Stage 'main' (epochs): the whole student trains with KD, hard_weight * CE + alpha * S * KL (seed 001 §2.3;
+S = T^2 under soft_scale="T2", the default, or 1 under soft_scale="none", the form seed 001 writes).
+The hint stage keeps every student module it does not train in eval mode (their BatchNorm statistics stay
+as they are, their dropout is off) and its forward stops after the last guided layer (kdtune/engine.py).
 
 Hint/guided pairs are links, as for method 'links' (a number or teacher.path=student.path): link k is the teacher's hint layer and the
-student's guided layer; several links give several pairs. The loss is the mean over elements (MSE) rather
-than the summed squared norm of eq. 2.4, so beta means the same whatever the feature size.
+student's guided layer; several links give several pairs. D is set by hint_loss:
+    hint_loss="mean" (default): MSE, the mean over elements, so beta means the same whatever the feature size
+    hint_loss="sum": FitNets' 1/2 * ||u - r(v)||^2, summed over C*H*W (or the vector), averaged over the batch
+        (seed 001 eq. 2.4 writes ||u - r(v)||^2 without the 1/2: the same up to beta's factor of 2)
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from kdtune.config import TrialConfig
 from kdtune.distill.base import Outputs, Stage
 from kdtune.distill.kd import BETA, LINK_SETS, STAGE1_EPOCHS, KnowledgeDistillation
 from kdtune.distill.links import adapter_key, make_adapter
-from kdtune.distill.losses import feature_mse
+from kdtune.distill.losses import hint_distance
 from kdtune.errors import ConfigError
 
 
@@ -65,6 +70,7 @@ class Hints(KnowledgeDistillation):
         terms = super().losses(out)
         if self.term_on("hint"):
             terms["hint"] = self.config.beta * sum(
-                feature_mse(self.adapters[adapter_key(k)](out.student_features[k]), out.teacher_features[k])
+                hint_distance(self.adapters[adapter_key(k)](out.student_features[k]), out.teacher_features[k],
+                              self.config.hint_loss)
                 for k in self.config.links)
         return terms

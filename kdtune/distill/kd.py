@@ -1,4 +1,9 @@
-"""Hinton KD: hard_weight * CE(y, p_S) + alpha * T^2 * KL(p_T^T || p_S^T)."""
+"""Hinton KD: hard_weight * CE(y, p_S) + alpha * S * KL(p_T^T || p_S^T).
+
+S = T^2 with soft_scale="T2" (Hinton's scaling, the default), S = 1 with soft_scale="none" (the plain
+H(P_T^T, P_S^T) / KL of seeds 000, 001 and 004). The methods built on KD (links, hints, fsp) use the same
+soft term, so soft_scale applies to them too.
+"""
 from __future__ import annotations
 
 import torch
@@ -27,7 +32,7 @@ class KnowledgeDistillation(Method):
             terms.update(super().losses(out))
         if self.config.alpha > 0 and self.term_on("soft"):
             terms["soft"] = self.config.alpha * soft_loss(out.student_logits, out.teacher_logits,
-                                                          self.config.temperature)
+                                                          self.config.temperature, self.config.soft_scale)
         return terms
 
     def kd_terms(self) -> frozenset[str]:

@@ -1,5 +1,7 @@
 """Seed 000's multi-layer transfer: KD plus beta * sum of MSE over linked intermediate layers.
 
+The soft term is kd's (alpha * S * KL, S = T^2 under soft_scale="T2", 1 under "none", seed 000's own form).
+
 Where a linked pair differs in width, a 1x1 convolution (or a linear map for FC links) adapts the student
 feature to the teacher's width before the MSE; where widths match (VGG-7 vs VGG-16) no adapter is added.
 Linked maps whose height and width differ are refused (link_spatial='refuse', the default, naming both

@@ -4,28 +4,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdtune.config import ADV_LOSSES, HINT_LOSSES, SOFT_SCALES
+
 
 def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the true labels at temperature 1."""
     return F.cross_entropy(student_logits.float(), labels)
 
 
-def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-target term: T^2 * KL(p_T^T || p_S^T), averaged over the batch (batchmean).
 
-    The T^2 factor keeps the gradient scale of the soft term roughly independent of T, so alpha means
-    the same at every temperature. KL differs from the cross-entropy H(p_T^T, p_S^T) of seed 001 only by the
-    teacher's entropy, a constant for the student: the gradients are identical.
+
+def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+              scale: str = "T2") -> torch.Tensor:
+    """The soft-target term, KL(p_T^T || p_S^T) averaged over the batch (batchmean), times T^2 or not.
+
+    scale="T2" (Hinton; kdtune's default): T^2 * KL. The T^2 factor keeps the gradient scale of the soft term
+    roughly independent of T, so alpha means the same at every temperature.
+    scale="none": KL alone, the form seeds 000, 001 and 004 write (a plain H(P_T^T, P_S^T)); its gradient
+    shrinks as 1/T^2, so at T=4 the same alpha weighs the soft term 16 times less than under "T2".
+    KL differs from the cross-entropy H(p_T^T, p_S^T) the seeds write only by the teacher's entropy, a constant
+    for the student: the gradients are identical (the logged value is the KL, 0 when the student matches).
     """
+    if scale not in SOFT_SCALES:
+        raise ValueError(f"soft_loss scale={scale!r}: allowed: {', '.join(SOFT_SCALES)}")
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    return kl * temperature**2 if scale == "T2" else kl
 
 
 def feature_mse(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Mean squared error between a (possibly adapted) student feature and the teacher feature."""
     return F.mse_loss(student_feature.float(), teacher_feature.float())
+
+
+def hint_distance(student_feature: torch.Tensor, teacher_feature: torch.Tensor, form: str = "mean") -> torch.Tensor:
+    """FitNets' hint loss between the adapted student feature r(v) and the teacher's hint u.
+
+    form="mean" (kdtune's default): MSE, the mean over every element, so beta means the same whatever the size.
+    form="sum": FitNets eq. 3, 1/2 * ||u - r(v)||^2 summed over the feature (C*H*W, or the vector), then
+    averaged over the batch; it grows with the feature's size (seed 001 writes the squared norm without the 1/2).
+    """
+    if form not in HINT_LOSSES:
+        raise ValueError(f"hint_distance form={form!r}: allowed: {', '.join(HINT_LOSSES)}")
+    if form == "mean":
+        return feature_mse(student_feature, teacher_feature)
+    squared = (student_feature.float() - teacher_feature.float()) ** 2
+    return 0.5 * squared.flatten(1).sum(dim=1).mean()
 
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -72,8 +97,32 @@ def l1_alignment(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 def student_source_loss(d_student: torch.Tensor) -> torch.Tensor:
     """Seed 004's L_class(a_S | x=1): the discriminator's cross-entropy for 'comes from the student' (label 1).
 
-    d_student (N, 1) is the discriminator's logit for 'student'; L_class = mean_i -log sigmoid(d_i).
-    The student minimises -beta * L_class, i.e. pushes the discriminator towards 'teacher'.
+    d_student (N, 1) is the discriminator's logit for 'student'; L_class = mean_i -log sigmoid(d_i) >= 0.
+    The paper's student minimises -beta * L_class, i.e. pushes the discriminator towards 'teacher'; that
+    maximises a cross-entropy, which has no upper bound (see seed004_adversarial_loss).
     """
     return F.binary_cross_entropy_with_logits(d_student.float().squeeze(1), torch.ones(len(d_student),
                                               device=d_student.device))
+
+
+def teacher_source_loss(d_student: torch.Tensor) -> torch.Tensor:
+    """-log P_D(teacher | a_S) = mean_i -log sigmoid(-d_i) = mean_i softplus(d_i) >= 0, d the logit of 'student'."""
+    return F.binary_cross_entropy_with_logits(d_student.float().squeeze(1), torch.zeros(len(d_student),
+                                              device=d_student.device))
+
+
+def seed004_adversarial_loss(d_student: torch.Tensor, form: str = "paper") -> torch.Tensor:
+    """The adversarial term of seed 004's student loss, before its weight beta (config.adv_weight).
+
+    form="paper": -L_class(a_S | x=1) = mean_i log sigmoid(d_i) <= 0, as seed 004 writes it. Unbounded below:
+        as d -> -inf it falls like d, and its gradient never fades, so the student can lower it forever by
+        growing its logits (measured: NaN after ~500 SGD steps at beta 1, logits 1e16 at beta 0.1).
+    form="nonsaturating": -log P_D(teacher | a_S) = mean_i softplus(d_i) >= 0, the GAN generator's
+        non-saturating loss: the same direction (towards logits D calls 'teacher'), bounded below by 0, and
+        its gradient fades once D is fooled.
+    """
+    if form == "paper":
+        return -student_source_loss(d_student)
+    if form == "nonsaturating":
+        return teacher_source_loss(d_student)
+    raise ValueError(f"seed004_adversarial_loss form={form!r}: allowed: {', '.join(ADV_LOSSES)}")
