@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdtune.models.resnet import GlobalAvgPool
+
 
 class WideBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, dropout: float):
@@ -49,7 +51,7 @@ class WideResNet(nn.Module):
             self.add_module(f"group{group}", nn.Sequential(*layers))
             in_channels = width
         self.bn = nn.BatchNorm2d(in_channels)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Linear(in_channels, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
