@@ -23,6 +23,16 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for the tests of one module that run studies in-process (a script starts its own)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow server over SQLite on a loopback port, as kdtune embeds it."""

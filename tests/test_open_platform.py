@@ -93,6 +93,8 @@ def write_png_folder(root: Path, classes=("cat", "dog", "owl"), per_class=(24, 8
 
 def run(script: str, *args: str, env_extra: dict | None = None, cwd: Path, timeout: int = 900):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    if env_extra and "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):  # the user's code, then ours
+        env["PYTHONPATH"] = env_extra["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
     return subprocess.run([sys.executable, str(REPO / "studies" / script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 

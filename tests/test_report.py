@@ -21,15 +21,6 @@ GRID_FIGURES = {"accuracy_vs_temperature.png", "heatmap_alpha_temperature.png", 
                 "val_acc_per_epoch.png"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def study_spec(name, mlflow_server, storage, **fields):
     return StudySpec(name=name, dataset="digits", teacher_overrides={"epochs": 4}, tracking_uri=mlflow_server.uri,
                      storage=str(storage), max_concurrent=2, register_as=f"{name}-student", **fields)

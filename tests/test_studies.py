@@ -18,15 +18,6 @@ from kdtune.tracking import client_for, find_child_run
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def child_runs(client, result):
     return client.search_runs([result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
                               max_results=1000)

@@ -17,15 +17,6 @@ from kdtune.tracking import client_for
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def record(label, seed, val, test, point="", error=None):
     status = "failed" if error else "finished"
     metrics = {} if error else {"val_acc": val, "test_acc": test}
