@@ -44,8 +44,9 @@ def study_parser(description: str) -> argparse.ArgumentParser:
                                         "package.module:factory (default: the dataset's, e.g. vgg16 for CIFAR)")
     what.add_argument("--student", help="student, in the same forms (default: the dataset's, e.g. vgg7 for CIFAR)")
     what.add_argument("--teacher-source", help="teacher weights: 'pretrained' (the library's weights, fine-tuned "
-                                               "for --teacher-epochs), models:/name@alias, or a .pt file; default: "
-                                               "the registered teacher for this dataset, else train one")
+                                               "for --teacher-epochs), 'train' (a new one, now), models:/name@alias, "
+                                               "or a .pt file; default: the registered teacher for this dataset "
+                                               "(if trained on these samples), else train one")
     what.add_argument("--epochs", type=int, help="student epochs (default: the dataset recipe's)")
     what.add_argument("--teacher-epochs", type=int, help="teacher epochs when it must be trained")
     what.add_argument("--lr", type=float, help="student learning rate (default: the dataset recipe's)")

@@ -42,6 +42,17 @@ def test_set_fingerprint(dataset: Dataset) -> str:
     return f"{dataset.name}:{digest.hexdigest()[:16]}"
 
 
+def train_set_fingerprint(dataset: Dataset) -> str:
+    """Which samples the training set holds: a teacher registered with another one is not this dataset's."""
+    digest = hashlib.sha1()
+    digest.update(dataset.train_labels.contiguous().numpy().tobytes())
+    if dataset.in_memory:
+        digest.update(dataset.train_images.contiguous().numpy().tobytes())
+    else:
+        digest.update("\n".join(dataset.train_files).encode())
+    return f"{dataset.name}:train{dataset.num_train}:{digest.hexdigest()[:16]}"
+
+
 def validation_fingerprint(dataset: Dataset, val_fraction: float) -> str:
     """Which samples the validation split holds: the same fingerprint means accuracies are comparable."""
     _, val_idx = dataset.split(val_fraction)

@@ -1,6 +1,8 @@
 """Obtain a study's teacher once, in the driver: `TeacherSource` says where its weights come from.
 
-    None (default)          the registered teacher for this dataset and architecture, else trained once now
+    None (default)          the registered teacher for this dataset and architecture, else trained once now;
+                            a registered teacher trained on other samples under the same dataset name is refused
+    "train"                 train a new teacher now (and register it as the new champion)
     "pretrained"            the architecture's library weights (torchvision DEFAULT, timm pretrained=True, or
                             ImageNet VGG-16 conv layers for the built-in vgg16), new head, fine-tuned here
                             for the teacher recipe's epochs (seed 000's protocol), then registered
@@ -28,6 +30,7 @@ from kdtune.tracking import ChildRun, ServableModel, TrackingContext, network_st
 
 TEACHER_ALIAS = "champion"
 PRETRAINED = "pretrained"
+TRAIN = "train"
 
 
 @dataclass
@@ -97,15 +100,27 @@ def load_teacher_state(source: str, ref, dataset: Dataset) -> dict:
     return fit_state(state, ref, dataset, source)
 
 
-def registered_teacher_uri(dataset: str, arch: str) -> str | None:
-    """The registered teacher's URI if one exists for this dataset and architecture."""
+def registered_teacher_uri(dataset: Dataset, ref, log=print) -> str | None:
+    """The registered teacher's URI if one exists for this dataset and architecture, after checking it was
+    trained on this dataset's training samples (a dataset name alone, e.g. two folders both called 'data',
+    says nothing: a teacher that has seen this dataset's test samples would leak them into every student)."""
     import mlflow
 
-    name = registry_name(dataset, arch)
+    from kdtune.registry import train_set_fingerprint
+
+    name = registry_name(dataset.name, ref.name)
     try:
-        mlflow.MlflowClient().get_model_version_by_alias(name, TEACHER_ALIAS)
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, TEACHER_ALIAS)
     except mlflow.exceptions.MlflowException:
         return None
+    recorded, ours = version.tags.get("train_set"), train_set_fingerprint(dataset)
+    if recorded is None:
+        log(f"teacher: {name} version {version.version} records no training set (registered by an older kdtune); "
+            "reusing it as before (--teacher-source train trains a new one)")
+    elif recorded != ours:
+        raise ConfigError(f"the registered teacher {name}@{TEACHER_ALIAS} was trained on other samples (train set "
+                          f"{recorded}) than this dataset {dataset.name!r} ({ours}); give --teacher-source train "
+                          "to train one on this data, or name a teacher with --teacher-source")
     return f"models:/{name}@{TEACHER_ALIAS}"
 
 
@@ -116,13 +131,19 @@ class TeacherPlan:
     source: str | None  # as the user gave it (None: registry, else train)
     state: dict | None = None  # weights already read (file, Python object)
     initial_state: dict | None = None  # pretrained weights to fine-tune from
+    registered: str | None = None  # source None: the registered teacher found (`find_registered`), if any
+
+    def find_registered(self, dataset: Dataset, ref, log=print) -> None:
+        """Look the registry up once the tracking server is up, before the study creates anything."""
+        if self.source is None and self.state is None:
+            self.registered = registered_teacher_uri(dataset, ref, log)
 
 
 def plan_teacher(source, ref, dataset: Dataset) -> TeacherPlan:
     """Check a teacher source before any run, folder or version exists (MLflow sources are read later)."""
     if isinstance(source, nn.Module):
         return TeacherPlan("python object", state=fit_state(source.state_dict(), ref, dataset, "python object"))
-    if source is None or str(source).startswith(("models:/", "runs:/")):
+    if source in (None, TRAIN) or str(source).startswith(("models:/", "runs:/")):
         return TeacherPlan(source)
     if source == PRETRAINED:
         model = ref.build_pretrained(dataset.num_classes, dataset.input_shape)
@@ -166,13 +187,16 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan
     if plan.state is not None:
         log(f"teacher: {plan.source}")
         return Teacher(plan.state, plan.source, trained_now=False)
-    if plan.source and plan.source != PRETRAINED:
+    if plan.source and plan.source not in (PRETRAINED, TRAIN):
         log(f"teacher: loading {plan.source}")
         return Teacher(load_teacher_state(plan.source, ref, dataset), plan.source, trained_now=False)
     if plan.source == PRETRAINED:
         log(f"teacher: fine-tuning {ref.spec} from its pretrained weights ({config.epochs} epochs)")
         return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, plan.initial_state)
-    uri = registered_teacher_uri(dataset.name, ref.name)
+    if plan.source == TRAIN:
+        log(f"teacher: training a new {ref.spec} as asked ({config.epochs} epochs)")
+        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log)
+    uri = plan.registered
     if uri:
         log(f"teacher: reusing the registered {uri}")
         return Teacher(load_teacher_state(uri, ref, dataset), uri, trained_now=False)
@@ -190,7 +214,10 @@ def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: Tra
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(train_teacher)
     result = ray.get(task.remote(config, dataset, ref, initial_state, tracking, int(cpus)))
     name = registry_name(dataset.name, ref.name)
+    from kdtune.registry import train_set_fingerprint
+
     tags = {"kdtune.role": "teacher", "dataset": dataset.name, "architecture": ref.spec,
+            "train_set": train_set_fingerprint(dataset),
             "init": PRETRAINED if initial_state is not None else "scratch",
             "test_acc": f"{result['metrics']['test_acc']:.4f}", "run_id": result["run_id"],
             "parameters": count_parameters(ref.build(dataset.num_classes, dataset.input_shape))}

@@ -131,3 +131,32 @@ def test_pretrained_weights_offline_name_the_file_and_folder_and_change_nothing(
     assert str(hub / "hub" / "checkpoints") in lines[0] and ".pth" in lines[0]
     assert not store.exists()
     assert not any(hub.rglob("*.pth")) if hub.exists() else True
+
+
+def test_a_registered_teacher_trained_on_other_samples_of_the_same_name_is_refused(mlflow_server, tmp_path):
+    """Two folders both called 'pets': the teacher registered for one must not teach the other (it may have
+    seen the other's test images)."""
+    import mlflow
+    from torch import nn
+
+    from kdtune.models.refs import model_ref
+    from kdtune.registry import train_set_fingerprint
+    from kdtune.sources import resolve_dataset
+    from kdtune.teachers import TeacherPlan, registry_name
+    from kdtune.tracking import use_tracking
+
+    first = resolve_dataset(f"folder:{write_png_folder(tmp_path / 'a' / 'pets', per_class=(3, 2), seed=1)}")
+    second = resolve_dataset(f"folder:{write_png_folder(tmp_path / 'b' / 'pets', per_class=(3, 2), seed=2)}")
+    assert first.name == second.name == "pets"
+    ref = model_ref("digits_teacher")
+    use_tracking(mlflow_server.uri)
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(nn.Linear(2, 2), name="teacher", input_example=np.zeros((1, 2), np.float32))
+    name = registry_name(first.name, ref.name)
+    version = mlflow.register_model(info.model_uri, name, tags={"train_set": train_set_fingerprint(first)})
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version.version)
+    plan = TeacherPlan(None)
+    plan.find_registered(first, ref, log=lambda *a: None)
+    assert plan.registered == f"models:/{name}@champion"
+    with pytest.raises(KdtuneError, match="trained on other samples .* --teacher-source train"):
+        TeacherPlan(None).find_registered(second, ref, log=lambda *a: None)
