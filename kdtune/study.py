@@ -144,6 +144,8 @@ class _Study:
         spec = self.spec
         cluster.init_ray(spec.address, self.resolved.user_modules)
         cluster.check_tracking_reachable(self.uri)
+        if self.resolved.teacher_plan is not None:  # a mismatched registered teacher is refused here, early
+            self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo)
         experiment_id, parent_id = self._open_parent_run()
         self.echo(f"mlflow: study run {parent_id}: {tracking.ui_link(self.uri, experiment_id)}")
         context = tracking.TrackingContext(self.uri, experiment_id, parent_id)
