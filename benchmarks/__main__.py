@@ -2,7 +2,7 @@
 
     python -m benchmarks                 # ~10 minutes on 2 CPU cores
     python -m benchmarks --write         # and record the run in benchmarks/RESULTS.md
-    python -m benchmarks --only steps    # steps | accuracy | study (comma-separated)
+    python -m benchmarks --only steps    # steps | accuracy | study | tracking | fused (comma-separated)
 """
 from __future__ import annotations
 
@@ -131,6 +131,25 @@ def main() -> int:
             for r in study_rows:
                 log(f"  {r.name}: {r.value_text()} {r.target} {'' if r.met is None else ('met' if r.met else 'MISSED')}")
             log(text)
+
+    if "tracking" in parts:
+        from benchmarks import tracking
+
+        log("\n[tracking] 64 concurrent writers against the MLflow server: SQLite and PostgreSQL, 1 and 4 workers")
+        tracking_rows, text = tracking.run(log=log)
+        rows += tracking_rows
+        texts["tracking: the MLflow server under 64 concurrent trial writers"] = text
+        log(text)
+
+    if "fused" in parts:
+        from benchmarks import fused
+
+        log("\n[fused] a 9-temperature sweep step: one trial per setting vs the 9 students fused on one teacher")
+        results = [fused.measure("digits", args.rounds, 20, 1, log=log),
+                   fused.measure("vgg", args.rounds, args.steps, common.threads(), log=log)]
+        for result in results:
+            rows += fused.rows(result)
+        log(f"fused/unfused: {results[1]['fused'] / results[1]['unfused']:.2f}x")
 
     for path in (teacher_path, out if "study" in parts else None):
         if path:

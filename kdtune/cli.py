@@ -24,13 +24,27 @@ from kdtune.errors import ConfigError, KdtuneError, TrackingError
 # ---- mlflow -----------------------------------------------------------------------------------------
 
 def cmd_mlflow_serve(args) -> int:
-    from kdtune.tracking import EmbeddedServer, UI_SUFFIX
+    from kdtune.storage import check_storage
+    from kdtune.tracking import EmbeddedServer, UI_SUFFIX, check_backend_store_uri, redact
 
     if EmbeddedServer.running_uri(args.store):
         raise TrackingError(f"a server already serves {Path(args.store).resolve()} at "
                             f"{EmbeddedServer.running_uri(args.store)}")
-    server = EmbeddedServer(args.store, port=args.port, announce=True).start()
-    print(f"MLflow UI: {server.uri}/#/experiments  (store: {server.store_dir})")
+    if args.workers is not None and args.workers < 1:
+        raise TrackingError(f"--workers {args.workers}: give 1 or more")
+    Path(args.store).mkdir(parents=True, exist_ok=True)
+    server = EmbeddedServer(args.store, port=args.port, announce=True, backend_store_uri=args.backend_store_uri,
+                            artifacts_destination=args.artifacts_destination, host=args.host, workers=args.workers)
+    # everything the server needs is checked first, each in one line (the database within 30 s)
+    check_backend_store_uri(server.backend_uri)
+    if args.artifacts_destination and "://" in args.artifacts_destination:
+        check_storage(args.artifacts_destination, option="--artifacts-destination")
+    server.start()
+    where = f"http://{args.host}:{server.port}" if args.host not in ("127.0.0.1", "0.0.0.0") else server.uri
+    print(f"MLflow UI: {where}/#/experiments  (backend: {redact(server.backend_uri)}; artifacts: "
+          f"{server.artifacts_destination}; {server.workers} worker(s); log: {server.store_dir / 'server.log'})")
+    if args.host == "0.0.0.0":
+        print(f"listening on every interface: other machines use http://THIS_HOST:{server.port}")
     print(f"the runs table of an experiment is its URL plus {UI_SUFFIX}; Ctrl-C stops the server", flush=True)
     try:
         while server.process and server.process.poll() is None:
@@ -55,7 +69,7 @@ def cmd_teacher_train(args, client, uri) -> int:
                      teacher_overrides={"epochs": args.epochs} if args.epochs else {})
     resolved = resolve_study(spec)  # every bad value stops here, before the run below exists
     plan = resolved.teacher_plan
-    if plan.source not in (None, teachers.PRETRAINED):
+    if plan.source not in (None, teachers.PRETRAINED, teachers.TRAIN):
         raise ConfigError(f"--teacher-source {plan.source}: `kdtune teacher train` trains from scratch or from "
                           "'pretrained' weights; a teacher from a file or models:/ needs no training")
     config = resolved.teacher_config
@@ -243,9 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     mlflow = groups.add_parser("mlflow", help="the embedded MLflow tracking server").add_subparsers(
         dest="command", required=True)
-    serve = mlflow.add_parser("serve", help="serve the local store on a loopback port until Ctrl-C")
-    serve.add_argument("--store", default=".kdtune", help="folder holding mlflow.db and artifacts/")
-    serve.add_argument("--port", type=int, default=5000)
+    serve = mlflow.add_parser("serve", help="serve the local store (or a database and an object store) until Ctrl-C")
+    serve.add_argument("--store", default=".kdtune",
+                       help="folder holding the server log, and by default mlflow.db and artifacts/ (default .kdtune)")
+    serve.add_argument("--port", type=int, default=5000, help="default 5000")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to listen on (default 127.0.0.1); 0.0.0.0 on a cluster head, so every "
+                            "node reaches it")
+    serve.add_argument("--backend-store-uri",
+                       help="runs, metrics and the registry: any SQLAlchemy URI MLflow accepts, e.g. "
+                            "postgresql://USER:PASSWORD@HOST:5432/mlflow (pip install 'kdtune[postgres]'); "
+                            "default: sqlite:///<store>/mlflow.db")
+    serve.add_argument("--artifacts-destination",
+                       help="where the server keeps artifacts (models, reports), e.g. s3://BUCKET/mlflow "
+                            "(AWS_ENDPOINT_URL for an S3-compatible store; pip install 'kdtune[s3]'); the server "
+                            "proxies them, so trials need no credentials; default: <store>/artifacts")
+    serve.add_argument("--workers", type=int,
+                       help="server worker processes; default: 1 over SQLite, "
+                            "4 over a database server (benchmarks/RESULTS.md, tracking)")
     serve.set_defaults(func=cmd_mlflow_serve, needs_client=False)
 
     teacher = groups.add_parser("teacher", help="teachers in the registry").add_subparsers(dest="command",

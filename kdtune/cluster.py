@@ -118,3 +118,16 @@ def check_tracking_reachable(uri: str) -> None:
                           "whose trials could not reach it; start an MLflow server on the head "
                           "(kdtune mlflow serve, or mlflow server --host 0.0.0.0) and pass --tracking-uri "
                           "http://HEAD:5000 or set MLFLOW_TRACKING_URI")
+
+
+def trial_slots(cpus_per_trial: float, gpus_per_trial: float, max_concurrent: int | None = None) -> int:
+    """How many trials the cluster can run at once with these resources (at least 1)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 0) // cpus_per_trial) if cpus_per_trial else 1 << 30
+    if gpus_per_trial:
+        slots = min(slots, int(resources.get("GPU", 0) // gpus_per_trial))
+    if max_concurrent:
+        slots = min(slots, max_concurrent)
+    return max(1, slots)

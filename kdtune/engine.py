@@ -225,47 +225,97 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs; yield each epoch's metrics. The last one includes test accuracy."""
-        while self.epoch < self.total_epochs:
-            index = self._stage_index(self.epoch)
-            stage = self.stages[index]
-            started = time.perf_counter()
-            # Dropout (student, discriminator) draws from the global generator: seed it per epoch so a resumed
-            # trial draws exactly what the uninterrupted one did.
-            torch.manual_seed((self.config.seed * 100_003 + self.epoch) * 2 + 1)
-            if self.optimizer_stage != index:
-                self._build_optimizer(index)
-            if self.stage_started < index:
-                self.stage_metrics.update(self.method.start_stage(stage, self))
-                self.stage_started = index
-            lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
-            term_means, batch_means = self._train_one_epoch(stage)
-            self.scheduler.step()
-            self.epoch += 1
-            val_acc, val_loss = self.evaluate(self.val)
-            epoch_time = time.perf_counter() - started
-            self.training_time_s += epoch_time
-            if val_acc > self.best_val_acc:
-                self.best_val_acc, self.best_epoch = val_acc, self.epoch
-                self.best_state = copy.deepcopy(self.student.state_dict())
-            metrics = {
-                "epoch": self.epoch,
-                "epochs_total": self.total_epochs,
-                "stage": stage.name,
-                "val_acc": val_acc,
-                "val_loss": val_loss,
-                "best_val_acc": self.best_val_acc,
-                "best_epoch": self.best_epoch,
-                "train_loss": sum(term_means.values()),
-                "lr": lr,
-                "epoch_time_s": epoch_time,
-                "training_time_s": self.training_time_s,
-                **{f"loss_{name}": value for name, value in term_means.items()},
-                **batch_means,
-                **self.stage_metrics,
-            }
-            if self.epoch == self.total_epochs:
-                metrics.update(self.final_test_metrics())
-            yield metrics
+        while not self.done:
+            self.begin_epoch()
+            for images, labels, indices in self.train.batches(self.config.batch_size, self.batch_generator()):
+                self.train_step(images, labels, indices)
+            yield self.end_epoch()
+
+    # One epoch in three parts, so that `fused_epochs` can step several students on the same batches.
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.total_epochs
+
+    def batch_generator(self) -> torch.Generator:
+        """The epoch's batch order and augmentation draws: a function of seed and epoch alone."""
+        return torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
+
+    def begin_epoch(self) -> None:
+        index = self._stage_index(self.epoch)
+        self._stage = self.stages[index]
+        self._started = time.perf_counter()
+        # Dropout (student, discriminator) draws from the global generator: seed it per epoch so a resumed
+        # trial draws exactly what the uninterrupted one did.
+        torch.manual_seed((self.config.seed * 100_003 + self.epoch) * 2 + 1)
+        if self.optimizer_stage != index:
+            self._build_optimizer(index)
+        if self.stage_started < index:
+            self.stage_metrics.update(self.method.start_stage(self._stage, self))
+            self.stage_started = index
+        self._lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
+        self.student.train()
+        for module in self._frozen_modules:  # not trained in this stage: leave BatchNorm statistics, no dropout
+            module.eval()
+        self.method.train()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._batch_sums: dict[str, torch.Tensor] = {}  # the method's per-batch metrics (not loss terms)
+        self._batches = 0
+
+    @property
+    def uses_teacher_now(self) -> bool:
+        return self._stage.uses_teacher
+
+    def train_step(self, images, labels, indices, teacher_logits: torch.Tensor | None = None) -> None:
+        """One optimiser step on a batch. `teacher_logits`: the teacher's logits on it, computed once for several
+        students (fused trials); else this trainer runs or looks up its own teacher."""
+        stage = self._stage
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self._forward(images, labels, indices, stage.uses_teacher, teacher_logits)
+            for name, value in self.method.before_student_step(out).items():
+                self._batch_sums[name] = self._batch_sums.get(name, 0.0) + value.detach().float()
+            terms = self.method.losses(out)
+        if stage.terms is not None:
+            terms = {name: value for name, value in terms.items() if name in stage.terms}
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        for name, value in terms.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
+        self._batches += 1
+
+    def end_epoch(self) -> dict:
+        """Check the epoch's losses, step the schedule, evaluate: the epoch's metrics (raises TrainingDiverged)."""
+        term_means, batch_means = self._epoch_means()
+        self.scheduler.step()
+        self.epoch += 1
+        val_acc, val_loss = self.evaluate(self.val)
+        epoch_time = time.perf_counter() - self._started
+        self.training_time_s += epoch_time
+        if val_acc > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = val_acc, self.epoch
+            self.best_state = copy.deepcopy(self.student.state_dict())
+        metrics = {
+            "epoch": self.epoch,
+            "epochs_total": self.total_epochs,
+            "stage": self._stage.name,
+            "val_acc": val_acc,
+            "val_loss": val_loss,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "train_loss": sum(term_means.values()),
+            "lr": self._lr,
+            "epoch_time_s": epoch_time,
+            "training_time_s": self.training_time_s,
+            **{f"loss_{name}": value for name, value in term_means.items()},
+            **batch_means,
+            **self.stage_metrics,
+        }
+        if self.epoch == self.total_epochs:
+            metrics.update(self.final_test_metrics())
+        return metrics
 
     def _stage_index(self, epoch: int) -> int:
         for index, stage in enumerate(self.stages):
@@ -274,35 +324,11 @@ class Trainer:
             epoch -= stage.epochs
         return len(self.stages) - 1
 
-    def _train_one_epoch(self, stage) -> tuple[dict[str, float], dict[str, float]]:
-        self.student.train()
-        for module in self._frozen_modules:  # not trained in this stage: leave BatchNorm statistics, no dropout
-            module.eval()
-        self.method.train()
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
-        sums: dict[str, torch.Tensor] = {}
-        batch_sums: dict[str, torch.Tensor] = {}  # the method's per-batch metrics (not loss terms)
-        batches = 0
-        for images, labels, indices in self.train.batches(self.config.batch_size, generator):
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                out = self._forward(images, labels, indices, stage.uses_teacher)
-                for name, value in self.method.before_student_step(out).items():
-                    batch_sums[name] = batch_sums.get(name, 0.0) + value.detach().float()
-                terms = self.method.losses(out)
-            if stage.terms is not None:
-                terms = {name: value for name, value in terms.items() if name in stage.terms}
-            loss = sum(terms.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            batches += 1
+    def _epoch_means(self) -> tuple[dict[str, float], dict[str, float]]:
         # One device sync per epoch, not per step; a NaN anywhere in the epoch shows in its sum.
-        means = {name: float(total) / batches for name, total in sums.items()}
-        batch_means = {name: float(total) / batches for name, total in batch_sums.items()}
+        batches = max(1, self._batches)
+        means = {name: float(total) / batches for name, total in self._sums.items()}
+        batch_means = {name: float(total) / batches for name, total in self._batch_sums.items()}
         bad = [name for name, value in {**means, **batch_means}.items() if not math.isfinite(value)]
         if bad:
             value = means.get(bad[0], batch_means.get(bad[0]))
@@ -313,11 +339,14 @@ class Trainer:
             )
         return means, batch_means
 
-    def _forward(self, images, labels, indices, uses_teacher: bool = True) -> Outputs:
+    def _forward(self, images, labels, indices, uses_teacher: bool = True,
+                 teacher_logits: torch.Tensor | None = None) -> Outputs:
         student_logits = run_until(self.student, images, self._stop_at[0])
         out = Outputs(labels=labels, indices=indices, student_logits=student_logits,
                       student_features=dict(self._student_tap.features))
-        if uses_teacher:
+        if uses_teacher and teacher_logits is not None:
+            out.teacher_logits = teacher_logits
+        elif uses_teacher:
             out.teacher_logits, out.teacher_features = self._teacher_outputs(images, indices, self._stop_at[1])
         return out
 

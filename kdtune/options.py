@@ -22,7 +22,9 @@ def study_parser(description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     where = parser.add_argument_group("where it runs")
     where.add_argument("--address", help="Ray cluster address (auto, or HEAD_IP:6379); default: a local Ray")
-    where.add_argument("--storage", help="Tune storage path (shared NFS path or s3://... on a cluster); "
+    where.add_argument("--storage", help="Tune results and checkpoints, and the study folder: a local or shared "
+                                         "(NFS) folder, or s3://BUCKET/PREFIX on a cluster (AWS_ENDPOINT_URL for "
+                                         "an S3-compatible store); checked before the study starts; "
                                          "default: <store>/ray_results")
     where.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                        help="MLflow tracking server (http://host:5000); default: $MLFLOW_TRACKING_URI, else an "
@@ -66,6 +68,10 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     how.add_argument("--cpus-per-trial", type=float, default=1.0)
     how.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials, e.g. 0.25")
     how.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    how.add_argument("--fuse", default="off", metavar="off|auto|N",
+                     help="grid settings that share batches (same seed, batch size, epochs, augmentation; "
+                          "single-stage, logit-only methods) train together in one trial, the teacher run once per "
+                          "batch, up to N per trial (auto: 8); each keeps its own MLflow run and table row")
     how.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=None,
                      help="run the next trial in a finished trial's process (default: on a single-node Ray only; "
                           "on a multi-node cluster every trial starts its own process, so trials spread over nodes)")
@@ -119,6 +125,12 @@ def _number_or_text(text: str):
 
 
 def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **spec_fields):
+    """The StudySpec of a script's options; a bad --set or --tune ends as one line and exit status 2."""
+    with user_errors():
+        return _spec_from_args(args, name, variants, **spec_fields)
+
+
+def _spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **spec_fields):
     from kdtune.study import StudySpec
 
     overrides = parse_set_options(args.set)
@@ -138,6 +150,7 @@ def spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], **
         storage=args.storage, tracking_uri=args.tracking_uri, store_dir=args.store, data_dir=args.data_dir,
         download=not args.no_download, register_as=args.register_as, resume=args.resume,
         margin=args.margin, tune=parse_tune_options(args.tune), allow_failed_best=args.select_with_failures,
+        fuse=args.fuse,
     )
     fields.update(spec_fields)
     return StudySpec(**fields)
@@ -169,9 +182,10 @@ def shared_tracking(args: argparse.Namespace):
         raise SystemExit(2) from None
 
 
-def finish(run, spec, table=None) -> int:
-    """Run the study and print its table (`table(result)` for a paper-specific shape); a user error becomes
-    one line on stderr and exit status 2."""
+def finish(run, spec, table=None, summary=None) -> int:
+    """Run the study and print its table (`table(result)` for a paper-specific shape) and the sentence on what
+    it shows (from `summary(result)` when the table joins several studies' rows); a user error becomes one line
+    on stderr and exit status 2."""
     try:
         result = run(spec)
     except KdtuneError as error:
@@ -184,7 +198,7 @@ def finish(run, spec, table=None) -> int:
     if spec.title:
         print(spec.title)
     print(table(result) if table else result.table())
-    print(verdict(result.summary, tuning_of(result)))
+    print(verdict(summary(result) if summary else result.summary, tuning_of(result)))
     for phase, trials in result.phases.items():
         for trial in trials:
             if trial.failed:

@@ -35,8 +35,10 @@ class StudyParts:
         teacher.load_state_dict(self.teacher_state)
         return teacher
 
-    def trainer(self, config: TrialConfig, device: torch.device | None = None, student: nn.Module | None = None):
-        """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights)."""
+    def trainer(self, config: TrialConfig, device: torch.device | None = None, student: nn.Module | None = None,
+                teacher: nn.Module | None = None):
+        """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights);
+        `teacher`: one network several trainers share (fused students), else built when the trial needs it."""
         from kdtune import distill
         from kdtune.engine import Trainer
         from kdtune.linking import plan_links
@@ -46,8 +48,19 @@ class StudyParts:
         if student is None:
             torch.manual_seed(config.seed)  # the student's initial weights depend on the trial's seed alone
             student = self.student.build(self.dataset.num_classes, self.dataset.input_shape)
-        return Trainer(config, self.dataset, student, self.build_teacher, teacher_logits=self.teacher_logits, links=links,
-                       device=device)
+        return Trainer(config, self.dataset, student, teacher or self.build_teacher, teacher_logits=self.teacher_logits,
+                       links=links, device=device)
+
+    def fused_trainers(self, configs: list[TrialConfig], device: torch.device | None = None):
+        """(trainers, shared teacher) for members that train together (kdtune/fusion.py): one teacher network,
+        built only if some member runs it online."""
+        from kdtune.engine import pick_device
+
+        device = device or pick_device()
+        online = any(c.method != "none" and (self.teacher_logits is None or c.teacher_cache == "off"
+                                             or c.augment_recipe(self.dataset.default_augment)) for c in configs)
+        teacher = self.build_teacher() if online else None
+        return [self.trainer(c, device, teacher=teacher) for c in configs], teacher
 
 
 def trainer_for(config: TrialConfig, dataset: Dataset, teacher_state: dict | None = None,

@@ -32,10 +32,12 @@ from kdtune import cluster, registry, report, teachers, tracking
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.parts import StudyParts
+from kdtune.fusion import group_size, group_variants
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
+from kdtune.storage import Location, check_storage
 from kdtune.results import BASELINE_LABEL, format_table, pick_best, summarise
-from kdtune.trial import close_runs_callback, describe, distill_trial, point_of, variant_of
+from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, distill_trial, members_of
 
 STUDY_FILE = "kdtune_study.json"
 
@@ -74,6 +76,7 @@ class StudySpec:
     baseline_search: Search | None = None  # a search: the baseline's own search, same budget (else untuned)
     tune: dict = field(default_factory=dict)  # grid: recipe values tried for every setting, e.g. {"lr": [...]}
     allow_failed_best: bool = False  # may a setting with failed seeds be chosen as best?
+    fuse: Any = "off"  # grid: train variants that share batches together, up to this many (off | auto | N)
     overrides: dict = field(default_factory=dict)  # applied to every student trial (after the dataset recipe)
     teacher_overrides: dict = field(default_factory=dict)
     seeds: int = 1
@@ -114,6 +117,8 @@ class StudyResult:
     study_dir: str
     wall_time_s: float
     training_time_s: float
+    teacher: str = ""  # the references' texts, as resolved
+    student: str = ""
 
     def table(self) -> str:
         return format_table(self.summary, self.spec.label_header)
@@ -123,6 +128,7 @@ class StudyResult:
 
 def run_study(spec: StudySpec, echo=print) -> StudyResult:
     started = time.perf_counter()
+    check_storage(spec.storage)  # a missing bucket or credentials: one line, before any run or folder exists
     saved = _read_study_file(spec) if spec.resume else None
     resolved = resolve_study(spec, echo)  # every bad value stops here, before anything is created
     store = Path(spec.store_dir).resolve()
@@ -189,7 +195,8 @@ class _Study:
             champion = self._register_best(final, summary, best_label) if best_label else None
             training_time = sum(t.metrics.get("training_time_s", 0.0) for p in phases.values() for t in p)
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
-                                 self.uri, str(study_dir), time.perf_counter() - started, training_time)
+                                 self.uri, str(study_dir), time.perf_counter() - started, training_time,
+                                 self.resolved.teacher.spec, self.resolved.student.spec)
             _log_study_results(self.client, parent_id, result)
             self._log_report(parent_id, study_dir / "report")
             status = "FINISHED"
@@ -230,17 +237,19 @@ class _Study:
             "baseline_search": spec.baseline_search.num_samples if spec.baseline_search else 0,
             "train_samples": self.dataset.num_train, "test_samples": len(self.dataset.test_labels),
             # the validation split is carved from the training set, stratified by class (data.py)
-            "val_samples": len(self.dataset.split(self.base.get("val_fraction", 0.1))[1]),
+            "val_samples": len(self.dataset.split(TrialConfig.from_flat(self.base).val_fraction)[1]),
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
         return experiment_id, parent.info.run_id
 
-    def _study_dir(self) -> Path:
+    def _study_dir(self) -> Location:
+        """The study folder: a local folder or a prefix in an object store (kdtune/storage.py); either way
+        `study_dir / name` is a phase's Tune storage and str(study_dir) what Tune and --resume take."""
         if self.spec.resume:
-            return Path(self.spec.resume).resolve()
+            return Location.of(self.spec.resume)
         storage = self.spec.storage or str(self.store / "ray_results")
-        folder = Path(storage).resolve() / f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        folder.mkdir(parents=True, exist_ok=False)
+        folder = Location.of(storage) / f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder.mkdir(exist_ok=False)
         return folder
 
     def _trainable(self, context):
@@ -283,9 +292,13 @@ class _Study:
         return ray.get(task.remote(parts, fractions.pop()))
 
     def _grid_space(self, variants: list[dict]) -> dict:
+        """Variants x seeds; variants that can share batches and teacher train as one trial (`fuse`)."""
         from ray import tune
 
-        return {"variant": tune.grid_search(variants), "seed": tune.grid_search(list(range(self.spec.seeds)))}
+        spec = self.spec
+        slots = cluster.trial_slots(spec.cpus_per_trial, spec.gpus_per_trial, spec.max_concurrent)
+        groups = group_variants(variants, self.base, group_size(spec.fuse, len(variants) * spec.seeds, slots))
+        return {"group": tune.grid_search(groups), "seed": tune.grid_search(list(range(self.spec.seeds)))}
 
     def _run_phase(self, name: str, trainable, study_dir: Path, context, param_space: dict | None,
                    search: Search | None = None) -> list[TrialRecord]:
@@ -379,9 +392,9 @@ def _status_table(phase: str):
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Ray ignores a custom reporter under its new output engine
     # only keys every trial has: the reporter looks each one up in the best trial's config (a search's
     # conditional parameters, e.g. beta for a kd trial, would raise KeyError there)
-    parameters = {"method": "method"} if phase == "search" else {"variant/label": "setting", "seed": "seed"}
+    parameters = {"method": "method"} if phase.endswith("search") else {"seed": "seed"}
     return CLIReporter(parameter_columns=parameters, max_report_frequency=20, print_intermediate_tables=True,
-                       metric_columns={"epoch": "epoch", "val_acc": "val acc", "best_val_acc": "best val",
+                       metric_columns={"members_label": "setting", "epoch": "epoch", "val_acc": "val acc", "best_val_acc": "best val",
                                        "train_loss": "train loss", "test_acc": "test acc"},
                        sort_by_metric=True, metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_progress_rows=30)
 
@@ -394,22 +407,30 @@ def _cache_teacher_logits(parts: StudyParts, val_fraction: float):
 
 
 def _trial_name(trial) -> str:
-    label, _, seed = variant_of(trial.config)
-    return f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)[:60]}_seed{seed}_{trial.trial_id}"
+    members = members_of(trial.config)
+    label = members[0].label + (f"+{len(members) - 1}" if len(members) > 1 else "")
+    return f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)[:60]}_seed{members[0].seed}_{trial.trial_id}"
 
 
 def _collect(phase: str, grid) -> list[TrialRecord]:
+    """One record per member of every trial (a fused trial reports each member's last metrics)."""
     trials = []
     for result in grid:
         config = result.config or {}
-        label, params, seed = variant_of(config) if config else ("?", {}, 0)
+        members = members_of(config) if config else []
         error = None
         if result.error is not None:
             lines = str(result.error).strip().splitlines()
             error = (lines[-1] if lines else type(result.error).__name__)[:500]
         metrics = dict(result.metrics or {})
-        trials.append(TrialRecord(phase, label, params, seed, status_of(metrics, error), metrics, error,
-                                  metrics.get("mlflow_run_id"), result.path, point_of(config)))
+        reported = {(m["label"], m["point"]): m for m in json.loads(metrics.get(MEMBERS_KEY) or "[]")}
+        for member in members:
+            own = reported.get((member.label, member.point))
+            own_metrics = dict(own["metrics"]) if own else {}
+            own_error = (own or {}).get("error") or (error if not own_metrics or error else None)
+            trials.append(TrialRecord(phase, member.label, member.overrides, member.seed,
+                                      status_of(own_metrics, own_error), own_metrics, own_error,
+                                      own_metrics.get("mlflow_run_id"), result.path, member.point))
     return trials
 
 
@@ -418,18 +439,23 @@ def _best_search_trial(trials: list[TrialRecord]) -> TrialRecord | None:
     return OBJECTIVE.best([t for t in trials if t.finished], lambda t: t.metrics[OBJECTIVE.metric])
 
 
-def _write_study_file(study_dir: Path, content: dict) -> None:
+def _write_study_file(study_dir: Location, content: dict) -> None:
+    """Written once, when the study starts (a resumed study keeps the file it started with)."""
     path = study_dir / STUDY_FILE
     if not path.exists():
         path.write_text(json.dumps(content, indent=2))
 
 
 def _read_study_file(spec: StudySpec) -> dict:
-    path = Path(spec.resume) / STUDY_FILE
-    if not path.is_file():
+    check_storage(spec.resume, option="resume")  # an unreachable bucket or endpoint: one line, not a hang
+    path = Location.of(spec.resume) / STUDY_FILE
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"resume={spec.resume!r}: {STUDY_FILE} could not be read ({error})") from None
+    if saved is None:
         raise ConfigError(f"resume={spec.resume!r}: not a kdtune study folder (no {STUDY_FILE}); "
                           "give the folder printed as 'study folder: ...' when the study started")
-    saved = json.loads(path.read_text())
     if saved.get("name") != spec.name:
         raise ConfigError(f"resume={spec.resume!r}: that folder holds study {saved.get('name')!r}, not {spec.name!r}")
     return saved

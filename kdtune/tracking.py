@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,27 +40,39 @@ def free_port() -> int:
 
 
 class EmbeddedServer:
-    """`mlflow server` on 127.0.0.1 over a SQLite store and a local artifact folder."""
+    """`mlflow server` over a backend store (default: SQLite under the store folder) and an artifact
+    destination (default: the store's artifacts/ folder; or s3://bucket/prefix), proxying artifacts, so
+    clients (trials) need no credentials for the artifact store.
 
-    def __init__(self, store_dir: str | Path, port: int | None = None, announce: bool = False):
+    The store folder always holds the server's log (server.log) and, for `kdtune mlflow serve`, server.json.
+    """
+
+    def __init__(self, store_dir: str | Path, port: int | None = None, announce: bool = False,
+                 backend_store_uri: str | None = None, artifacts_destination: str | None = None,
+                 host: str = "127.0.0.1", workers: int | None = None):
         # announce: write server.json so studies and commands use this server. Only a long-lived server
         # (`kdtune mlflow serve`) announces itself: a study's own server stops when that study ends.
         self.announce = announce
         self.store_dir = Path(store_dir).resolve()
         self.port = port or free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.uri = f"http://127.0.0.1:{self.port}"  # where this machine reaches it (0.0.0.0 includes loopback)
         self.process: subprocess.Popen | None = None
+        self._backend_uri = backend_store_uri
+        self.artifacts_destination = artifacts_destination or str(self.store_dir / "artifacts")
+        self.workers = workers or default_workers(self.backend_uri)
 
     @property
     def backend_uri(self) -> str:
-        return f"sqlite:///{self.store_dir / 'mlflow.db'}"
+        return self._backend_uri or f"sqlite:///{self.store_dir / 'mlflow.db'}"
 
     def command(self) -> list[str]:
+        # the backend URI travels in the environment (MLFLOW_BACKEND_STORE_URI), not on the command line,
+        # where `ps` would show a database password to every user of the machine
         return [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", self.backend_uri,
-            "--artifacts-destination", str(self.store_dir / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--artifacts-destination", self.artifacts_destination, "--serve-artifacts",
+            "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
         ]
 
     def start(self, timeout_s: float = 120.0) -> "EmbeddedServer":
@@ -70,10 +83,13 @@ class EmbeddedServer:
         """Start the server process and return at once: its start-up (tens of seconds on a busy 2-core machine)
         can overlap other start-up work; call `wait_ready()` before the first request."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.store_dir / "server.log"
+        self._log_start = log_file.stat().st_size if log_file.exists() else 0  # this start's lines begin here
         log = open(self.store_dir / "server.log", "ab")
         # MLflow 3's server also starts a GenAI job runner (8 more processes on a 2-core machine, and a slower
         # start); kdtune uses none of its jobs.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_BACKEND_STORE_URI": self.backend_uri}
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         return self
@@ -82,8 +98,9 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise TrackingError(f"the embedded MLflow server exited with code {self.process.returncode}; "
-                                    f"see {self.store_dir / 'server.log'}")
+                tail = _log_tail(self.store_dir / "server.log", self._log_start)
+                raise TrackingError(f"the MLflow server exited with code {self.process.returncode}"
+                                    f"{f' ({tail})' if tail else ''}; see {self.store_dir / 'server.log'}")
             if _healthy(self.uri):
                 if self.announce:
                     self._info_file.write_text(json.dumps({"pid": self.process.pid, "uri": self.uri}))
@@ -124,6 +141,93 @@ class EmbeddedServer:
         self.stop()
 
 
+def default_workers(backend_uri: str) -> int:
+    """Server worker processes: one for the embedded SQLite store (a one-machine study writes from a few trials
+    at once), four over a database server. benchmarks/RESULTS.md (tracking), 64 concurrent trial writers:
+    4 workers serve 10-20x the calls of 1, whose single connection pool (MLflow's 5 + 10) times out."""
+    return 1 if backend_uri.startswith("sqlite:") else DATABASE_WORKERS
+
+
+DATABASE_WORKERS = 4
+
+
+def redact(uri: str) -> str:
+    """A database URI without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:
+        return uri.split("@", 1)[-1] if "@" in uri else uri
+
+
+DRIVER_HINTS = {"postgresql": "pip install 'kdtune[postgres]'",
+                "mysql": "pip install pymysql and write mysql+pymysql://..."}
+
+
+def check_backend_store_uri(uri: str, timeout_s: float = 20.0) -> None:
+    """Before the server starts: the backend store URI parses, its driver is installed and the database
+    answers within `timeout_s` (else one line naming the URI, password hidden)."""
+    shown = redact(uri)
+    if uri.startswith("sqlite:"):
+        path = uri.split(":///", 1)[-1]
+        if ":memory:" not in uri and path and not Path(path).parent.is_dir():
+            raise TrackingError(f"backend store {shown}: folder {Path(path).parent} does not exist")
+        return
+    try:
+        import sqlalchemy
+        from sqlalchemy.engine import make_url
+
+        url = make_url(uri)
+    except Exception as error:
+        raise TrackingError(f"backend store {shown}: not a database URI ({_first_line(error)}); use e.g. "
+                            "postgresql://USER:PASSWORD@HOST:5432/DB or sqlite:///PATH.db") from None
+    backend = url.get_backend_name()
+    connect_args = {"connect_timeout": max(1, int(timeout_s) - 2)} if backend in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as error:
+        hint = DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
+        raise TrackingError(f"backend store {shown}: the {backend} driver is not installed "
+                            f"({_first_line(error)}); {hint}") from None
+    outcome: dict = {}
+
+    def connect():
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as error:  # reported below, in one line
+            outcome["error"] = error
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TrackingError(f"backend store {shown}: no answer within {timeout_s:.0f}s")
+    if "error" in outcome:
+        error = outcome["error"]
+        cause = getattr(error, "orig", None) or error
+        raise TrackingError(f"backend store {shown}: cannot connect ({_first_line(cause)})")
+    engine.dispose()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _log_tail(path: Path, start: int = 0) -> str:
+    """The last error line the server wrote to its log since `start` (bytes), for a one-line message."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            text = [line for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in text if "Error" in line or "error" in line]
+    return (errors or text)[-1].strip()[:300] if text else ""
+
+
 def _die_with_parent() -> None:
     """Linux: the server gets SIGTERM when the process that started it dies (even by SIGKILL), so a killed
     study leaves no orphan server behind."""
@@ -156,6 +260,10 @@ def check_tracking_uri(uri: str) -> None:
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
+    elif "://" in uri and uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        raise TrackingError(f"tracking URI {redact(uri)}: trials talk HTTP to one MLflow server; start one over "
+                            "this database (`kdtune mlflow serve --backend-store-uri URI`) and pass its "
+                            "http://host:port")
     else:
         raise TrackingError(f"tracking URI {uri!r}: use http(s)://host:port (an MLflow server) or sqlite:///path.db")
 

@@ -1,7 +1,10 @@
-"""One Ray Tune trial: a student distilled under one configuration, reported every epoch.
+"""One Ray Tune trial: one student, or several fused students (kdtune/fusion.py), reported every epoch.
 
-A grid trial's Tune config is {"variant": {...partial config, "label"}, "seed": s}; an Optuna trial's is the
-flat set of sampled values. Either way it becomes a validated TrialConfig on top of the study's base.
+A grid trial's Tune config is {"group": [variant, ...], "seed": s}, each variant a partial config with its
+"label" (and "point" when the study tunes recipe values); a group of one is the plain trial. An Optuna trial's
+config is the flat set of sampled values: one member. Each member becomes a validated TrialConfig on top of
+the study's base, keeps its own MLflow child run, per-epoch metrics, checkpoint entry and model, and fails
+alone when its loss diverges; the trial fails only when every member has.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import copy
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,21 +24,30 @@ from kdtune.errors import TrainingDiverged
 from kdtune.parts import StudyParts
 
 FAILURE_TAG = "kdtune.failure"
+TUNE_TRIAL_TAG = "kdtune.tune_trial"  # every member run of one Tune trial carries its id
+MEMBERS_KEY = "members"  # the reported metric holding each member's last metrics (JSON)
 
 
-def variant_of(config: dict) -> tuple[str, dict, int]:
-    """(label, overrides, seed) from a Tune config of either form."""
-    if "variant" in config:
-        variant = dict(config["variant"])
-        variant.pop("point", None)
-        return variant.pop("label"), variant, int(config.get("seed", 0))
+@dataclass
+class Member:
+    label: str
+    point: str
+    overrides: dict
+    seed: int
+
+
+def members_of(config: dict) -> list[Member]:
+    """The members of a Tune config of either form."""
+    seed = int(config.get("seed", 0))
+    if "group" in config:
+        members = []
+        for variant in config["group"]:
+            variant = dict(variant)
+            label, point = variant.pop("label"), str(variant.pop("point", ""))
+            members.append(Member(label, point, variant, seed))
+        return members
     overrides = {k: v for k, v in config.items() if k != "seed"}
-    return describe(overrides), overrides, int(config.get("seed", 0))
-
-
-def point_of(config: dict) -> str:
-    """The tuned recipe values of a grid trial ("lr=0.03"), "" when the study tunes none."""
-    return str(config.get("variant", {}).get("point", ""))
+    return [Member(describe(overrides), "", overrides, seed)]
 
 
 def describe(overrides: dict) -> str:
@@ -49,58 +62,126 @@ def describe(overrides: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
+class _MemberRun:
+    """One member's config, MLflow run and state inside a trial."""
+
+    def __init__(self, member: Member, index: int, size: int, context, base: dict, trial_id: str):
+        self.member = member
+        self.config = TrialConfig.from_flat({**base, **member.overrides, "seed": member.seed})
+        key = trial_id if size == 1 else f"{trial_id}/{index}"
+        name = f"{member.label} {member.point} seed={member.seed}".replace("  ", " ")
+        self.run = tracking.ChildRun(context, trial_key=key, run_name=name, params=self.config.to_flat(), tags={
+            "kdtune.role": "student", "kdtune.label": member.label, "kdtune.point": member.point,
+            TUNE_TRIAL_TAG: trial_id,
+            # what this trial set on top of the study's base: for a search, exactly what the space sampled
+            "kdtune.overrides": json.dumps(member.overrides, sort_keys=True)})
+        self.metrics: dict = dict(self.run.recorded.metrics) if self.run.completed else {}
+        if self.run.completed:
+            self.metrics["model_uri"] = self.run.recorded.tags["kdtune.model_uri"]
+        previous = self.run.tags().get(FAILURE_TAG, "") if not self.run.completed else ""
+        # a retry cannot fix a diverging configuration: it stays failed instead of training again
+        self.error = previous if previous.startswith("TrainingDiverged") else None
+        self.trainer = None
+
+    @property
+    def trains(self) -> bool:
+        return not self.run.completed and self.error is None
+
+    def summary(self) -> dict:
+        m = self.member
+        return {"label": m.label, "point": m.point, "overrides": m.overrides, "seed": m.seed, "error": self.error,
+                "metrics": {**tracking.numeric_metrics(self.metrics), **{k: self.metrics[k] for k in (
+                    "model_uri", "stage") if k in self.metrics}, "mlflow_run_id": self.run.run_id}}
+
+
 def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads: int) -> None:
     """The Ray Tune function trainable: the dataset, the networks' references and the teacher arrive as objects
     (`parts`, from the object store); nothing is looked up by name here."""
     from ray import tune
 
+    from kdtune.fusion import fused_epochs
+
     torch.set_num_threads(max(1, threads))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
-    label, overrides, seed = variant_of(config)
-    trial_config = TrialConfig.from_flat({**base, **overrides, "seed": seed})
+    members = members_of(config)
     trial_id = tune.get_context().get_trial_id()
-    point = point_of(config)
-    run = tracking.ChildRun(context, trial_key=trial_id, run_name=f"{label} {point} seed={seed}".replace("  ", " "),
-                            params=trial_config.to_flat(),
-                            tags={"kdtune.role": "student", "kdtune.label": label, "kdtune.point": point,
-                                  # what this trial set on top of the study's base: for a search, exactly
-                                  # the parameters the space sampled for this method
-                                  "kdtune.overrides": json.dumps(overrides, sort_keys=True)})
-    if run.completed:
-        tune.report({**run.recorded.metrics, "mlflow_run_id": run.run_id, "label": label, "seed": seed,
-                     "model_uri": run.recorded.tags["kdtune.model_uri"]})
-        return
-    previous_failure = run.tags().get(FAILURE_TAG, "")
-    if previous_failure.startswith("TrainingDiverged"):
-        # a retry cannot fix a diverging configuration: fail again at once instead of retraining
-        raise TrainingDiverged(previous_failure.split(": ", 1)[-1])
-    trainer = parts.trainer(trial_config)
+    runs = [_MemberRun(m, i, len(members), context, base, trial_id) for i, m in enumerate(members)]
+    training = [r for r in runs if r.trains]
+    if not training:  # all done before (a driver that died after the trial's end), or all failed for good
+        return _report_final(runs)
+    trainers, teacher = parts.fused_trainers([r.config for r in training])
+    for run, trainer in zip(training, trainers):
+        run.trainer = trainer
+    _restore(training)
     dataset = parts.dataset
+    for run in training:
+        run.run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(run.trainer.device)})
+    share = 1.0 / len(training)  # each member's share of the fused time is its training time
+    for results in fused_epochs(trainers, teacher):
+        for index, result in results.items():
+            run = training[index]
+            if isinstance(result, TrainingDiverged):
+                run.error = f"TrainingDiverged: {result}"
+                run.run.fail(run.error)
+                continue
+            _record_epoch(run, result, dataset, share)
+        alive = [r for r in training if r.error is None]
+        if not alive:
+            raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
+        lead = alive[0].metrics
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"members": [r.trainer.state_dict() if r.error is None else None for r in training]},
+                       Path(folder) / "trainer.pt")
+            tune.report({**{k: v for k, v in lead.items() if k != "model_uri"}, "members_label": _label(runs),
+                         MEMBERS_KEY: json.dumps([r.summary() for r in runs])},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float) -> None:
+    trainer = run.trainer
+    metrics["training_time_s"] = trainer.training_time_s * share
+    # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
+    metrics["main_epoch"] = max(0, metrics["epoch"] - (trainer.total_epochs - run.config.epochs))
+    final = metrics["epoch"] == metrics["epochs_total"]
+    if final:
+        metrics.update(inference_latency(trainer.student, dataset, trainer.device))
+    run.run.log_epoch(metrics, step=metrics["epoch"])
+    if final:
+        metrics["model_uri"] = _log_student(run.run, trainer, dataset)
+        run.run.finish()
+    run.metrics = metrics
+
+
+def _restore(training: list[_MemberRun]) -> None:
+    from ray import tune
+
     checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "trainer.pt", map_location=trainer.device, weights_only=True)
-        trainer.load_state_dict(state)
-    run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(trainer.device)})
-    try:
-        first_stages = trainer.total_epochs - trial_config.epochs
-        for metrics in trainer.epochs():
-            # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
-            metrics["main_epoch"] = max(0, metrics["epoch"] - first_stages)
-            final = metrics["epoch"] == metrics["epochs_total"]
-            if final:
-                metrics.update(inference_latency(trainer.student, dataset, trainer.device))
-            run.log_epoch(metrics, step=metrics["epoch"])
-            extra = {"mlflow_run_id": run.run_id, "label": label, "seed": seed}
-            if final:
-                extra["model_uri"] = _log_student(run, trainer, dataset)
-                run.finish()
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(trainer.state_dict(), Path(folder) / "trainer.pt")
-                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
-    except TrainingDiverged as error:
-        run.fail(f"TrainingDiverged: {error}")
-        raise
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "trainer.pt", map_location=training[0].trainer.device, weights_only=True)
+    for run, member_state in zip(training, state["members"]):
+        if member_state is None:
+            run.error = run.error or "TrainingDiverged: diverged before the last checkpoint"
+        else:
+            run.trainer.load_state_dict(member_state)
+
+
+def _report_final(runs: list[_MemberRun]) -> None:
+    from ray import tune
+
+    done = [r for r in runs if r.error is None]
+    if not done:
+        raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in runs))
+    tune.report({**{k: v for k, v in done[0].metrics.items() if k != "model_uri"}, "members_label": _label(runs),
+                 MEMBERS_KEY: json.dumps([r.summary() for r in runs])})
+
+
+def _label(runs: list[_MemberRun]) -> str:
+    """The trial's setting(s) for Tune's status table: one label, or the first and how many more."""
+    first = runs[0].member
+    text = f"{first.label} {first.point}".strip()
+    return text if len(runs) == 1 else f"{text} +{len(runs) - 1}"
 
 
 def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
@@ -156,15 +237,16 @@ def close_runs_callback(context):
 
         def _close(self, trial, status):
             client = tracking.client_for(context.uri)
-            run = tracking.find_child_run(client, context, trial.trial_id)
-            if run is None or run.info.status != "RUNNING":
-                return
+            runs = client.search_runs([context.experiment_id], filter_string=(
+                f"tags.`{tracking.PARENT_TAG}` = '{context.parent_run_id}' and "
+                f"tags.`{TUNE_TRIAL_TAG}` = '{trial.trial_id}' and attributes.status = 'RUNNING'"), max_results=100)
             last = trial.last_result or {}
-            if status == "FINISHED" and last.get("epoch") != last.get("epochs_total"):
-                client.set_tag(run.info.run_id, "kdtune.stopped_early_at_epoch", str(last.get("epoch", 0)))
-            if status == "FAILED" and getattr(trial, "error_file", None):
-                client.set_tag(run.info.run_id, FAILURE_TAG, _last_line(trial))
-            client.set_terminated(run.info.run_id, status=status)
+            for run in runs:  # every member of the trial still open: stopped by the scheduler, or failed for good
+                if status == "FINISHED" and last.get("epoch") != last.get("epochs_total"):
+                    client.set_tag(run.info.run_id, "kdtune.stopped_early_at_epoch", str(last.get("epoch", 0)))
+                if status == "FAILED" and getattr(trial, "error_file", None):
+                    client.set_tag(run.info.run_id, FAILURE_TAG, _last_line(trial))
+                client.set_terminated(run.info.run_id, status=status)
 
     return CloseRuns()
 

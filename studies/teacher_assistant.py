@@ -57,15 +57,16 @@ def main() -> int:
             results["chain"] = run_study(via)
             return results["chain"]
 
-        def table(_result):
-            rows = summarise(results["direct"].trials + results["chain"].trials,
+        def rows(_result):  # the student's rows from both routes, side by side
+            return summarise(results["direct"].trials + results["chain"].trials,
                              order=[BASELINE_LABEL, "direct KD", "via assistant"])
-            ta = results["assistant"].summary[0]
-            teacher = results["direct"].spec.teacher or "the dataset's teacher"
-            return (f"teacher {teacher} -> assistant {assistant}: assistant test acc "
-                    f"{100 * ta['test_mean']:.2f}% ({ta['n']} seed(s))\n" + format_table(rows, "student"))
 
-        return finish(chain, spec_direct, table=table)
+        def table(result):
+            ta = results["assistant"].summary[0]
+            return (f"teacher {results['direct'].teacher} -> assistant {assistant}: assistant test acc "
+                    f"{100 * ta['test_mean']:.2f}% ({ta['n']} seed(s))\n" + format_table(rows(result), "student"))
+
+        return finish(chain, spec_direct, table=table, summary=rows)
 
 
 def _namespace(values: dict):

@@ -34,13 +34,14 @@ def test_search_stops_weak_trials_early_and_samples_only_applicable_parameters(l
     result = run_study(spec, echo=lambda *a: None)
     search = result.phases["search"]
     assert len(search) == 8
-    epochs = [t["metrics"]["epoch"] for t in search]
+    epochs = [t.metrics["epoch"] for t in search]
     assert min(epochs) < 4 and max(epochs) == 4  # ASHA stopped some trials before the last epoch
     allowed = {"kd": {"method", "temperature", "alpha"}, "links": {"method", "temperature", "alpha", "beta", "links"}}
     for trial in search:
-        assert set(trial["params"]) == allowed[trial["params"]["method"]], trial["params"]
+        assert set(trial.params) == allowed[trial.params["method"]], trial.params
     # the confirm phase re-runs the baseline and the best search configuration
-    assert [t["label"] for t in result.trials] == ["baseline", f"best: {max(search, key=lambda t: t['metrics'].get('val_acc', 0) if 'test_acc' in t['metrics'] else -1)['label']}"]
+    best = max(search, key=lambda t: t.metrics["val_acc"] if t.finished else -1)
+    assert [t.label for t in result.trials] == ["baseline", f"best: {best.label}"]
     client = client_for(mlflow_server.uri)
     runs = child_runs(client, result)
     students = [r for r in runs if r.data.tags.get("kdtune.role") == "student"]
@@ -62,8 +63,8 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(local_ray
     result = run_study(spec, echo=lambda *a: None)
     rows = {r["label"]: r for r in result.summary}
     assert rows["baseline"]["n"] == 1 and rows["huge lr"]["n"] == 0 and rows["huge lr"]["failed"] == 1
-    failed = next(t for t in result.trials if t["label"] == "huge lr")
-    assert "loss term 'hard' became nan in epoch 1" in failed["error"]
+    failed = next(t for t in result.trials if t.label == "huge lr")
+    assert failed.failed and "loss term 'hard' became nan in epoch 1" in failed.error
     client = client_for(mlflow_server.uri)
     run = next(r for r in child_runs(client, result) if r.data.tags.get("kdtune.label") == "huge lr")
     assert run.info.status == "FAILED" and "became nan" in run.data.tags["kdtune.failure"]
@@ -72,6 +73,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(local_ray
 
 def test_resume_after_the_driver_is_killed_keeps_finished_trials_and_one_run_per_trial(mlflow_server, tmp_path):
     args = [sys.executable, str(REPO / "studies" / "temperature_sweep.py"), "--temperatures", "1", "2", "3", "4",
+            "--tune", "none", "--fuse", "off",
             "--epochs", "10", "--teacher-epochs", "6", "--max-concurrent", "1", "--tracking-uri", mlflow_server.uri,
             "--storage", str(tmp_path / "results"), "--register-as", "test-resume"]
     log = open(tmp_path / "first.log", "w")
@@ -140,7 +142,7 @@ def test_every_method_trains_inside_a_tune_trial_and_logs_its_terms(local_ray, m
                      teacher_overrides={"epochs": 4}, variants=variants, tracking_uri=mlflow_server.uri,
                      storage=str(tmp_path), register_as="test-methods")
     result = run_study(spec, echo=lambda *a: None)
-    assert all(not t["error"] for t in result.trials), [t["error"] for t in result.trials]
+    assert all(t.finished for t in result.trials), [t.error for t in result.trials]
     client = client_for(mlflow_server.uri)
     for run in child_runs(client, result):
         label = run.data.tags.get("kdtune.label")

@@ -37,6 +37,7 @@ def test_digits_sweep_tracks_every_trial_and_registers_a_loadable_champion(fresh
     mlflow_server = fresh_mlflow_server
     name = "e2e-digits-student"
     result = run_script("temperature_sweep.py", "--dataset", "digits", "--temperatures", "2", "5", "--seeds", "2",
+                        "--tune", "none",
                         "--epochs", "4", "--teacher-epochs", "10", "--tracking-uri", mlflow_server.uri,
                         "--store", str(tmp_path), "--register-as", name, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,6 +68,7 @@ def test_digits_sweep_tracks_every_trial_and_registers_a_loadable_champion(fresh
     version = client.get_model_version_by_alias(name, "champion")
     champion_run = client.get_run(version.tags["run_id"])
     assert champion_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    mlflow.set_tracking_uri(mlflow_server.uri)  # kdtune changes no process-wide MLflow setting: name the server
     model = mlflow.pytorch.load_model(f"models:/{name}@champion", map_location="cpu")
     with torch.no_grad():
         logits = model(digits.test_images.float() * digits.scale)
@@ -76,7 +78,7 @@ def test_digits_sweep_tracks_every_trial_and_registers_a_loadable_champion(fresh
 
     # a second study on the same server reuses the registered teacher instead of training another
     again = run_script("temperature_sweep.py", "--dataset", "digits", "--temperatures", "3", "--epochs", "2",
-                       "--tracking-uri", mlflow_server.uri, "--store", str(tmp_path), "--register-as", name,
+                       "--tune", "none", "--tracking-uri", mlflow_server.uri, "--store", str(tmp_path), "--register-as", name,
                        cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing the registered models:/kdtune-teacher-digits-digits_teacher@champion" in again.stdout
@@ -101,9 +103,12 @@ def test_cifar10_sweep_runs_on_files_in_the_official_format(mlflow_server, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--temperatures", "0"], "kdtune: error: temperature=0.0: must be > 0"),
     (["--alpha", "1.5"], "kdtune: error: alpha=1.5: above 1 the default hard_weight (1 - alpha) would be negative"),
-    (["--dataset", "imagenet"], "kdtune: error: dataset='imagenet': unknown; allowed: cifar10, cifar100, digits"),
-    (["--student", "resnet"], "kdtune: error: student='resnet': unknown; allowed:"),
-    (["--set", "links=9"], "kdtune: error: links=9: link 9 is not a link point of both digits_teacher and digits_student; allowed: 1, 2, 3, 4"),
+    (["--dataset", "imagenet"], "kdtune: error: dataset='imagenet': unknown dataset; allowed forms: NAME (cifar10, "
+                                "cifar100, digits"),
+    (["--student", "resnet"], "kdtune: error: model 'resnet': unknown (close: resnet8"),
+    (["--set", "links=9"], "kdtune: error: links=9: method 'none' uses no links; methods that do: hints, links"),
+    (["--tune", "colour=1,2"], "kdtune: error: --tune colour: unknown config key"),
+    (["--fuse", "many"], "kdtune: error: fuse='many': expected off, auto or a group size"),
     (["--tracking-uri", "http://127.0.0.1:9"], "kdtune: error: tracking URI http://127.0.0.1:9 is unreachable"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}/nothing", "--no-download"],
      "kdtune: error: cifar10: {tmp}/nothing/cifar-10-batches-py/data_batch_1 not found and downloads are off"),

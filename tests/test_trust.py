@@ -122,3 +122,25 @@ def test_a_search_can_choose_a_two_stage_method(local_ray, mlflow_server, tmp_pa
     assert [t.label for t in result.trials][1].startswith("best: adversarial_pretrained")
     assert result.best_label.startswith("best: adversarial_pretrained")
     assert result.registration is not None
+
+
+def test_search_script_tunes_the_baseline_with_the_same_budget_and_finishes_hints(mlflow_server, tmp_path):
+    from conftest import run_script
+
+    result = run_script("search.py", "--dataset", "digits", "--methods", "hints", "kd", "--num-samples", "4",
+                        "--epochs", "2", "--teacher-epochs", "4", "--grace-period", "1", "--tracking-uri",
+                        mlflow_server.uri, "--store", str(tmp_path), "--register-as", "test-search-script",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "a baseline tuned as the students were (its own search of 4 trials" in result.stdout
+    client = client_for(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("search")
+    runs = client.search_runs([experiment.experiment_id], "tags.`kdtune.role` = 'student'", max_results=200)
+    overrides = [r.data.tags["kdtune.overrides"] for r in runs]
+    assert sum('"method": "none"' in o and '"lr"' in o for o in overrides) >= 4  # the baseline's own search
+    hints = [r for r in runs if '"method": "hints"' in r.data.tags["kdtune.overrides"]]
+    assert hints
+    for run in hints:  # finished, or stopped by ASHA in its main stage: never during the hint stage
+        stopped = run.data.tags.get("kdtune.stopped_early_at_epoch")
+        first_stage = int(run.data.params["stage1_epochs"])
+        assert ("test_acc" in run.data.metrics) if stopped is None else int(stopped) > first_stage

@@ -1,0 +1,119 @@
+"""Fused students vs one trial per setting: a 9-temperature sweep step, side by side in one run.
+
+VGG-16 -> VGG-7 on CIFAR-shaped data (crop + flip, batch 128, teacher online, as a CIFAR sweep trains) and the
+digits pair (batch 40, one thread, as a study trial runs). Unfused: each of the 9 students steps on its own,
+running the teacher itself. Fused: one teacher forward per batch, the 9 students stepping on it
+(kdtune/fusion.py). Both sides run the same Trainers on the same batches; the figure is images per second per
+student, the ratio fused/unfused, median over rounds.
+
+    python -m benchmarks.fused            # or: python -m benchmarks --only fused
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks import loops
+from benchmarks.common import Row, median
+from kdtune.config import TrialConfig
+from kdtune.fusion import _teacher_logits
+from kdtune.models.refs import model_ref
+from kdtune.parts import StudyParts
+
+TEMPERATURES = (0.6, 1, 1.5, 2, 2.5, 3, 5, 10, 40)
+PAIRS = {"vgg": ("vgg16", "vgg7", 128, "crop:4,flip"), "digits": ("digits_teacher", "digits_student", 40, "none")}
+
+
+def _parts(pair: str, batches: int) -> tuple[StudyParts, list[TrialConfig]]:
+    teacher, student, batch, augment = PAIRS[pair]
+    dataset = loops.cifar_shaped(batch * batches) if pair == "vgg" else loops.digits_sized(batch * batches)
+    torch.manual_seed(0)
+    state = model_ref(teacher).build(10, dataset.input_shape).state_dict()
+    configs = [TrialConfig.from_flat({"dataset": dataset.name, "teacher": teacher, "student": student,
+                                      "method": "kd", "temperature": float(t), "alpha": 0.5, "batch_size": batch,
+                                      "epochs": 1, "augment": augment, "teacher_cache": "off", "val_fraction": 0.05})
+               for t in TEMPERATURES]
+    return StudyParts(dataset, model_ref(student), model_ref(teacher), state), configs
+
+
+def _batches(trainer, steps: int):
+    generator = trainer.batch_generator()
+    return [batch for _, batch in zip(range(steps), trainer.train.batches(trainer.config.batch_size, generator))]
+
+
+def _unfused(parts, configs, steps: int) -> float:
+    """Seconds for every student to take `steps` steps alone, each running its own teacher."""
+    trainers = [parts.trainer(c) for c in configs]
+    spent = 0.0
+    for trainer in trainers:
+        trainer.begin_epoch()
+        batches = _batches(trainer, steps)
+        started = time.perf_counter()
+        for images, labels, indices in batches:
+            trainer.train_step(images, labels, indices)
+        spent += time.perf_counter() - started
+    return spent
+
+
+def _fused(parts, configs, steps: int) -> float:
+    """Seconds for the same steps fused: one teacher forward per batch, every student stepping on it."""
+    trainers, teacher = parts.fused_trainers(configs)
+    for trainer in trainers:
+        trainer.begin_epoch()
+    lead = trainers[0]
+    batches = _batches(lead, steps)
+    started = time.perf_counter()
+    for images, labels, indices in batches:
+        logits = _teacher_logits(teacher, images, lead)
+        for trainer in trainers:
+            trainer.train_step(images, labels, indices, logits)
+    return time.perf_counter() - started
+
+
+def measure(pair: str, rounds: int, steps: int, threads: int, log=print) -> dict:
+    torch.set_num_threads(threads)
+    parts, configs = _parts(pair, steps + 2)
+    batch = configs[0].batch_size
+    per_student = {"unfused": [], "fused": []}
+    for round_ in range(rounds):
+        unfused, fused = _unfused(parts, configs, steps), _fused(parts, configs, steps)
+        for key, seconds in (("unfused", unfused), ("fused", fused)):
+            per_student[key].append(batch * steps * len(configs) / seconds / len(configs))
+        log(f"  [{pair}] round {round_ + 1}: unfused {unfused:.2f}s, fused {fused:.2f}s "
+            f"({unfused / fused:.2f}x)")
+    return {"pair": pair, "threads": threads, "steps": steps, "students": len(configs),
+            "unfused": median(per_student["unfused"]), "fused": median(per_student["fused"])}
+
+
+def rows(result: dict) -> list[Row]:
+    section = "5. fused students (9-temperature sweep step, images/s per student)"
+    name = {"vgg": "VGG-16 -> VGG-7, batch 128, crop+flip", "digits": "digits pair, batch 40, 1 thread"}[result["pair"]]
+    ratio = result["fused"] / result["unfused"]
+    target = ">= 1.8" if result["pair"] == "vgg" else ""
+    return [Row(section, f"{name}: unfused", result["unfused"], "img/s"),
+            Row(section, f"{name}: fused", result["fused"], "img/s"),
+            Row(section, f"{name}: fused / unfused", ratio, "x", target,
+                (ratio >= 1.8) if result["pair"] == "vgg" else None)]
+
+
+def main() -> int:
+    import argparse
+
+    from benchmarks.common import threads
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="VGG steps per student per round")
+    args = parser.parse_args()
+    digits = measure("digits", args.rounds, 20, 1)
+    vgg = measure("vgg", args.rounds, args.steps, threads())
+    for result in (digits, vgg):
+        for row in rows(result):
+            print(f"{row.name}: {row.value_text()} {row.unit}")
+    print(f"fused/unfused: {vgg['fused'] / vgg['unfused']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
