@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from kdtune.tracking import client_for
+from kdtune.tracking import client_for, use_tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -124,7 +124,7 @@ def test_torchvision_teacher_and_user_student_on_an_image_folder(mlflow_server, 
 
     from PIL import Image
 
-    mlflow.set_tracking_uri(mlflow_server.uri)
+    use_tracking(mlflow_server.uri)
     model = mlflow.pytorch.load_model(f"models:/{name}@champion", map_location="cpu")
     image = np.asarray(Image.open(data / "test" / "dog" / "0.png"), dtype=np.float32) / 255.0
     logits = model(torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0))
@@ -165,7 +165,7 @@ def test_npz_and_a_module_function_of_signals(mlflow_server, tmp_path):
                      mlflow_server.uri, "--store", str(tmp_path / "store"), "--register-as", name,
                      env_extra={"PYTHONPATH": str(users)}, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        mlflow.set_tracking_uri(mlflow_server.uri)
+        use_tracking(mlflow_server.uri)
         model = mlflow.pytorch.load_model(f"models:/{name}@champion", map_location="cpu")
         predictions = model(torch.from_numpy(x_test[:30])).argmax(1).numpy()
         assert predictions.shape == (30,)

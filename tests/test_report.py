@@ -11,6 +11,7 @@ import pytest
 from kdtune import report
 from kdtune.errors import KdtuneError
 from kdtune.results import format_matrix, format_table
+from kdtune.records import TrialRecord
 from kdtune.spaces import MethodSpace
 from kdtune.study import Search, StudySpec, run_study
 from kdtune.tracking import client_for
@@ -146,11 +147,12 @@ def test_search_report_shows_asha_stopping_points_and_parameter_importance(local
 
 def test_importance_gets_a_panel_per_conditional_parameter_set():
     # beta exists only where method=links, and decides the accuracy there
-    trials = [{"params": {"method": "kd", "temperature": 1.0 + i, "alpha": 0.1 * (i + 1)},
-               "metrics": {"val_acc": 0.5}, "error": None} for i in range(6)]
-    trials += [{"params": {"method": "links", "temperature": 2.0 + (i % 3), "alpha": 0.2 + 0.1 * (i % 2),
-                           "beta": 0.1 * (i + 1), "links": "2"},
-                "metrics": {"val_acc": 0.1 * (i + 1)}, "error": None} for i in range(8)]
+    def trial(params, val):
+        return TrialRecord("search", "", params, 0, "finished", {"val_acc": val})
+
+    trials = [trial({"method": "kd", "temperature": 1.0 + i, "alpha": 0.1 * (i + 1)}, 0.5) for i in range(6)]
+    trials += [trial({"method": "links", "temperature": 2.0 + (i % 3), "alpha": 0.2 + 0.1 * (i % 2),
+                      "beta": 0.1 * (i + 1), "links": "2"}, 0.1 * (i + 1)) for i in range(8)]
     panels = report.importance_panels(trials)
     assert [(title, count) for title, count, _ in panels] == [("all trials", 14),
                                                               ("trials with beta, links (links=2, method=links)", 8)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_script, write_cifar10
-from kdtune.tracking import client_for
+from kdtune.tracking import client_for, use_tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_digits_sweep_tracks_every_trial_and_registers_a_loadable_champion(fresh
     version = client.get_model_version_by_alias(name, "champion")
     champion_run = client.get_run(version.tags["run_id"])
     assert champion_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-    mlflow.set_tracking_uri(mlflow_server.uri)  # kdtune changes no process-wide MLflow setting: name the server
+    use_tracking(mlflow_server.uri)  # kdtune changes no process-wide MLflow setting: name the server (and registry)
     model = mlflow.pytorch.load_model(f"models:/{name}@champion", map_location="cpu")
     with torch.no_grad():
         logits = model(digits.test_images.float() * digits.scale)
