@@ -76,8 +76,25 @@ def _per_channel(values: torch.Tensor, rank: int) -> torch.Tensor:
     return values.reshape(1, -1, *([1] * (rank - 1)))
 
 
+class _Samples:
+    """What both kinds of dataset derive the same way from their labels and sample shape."""
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded, stratified train/validation split of the training set: (train indices, validation indices);
+        the same for an in-memory and a streamed dataset of the same labels."""
+        return _seeded_split(self.train_labels, val_fraction)
+
+
 @dataclass
-class Dataset:
+class Dataset(_Samples):
     """Samples as tensors (N, ...) (images uint8 (N, C, H, W)); `scale` maps stored values to [0, 1].
 
     `classes` names the labels when known (folder names); `default_augment` is the recipe a trial uses when
@@ -102,21 +119,7 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.train_images.shape[1:])
 
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
-
-    @property
-    def in_memory(self) -> bool:
-        return True
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train_labels)
-
-    def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Seeded train/validation split of the training set: (train indices, validation indices)."""
-        return _seeded_split(self.train_labels, val_fraction)
+    in_memory = True
 
     def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per entry of dim 1 (channels, or features of vectors) in [0, 1] units, computed on
@@ -684,7 +687,7 @@ def default_workers(workers: int | None = None) -> int:
 
 
 @dataclass
-class StreamedDataset:
+class StreamedDataset(_Samples):
     """Image files too large to hold decoded: paths and labels in memory, pixels decoded on demand.
 
     It pickles to its paths, labels and a few numbers (Ray ships it to every trial), so it must never hold
@@ -709,21 +712,7 @@ class StreamedDataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.sample_shape)
 
-    @property
-    def is_image(self) -> bool:
-        return len(self.sample_shape) == 3
-
-    @property
-    def in_memory(self) -> bool:
-        return False
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train_labels)
-
-    def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same seeded split as an in-memory Dataset of the same size."""
-        return _seeded_split(self.train_labels, val_fraction)
+    in_memory = False
 
     def channel_stats(self, indices: torch.Tensor, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std in [0, 1] units over the given training files: one pass, then cached."""

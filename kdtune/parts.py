@@ -36,9 +36,10 @@ class StudyParts:
         return teacher
 
     def trainer(self, config: TrialConfig, device: torch.device | None = None, student: nn.Module | None = None,
-                teacher: nn.Module | None = None):
+                teacher=None):
         """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights);
-        `teacher`: one network several trainers share (fused students), else built when the trial needs it."""
+        `teacher`: a function several trainers share (fused students) that builds the network once, else the
+        teacher is built when the trial needs it."""
         from kdtune import distill
         from kdtune.engine import Trainer
         from kdtune.linking import plan_links
@@ -53,14 +54,16 @@ class StudyParts:
 
     def fused_trainers(self, configs: list[TrialConfig], device: torch.device | None = None):
         """(trainers, shared teacher) for members that train together (kdtune/fusion.py): one teacher network,
-        built only if some member runs it online."""
+        built the first time a member asks for it (each Trainer decides, as it does alone, whether it runs the
+        teacher online), else None."""
+        import functools
+
         from kdtune.engine import pick_device
 
         device = device or pick_device()
-        online = any(c.method != "none" and (self.teacher_logits is None or c.teacher_cache == "off"
-                                             or c.augment_recipe(self.dataset.default_augment)) for c in configs)
-        teacher = self.build_teacher() if online else None
-        return [self.trainer(c, device, teacher=teacher) for c in configs], teacher
+        shared = functools.cache(self.build_teacher)
+        trainers = [self.trainer(c, device, teacher=shared) for c in configs]
+        return trainers, next((t.teacher for t in trainers if t.teacher is not None), None)
 
 
 def trainer_for(config: TrialConfig, dataset: Dataset, teacher_state: dict | None = None,

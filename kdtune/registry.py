@@ -34,10 +34,7 @@ class Decision:
 def test_set_fingerprint(dataset: Dataset) -> str:
     """What the test set is: its samples (in memory) or its files (streamed), and its labels."""
     digest = hashlib.sha1()
-    if dataset.in_memory:
-        digest.update(dataset.test_images.contiguous().numpy().tobytes())
-    else:
-        digest.update("\n".join(dataset.test_files).encode())
+    _add_samples(digest, dataset, "test")
     digest.update(dataset.test_labels.contiguous().numpy().tobytes())
     return f"{dataset.name}:{digest.hexdigest()[:16]}"
 
@@ -46,10 +43,7 @@ def train_set_fingerprint(dataset: Dataset) -> str:
     """Which samples the training set holds: a teacher registered with another one is not this dataset's."""
     digest = hashlib.sha1()
     digest.update(dataset.train_labels.contiguous().numpy().tobytes())
-    if dataset.in_memory:
-        digest.update(dataset.train_images.contiguous().numpy().tobytes())
-    else:
-        digest.update("\n".join(dataset.train_files).encode())
+    _add_samples(digest, dataset, "train")
     return f"{dataset.name}:train{dataset.num_train}:{digest.hexdigest()[:16]}"
 
 
@@ -59,11 +53,18 @@ def validation_fingerprint(dataset: Dataset, val_fraction: float) -> str:
     digest = hashlib.sha1()
     digest.update(val_idx.numpy().tobytes())
     digest.update(dataset.train_labels[val_idx].contiguous().numpy().tobytes())
-    if dataset.in_memory:
-        digest.update(dataset.train_images[val_idx].contiguous().numpy().tobytes())
-    else:
-        digest.update("\n".join(dataset.train_files[i] for i in val_idx.tolist()).encode())
+    _add_samples(digest, dataset, "train", val_idx)
     return f"{dataset.name}:val{len(val_idx)}:{digest.hexdigest()[:16]}"
+
+
+def _add_samples(digest, dataset: Dataset, split: str, indices: torch.Tensor | None = None) -> None:
+    """A split's samples (or some of them) into `digest`: their bytes in memory, their file paths streamed."""
+    if dataset.in_memory:
+        samples = getattr(dataset, f"{split}_images")
+        digest.update((samples if indices is None else samples[indices]).contiguous().numpy().tobytes())
+    else:
+        files = getattr(dataset, f"{split}_files")
+        digest.update("\n".join(files if indices is None else [files[i] for i in indices.tolist()]).encode())
 
 
 def current_champion(client, name: str):

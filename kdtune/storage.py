@@ -139,6 +139,12 @@ def _first_line(error: BaseException) -> str:
 
 def _with_deadline(fn, timeout_s: float, what: str):
     """Run fn() in a thread; a store that does not answer (a wrong endpoint, retries) is reported in time."""
+    return with_deadline(fn, timeout_s, ConfigError(f"{what}: no answer within {timeout_s:.0f}s{_endpoint_note()}"))
+
+
+def with_deadline(fn, timeout_s: float, timeout_error: Exception):
+    """fn()'s value, or its exception, or `timeout_error` when it has not answered within `timeout_s`: a
+    server that does not answer (a wrong endpoint, a database behind a firewall) is reported in time."""
     outcome: dict = {}
 
     def target():
@@ -151,7 +157,7 @@ def _with_deadline(fn, timeout_s: float, what: str):
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise ConfigError(f"{what}: no answer within {timeout_s:.0f}s{_endpoint_note()}")
+        raise timeout_error
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -190,24 +189,19 @@ def check_backend_store_uri(uri: str, timeout_s: float = 20.0) -> None:
         hint = DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
         raise TrackingError(f"backend store {shown}: the {backend} driver is not installed "
                             f"({_first_line(error)}); {hint}") from None
-    outcome: dict = {}
+    from kdtune.storage import with_deadline
 
     def connect():
-        try:
-            with engine.connect() as connection:
-                connection.execute(sqlalchemy.text("SELECT 1"))
-        except Exception as error:  # reported below, in one line
-            outcome["error"] = error
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
 
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TrackingError(f"backend store {shown}: no answer within {timeout_s:.0f}s")
-    if "error" in outcome:
-        error = outcome["error"]
+    try:
+        with_deadline(connect, timeout_s, TrackingError(f"backend store {shown}: no answer within {timeout_s:.0f}s"))
+    except TrackingError:
+        raise
+    except Exception as error:  # reported in one line
         cause = getattr(error, "orig", None) or error
-        raise TrackingError(f"backend store {shown}: cannot connect ({_first_line(cause)})")
+        raise TrackingError(f"backend store {shown}: cannot connect ({_first_line(cause)})") from None
     engine.dispose()
 
 

@@ -132,9 +132,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"members": [r.trainer.state_dict() if r.error is None else None for r in training]},
                        Path(folder) / "trainer.pt")
-            tune.report({**{k: v for k, v in lead.items() if k != "model_uri"}, "members_label": _label(runs),
-                         MEMBERS_KEY: json.dumps([r.summary() for r in runs])},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(_trial_metrics(runs, lead), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float) -> None:
@@ -173,8 +171,14 @@ def _report_final(runs: list[_MemberRun]) -> None:
     done = [r for r in runs if r.error is None]
     if not done:
         raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in runs))
-    tune.report({**{k: v for k, v in done[0].metrics.items() if k != "model_uri"}, "members_label": _label(runs),
-                 MEMBERS_KEY: json.dumps([r.summary() for r in runs])})
+    tune.report(_trial_metrics(runs, done[0].metrics))
+
+
+def _trial_metrics(runs: list[_MemberRun], lead: dict) -> dict:
+    """What the trial reports to Tune: the lead member's metrics (for ASHA and the status table), and every
+    member's last metrics (MEMBERS_KEY) for the study's records."""
+    return {**{k: v for k, v in lead.items() if k != "model_uri"}, "members_label": _label(runs),
+            MEMBERS_KEY: json.dumps([r.summary() for r in runs])}
 
 
 def _label(runs: list[_MemberRun]) -> str:
