@@ -265,6 +265,13 @@ class Trainer:
     def uses_teacher_now(self) -> bool:
         return self._stage.uses_teacher
 
+    @property
+    def takes_shared_logits(self) -> bool:
+        """Whether this epoch's steps can take teacher logits computed once for several students: the teacher
+        runs online, and the method reads its logits alone (no features, no early stop)."""
+        return (self._stage.uses_teacher and self.teacher is not None and self.teacher_logits is None
+                and not self.method.needs_teacher_features)
+
     def train_step(self, images, labels, indices, teacher_logits: torch.Tensor | None = None) -> None:
         """One optimiser step on a batch. `teacher_logits`: the teacher's logits on it, computed once for several
         students (fused trials); else this trainer runs or looks up its own teacher."""

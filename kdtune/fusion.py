@@ -91,12 +91,15 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
         for i in live:
             trainers[i].begin_epoch()
             streams[i] = _rng_state(trainers[i].device)
-        online = [i for i in live if trainers[i].uses_teacher_now and trainers[i].teacher is not None]
+        # one teacher forward for the members that read its logits alone; the rest run (or look up) their own
+        shared = [i for i in live if trainers[i].takes_shared_logits] if teacher is not None else []
+        if len(shared) < 2:
+            shared = []
         for images, labels, indices in lead.train.batches(lead.config.batch_size, lead.batch_generator()):
-            logits = _teacher_logits(teacher, images, lead) if online and teacher is not None else None
+            logits = _teacher_logits(teacher, images, lead) if shared else None
             for i in live:
                 _set_rng_state(trainers[i].device, streams[i])
-                trainers[i].train_step(images, labels, indices, logits if i in online else None)
+                trainers[i].train_step(images, labels, indices, logits if i in shared else None)
                 streams[i] = _rng_state(trainers[i].device)
         results = {}
         for i in live:
