@@ -3,6 +3,7 @@
     python -m benchmarks                 # ~10 minutes on 2 CPU cores
     python -m benchmarks --write         # and record the run in benchmarks/RESULTS.md
     python -m benchmarks --only steps    # steps | accuracy | study | tracking | fused (comma-separated)
+    python -m benchmarks --gpu           # the GPU check (benchmarks/gpu.py; --smoke: tiny sizes, runs on a CPU)
 """
 from __future__ import annotations
 
@@ -47,7 +48,15 @@ def main() -> int:
     parser.add_argument("--quiet-load", type=float, default=None,
                         help="first wait (up to --quiet-wait minutes) until the 1-minute load average is below this")
     parser.add_argument("--quiet-wait", type=float, default=30.0)
+    parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (benchmarks/gpu.py)")
+    from benchmarks import gpu
+
+    gpu.add_arguments(parser)
     args = parser.parse_args()
+    if args.gpu:
+        return gpu.run(smoke=args.smoke, write=args.write, budget_s=args.budget, only=args.gpu_only)
+    if args.smoke or args.budget is not None or args.gpu_only:
+        parser.error("--smoke, --budget and --gpu-only go with --gpu")
     if args.quiet_load is not None:
         deadline = time.time() + 60 * args.quiet_wait
         while os.getloadavg()[0] > args.quiet_load and time.time() < deadline:
