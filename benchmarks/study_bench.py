@@ -44,6 +44,7 @@ def make_timed_trial(log_path: str):
         from ray import tune as _tune
 
         from kdtune import engine as _engine
+        from kdtune import students as _students
         from kdtune import tracking as _tracking
         try:
             from kdtune.trial import distill_trial as real
@@ -78,7 +79,7 @@ def make_timed_trial(log_path: str):
         timed(_engine.Trainer, "__init__", "trainer_setup")
         timed(_tracking.ChildRun, "__init__", "mlflow_open_run")
         timed(_tracking.ChildRun, "log_epoch", "mlflow_log_epoch")
-        timed(_tracking.ChildRun, "log_model", "mlflow_log_model", flag="in_log_model")
+        timed(_students, "log_weights", "mlflow_log_student", flag="in_log_model")
         timed(_tracking.ChildRun, "set_tags", "mlflow_tags")
         timed(_tracking.ChildRun, "finish", "mlflow_tags")
         timed(_torch, "save", "checkpoint_save")
@@ -139,7 +140,8 @@ def instrument_driver(marks: dict):
 
         setattr(owner, name, wrapper)
 
-    wrap(tracking.EmbeddedServer, "start", "mlflow_server_start")
+    wrap(tracking.EmbeddedServer, "launch", "mlflow_server_launch")
+    wrap(tracking.EmbeddedServer, "wait_ready", "mlflow_server_wait")  # after Ray started, in parallel
     wrap(tracking.EmbeddedServer, "stop", "mlflow_server_stop")
     wrap(resolve, "resolve_dataset", "load_dataset")
     wrap(cluster, "init_ray", "ray_init")
@@ -224,14 +226,15 @@ def analyse(data: dict):
     rows = [
         Row(section, "study wall time (run_study, end to end)", wall, "s"),
         Row(section, "sum of trial training time", training, "s"),
-        Row(section, "efficiency: sum(training) / (wall x concurrency)", training / (wall * conc), "x", ">= 0.8",
-            check(training / (wall * conc), 0.8)),
-        Row(section, "efficiency of the Tuner.fit phase alone", training / ((fit[1] - fit[0]) * conc), "x"),
+        Row(section, "efficiency: sum(training) / (wall x concurrency)", training / (wall * conc), "x", ">= 0.6",
+            check(training / (wall * conc), 0.6)),
+        Row(section, "efficiency of the Tuner.fit phase alone", training / ((fit[1] - fit[0]) * conc), "x",
+            ">= 0.85", check(training / ((fit[1] - fit[0]) * conc), 0.85)),
     ]
     # per-trial overhead: what each trial costs on top of its training, trial processes included
     per_trial = ((fit[1] - fit[0]) * conc - training) / n
     rows.append(Row(section, "overhead per trial inside Tuner.fit ((fit wall x conc - training) / trials)",
-                    per_trial, "s", "< 2 s", check(per_trial, maximum=2.0)))
+                    per_trial, "s", "<= 0.3 s", check(per_trial, maximum=0.3)))
     first, later = {}, []
     for t in trials:
         if t["pid"] in first:
@@ -245,7 +248,7 @@ def analyse(data: dict):
     rows.append(Row(section, "Trainer set-up (data to device, models, teacher): first / later trials",
                     median(first_setup), "s",
                     note=f"later: {median([t['spent'].get('trainer_setup', 0.0) for t in later]) * 1000:.0f} ms"))
-    keys = ["mlflow_open_run", "mlflow_log_epoch", "mlflow_log_model", "mlflow_tags", "checkpoint_save",
+    keys = ["mlflow_open_run", "mlflow_log_epoch", "mlflow_log_student", "mlflow_tags", "checkpoint_save",
             "tune_report"]
     lines = ["where a reused trial process spends a trial (median over later trials, seconds):"]
     def trial_line(name, values):
@@ -262,16 +265,17 @@ def analyse(data: dict):
         by_pid[t["pid"]] = t
     lines.append(trial_line("gap before the next trial in the same process", gaps or [float("nan")]))
     lines.append("first trial in each process, extra one-off costs (median, seconds):")
-    for key in ("mlflow_open_run", "mlflow_log_model", "trainer_setup"):
+    for key in ("mlflow_open_run", "mlflow_log_student", "trainer_setup"):
         lines.append(trial_line(key, [t["spent"].get(key, 0.0) for t in first.values()]))
     lines.append("driver, one-off (seconds):")
     lines.append(f"  {'imports (torch, ray, mlflow, kdtune)':<44}{data['imports_s']:7.2f}")
-    for key in ("load_dataset", "mlflow_server_start", "ray_init", "teacher_obtain", "teacher_logits_cache",
+    for key in ("load_dataset", "mlflow_server_launch", "ray_init", "mlflow_server_wait", "teacher_obtain", "teacher_logits_cache",
                 "tuner_fit", "register_champion", "log_study_results", "mlflow_server_stop"):
         if key in marks:
             lines.append(f"  {key:<44}{span(key):7.2f}")
-    rows.append(Row(section, "one-off start-up on the driver (MLflow server + Ray + teacher logits)",
-                    span("mlflow_server_start") + span("ray_init") + span("teacher_logits_cache"), "s"))
+    rows.append(Row(section, "one-off start-up on the driver (MLflow server and Ray, overlapped, + teacher logits)",
+                    span("mlflow_server_launch") + span("ray_init") + span("mlflow_server_wait")
+                    + span("teacher_logits_cache"), "s"))
     section5 = "5. memory (peak resident set)"
     rows.append(Row(section5, "one trial process (max over trials)", max((t["peak_rss_mb"] for t in trials),
                                                                          default=float("nan")), "MiB"))

@@ -4,7 +4,8 @@ Each writer does what a kdtune trial does to MLflow (kdtune/tracking.py ChildRun
 tags, log its params in one batch, one log_batch of the epoch's metrics per epoch, its final tags, a small model
 file (proxied by the server to its artifact store), and close the run. Every configuration gets the same load,
 back to back in one run; then the store itself (SQLite file / PostgreSQL tables, read directly) is counted:
-every metric point written must be there exactly once.
+every metric point written must be there exactly once. Each server runs as `kdtune mlflow serve` runs it,
+its SQLAlchemy pool per worker sized by kdtune (`kdtune.tracking.pool_settings`: the table's "pool" column).
 
     python -m benchmarks --only tracking            # or: python -m benchmarks.tracking [--writers 64]
 
@@ -187,13 +188,17 @@ def measure(label: str, backend_uri: str | None, workers: int, writers: int, epo
     def pct(q):
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
+    pool = server.pool  # MLflow's SQLAlchemy pool per worker, as kdtune sized it
     result = {"label": label, "workers": workers, "writers": writers, "calls": len(latencies),
+              "pool": (f"{pool['MLFLOW_SQLALCHEMYSTORE_POOL_SIZE']}+{pool['MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW']}"
+                       if len(pool) >= 2 else "5+10"),
               "calls_per_s": len(latencies) / span if span else float("nan"), "p50_ms": pct(0.50),
               "p99_ms": pct(0.99), "errors": len(errors), "error_examples": sorted(set(errors))[:3],
               "runs": len(runs), "finished": finished, "models": models, "expected": expected, "stored": stored,
               "doubled": doubled, "exactly_once": stored == expected and doubled == 0 and len(runs) == writers,
               "wall_s": span}
-    log(f"  {label}, {workers} worker(s): {result['calls_per_s']:.0f} calls/s, p50 {result['p50_ms']:.0f} ms, "
+    log(f"  {label}, {workers} worker(s), pool {result['pool']}: {result['calls_per_s']:.0f} calls/s, "
+        f"p50 {result['p50_ms']:.0f} ms, "
         f"p99 {result['p99_ms']:.0f} ms, {len(errors)} errors, points {stored}/{expected} "
         f"({doubled} doubled), {finished}/{writers} runs FINISHED, {models} models")
     for example in result["error_examples"]:
@@ -217,11 +222,11 @@ def run(writers: int = 64, epochs: int = 10, log=print) -> tuple[list, str]:
             results.append(measure(label, uri, workers, writers, epochs, log=log))
     lines = [f"{writers} concurrent writers x ({epochs} epochs of {len(METRIC_KEYS)} metrics in one log_batch "
              "each, params, tags, a 200 kB model through the server, run open/close)",
-             f"{'backend':<11} {'workers':>7} {'calls':>6} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+             f"{'backend':<11} {'workers':>7} {'pool':>6} {'calls':>6} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
              f"{'errors':>6} {'points stored/written':>22} {'doubled':>7} {'runs FINISHED':>13} {'models':>6}"]
     rows = []
     for r in results:
-        lines.append(f"{r['label']:<11} {r['workers']:>7} {r['calls']:>6} {r['calls_per_s']:>8.0f} "
+        lines.append(f"{r['label']:<11} {r['workers']:>7} {r['pool']:>6} {r['calls']:>6} {r['calls_per_s']:>8.0f} "
                      f"{r['p50_ms']:>7.0f} {r['p99_ms']:>7.0f} {r['errors']:>6} "
                      f"{str(r['stored']) + '/' + str(r['expected']):>22} {r['doubled']:>7} "
                      f"{str(r['finished']) + '/' + str(r['writers']):>13} {r['models']:>6}")

@@ -4,6 +4,7 @@
     kdtune teacher train|list                   train and register a dataset's teacher; list teachers
     kdtune study list|show|report|resume        past studies, their tables and reports; continue a stopped one
     kdtune models list|promote|export           registered students; move 'champion' through the gate; export weights
+    kdtune models pareto NAME                   the Pareto front a study registered, cheapest first, with its costs
     kdtune models links MODEL --dataset D       a model's module paths and output shapes, to link layers by path
 
 Every command but `mlflow serve` takes --tracking-uri (default: the server already serving --store, else an
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from kdtune.errors import ConfigError, KdtuneError, TrackingError
 # ---- mlflow -----------------------------------------------------------------------------------------
 
 def cmd_mlflow_serve(args) -> int:
+    from kdtune.mlflow_auth import check_access, server_settings
     from kdtune.storage import check_storage
     from kdtune.tracking import EmbeddedServer, UI_SUFFIX, check_backend_store_uri, redact
 
@@ -33,16 +36,36 @@ def cmd_mlflow_serve(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise TrackingError(f"--workers {args.workers}: give 1 or more")
     Path(args.store).mkdir(parents=True, exist_ok=True)
-    server = EmbeddedServer(args.store, port=args.port, announce=True, backend_store_uri=args.backend_store_uri,
+    # the database URI may come from the environment (cluster.yaml does that), never shown by `ps`
+    backend = args.backend_store_uri or os.environ.get("MLFLOW_BACKEND_STORE_URI") or None
+    server = EmbeddedServer(args.store, port=args.port, announce=True, backend_store_uri=backend,
                             artifacts_destination=args.artifacts_destination, host=args.host, workers=args.workers)
     # everything the server needs is checked first, each in one line (the database within 30 s)
     check_backend_store_uri(server.backend_uri)
     if args.artifacts_destination and "://" in args.artifacts_destination:
         check_storage(args.artifacts_destination, option="--artifacts-destination")
+    if args.auth:
+        server.extra_env, server.extra_args = server_settings(server.store_dir)
+    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without --auth: whoever reaches port {server.port} can write "
+              "runs and move registered models' aliases", file=sys.stderr)
     server.start()
+    if args.auth:
+        try:
+            check_access(server.uri)  # an admin created earlier with another password refuses these credentials
+        except TrackingError as error:
+            server.stop()
+            raise TrackingError(f"{error} (the users of this server are in {server.store_dir / 'basic_auth.db'}: "
+                                "use its admin's password, or remove the file to make the admin anew)") from None
     where = f"http://{args.host}:{server.port}" if args.host not in ("127.0.0.1", "0.0.0.0") else server.uri
+    pool = (f"; pool {server.pool['MLFLOW_SQLALCHEMYSTORE_POOL_SIZE']}+"
+            f"{server.pool['MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW']} connections per worker"
+            if len(server.pool) >= 2 else "")
     print(f"MLflow UI: {where}/#/experiments  (backend: {redact(server.backend_uri)}; artifacts: "
-          f"{server.artifacts_destination}; {server.workers} worker(s); log: {server.store_dir / 'server.log'})")
+          f"{server.artifacts_destination}; {server.workers} worker(s){pool}; log: {server.store_dir / 'server.log'})")
+    if args.auth:
+        print(f"basic authentication on: admin user {server.extra_env['MLFLOW_AUTH_ADMIN_USERNAME']!r}; clients "
+              f"send MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or ~/.kdtune/mlflow-credentials)")
     if args.host == "0.0.0.0":
         print(f"listening on every interface: other machines use http://THIS_HOST:{server.port}")
     print(f"the runs table of an experiment is its URL plus {UI_SUFFIX}; Ctrl-C stops the server", flush=True)
@@ -66,7 +89,8 @@ def cmd_teacher_train(args, client, uri) -> int:
     spec = StudySpec(name="teachers", dataset=args.dataset, teacher=args.teacher, image_size=args.image_size,
                      variants=[{"label": "teacher", "method": "kd"}], data_dir=args.data_dir,
                      download=not args.no_download, teacher_source=args.teacher_source,
-                     teacher_overrides={"epochs": args.epochs} if args.epochs else {})
+                     teacher_overrides={**({"epochs": args.epochs} if args.epochs else {}),
+                                        **({"seed": args.seed} if args.seed is not None else {})})
     resolved = resolve_study(spec)  # every bad value stops here, before the run below exists
     plan = resolved.teacher_plan
     if plan.source not in (None, teachers.PRETRAINED, teachers.TRAIN):
@@ -80,8 +104,10 @@ def cmd_teacher_train(args, client, uri) -> int:
     status = "FAILED"
     try:
         context = tracking.TrackingContext(uri, experiment_id, parent.info.run_id)
+        # --seed S: another member for an ensemble (alias seedS); champion moves only without --seed
         teacher = teachers.train_and_register(config, resolved.dataset, resolved.teacher, context, args.cpus,
-                                              args.gpus, initial_state=plan.initial_state)
+                                              args.gpus, initial_state=plan.initial_state,
+                                              make_champion=args.seed is None)
         status = "FINISHED"
     finally:
         client.set_terminated(parent.info.run_id, status=status)
@@ -224,6 +250,13 @@ def cmd_models_export(args, client, uri) -> int:
     return 0
 
 
+def cmd_models_pareto(args, client, uri) -> int:
+    from kdtune.pareto import list_front
+
+    print(list_front(client, args.name, args.study_run))
+    return 0
+
+
 def cmd_models_links(args) -> int:
     """A model's module paths with their output shapes on the dataset's samples, to write links by path."""
     from kdtune.models.inspect import format_module_table, module_shapes
@@ -267,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-store-uri",
                        help="runs, metrics and the registry: any SQLAlchemy URI MLflow accepts, e.g. "
                             "postgresql://USER:PASSWORD@HOST:5432/mlflow (pip install 'kdtune[postgres]'); "
-                            "default: sqlite:///<store>/mlflow.db")
+                            "default: $MLFLOW_BACKEND_STORE_URI, else sqlite:///<store>/mlflow.db")
     serve.add_argument("--artifacts-destination",
                        help="where the server keeps artifacts (models, reports), e.g. s3://BUCKET/mlflow "
                             "(AWS_ENDPOINT_URL for an S3-compatible store; pip install 'kdtune[s3]'); the server "
@@ -275,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int,
                        help="server worker processes; default: 1 over SQLite, "
                             "4 over a database server (benchmarks/RESULTS.md, tracking)")
+    serve.add_argument("--auth", action="store_true",
+                       help="MLflow's basic authentication: every request needs the credentials "
+                            "(MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, or USERNAME:PASSWORD in "
+                            "~/.kdtune/mlflow-credentials or the file KDTUNE_MLFLOW_CREDENTIALS names), whose user "
+                            "becomes the server's admin; pip install 'kdtune[auth]'. Use it on any host but loopback")
     serve.set_defaults(func=cmd_mlflow_serve, needs_client=False)
 
     teacher = groups.add_parser("teacher", help="teachers in the registry").add_subparsers(dest="command",
@@ -287,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from the library's pretrained weights and fine-tune")
     train.add_argument("--image-size", type=int, help="folder datasets: resize images to this size")
     train.add_argument("--epochs", type=int, help="default: the dataset recipe's teacher epochs")
+    train.add_argument("--seed", type=int,
+                       help="train with this seed and register it with alias seed<S> (champion only if there is "
+                            "none): another member of an ensemble teacher, named "
+                            "models:/kdtune-teacher-<dataset>-<arch>@seed<S> in --teacher-source")
     train.add_argument("--data-dir")
     train.add_argument("--no-download", action="store_true")
     train.add_argument("--address", help="a Ray cluster; default: a local Ray")
@@ -328,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="name@alias or name/version, e.g. kdtune-digits-digits_student@champion")
     export.add_argument("--out", required=True, help="the .pt file to write")
     export.set_defaults(func=cmd_models_export)
-    for sub in (listing, promote, export):
+    front = models.add_parser("pareto", help="the Pareto front a study registered: members, costs, accuracies")
+    front.add_argument("name", help="the registered model, e.g. kdtune-digits-pareto")
+    front.add_argument("--study-run", help="the front of this study run (default: the latest registered)")
+    front.set_defaults(func=cmd_models_pareto)
+    for sub in (listing, promote, export, front):
         _tracking_options(sub)
     links = models.add_parser("links", help="a model's module paths and output shapes (for links by path)")
     links.add_argument("model", help="a built-in name, torchvision:NAME, timm:NAME or package.module:factory")

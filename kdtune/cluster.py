@@ -79,12 +79,59 @@ def init_ray(address: str | None, py_modules: list[str] | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from kdtune.mlflow_auth import worker_env
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    runtime_env = {"py_modules": list(py_modules)} if py_modules else None
+    if address is None:
+        # a new local Ray turns token authentication on (kept) and warns each time that it did: not news to a
+        # study's reader. (Setting RAY_AUTH_MODE here instead would come too late: Ray reads it at import.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    runtime_env = {"py_modules": list(py_modules)} if py_modules else {}
+    # The tracking server's credentials (MLFLOW_TRACKING_USERNAME/PASSWORD, from the driver's environment or
+    # credentials file) go to every trial and teacher task as environment variables of the job: a node needs no
+    # file of its own, a driver joining with --address from another machine brings them, and every process of
+    # the job uses the same ones. What it exposes: the job's runtime_env is kept in Ray's GCS and shown by the
+    # dashboard and the job API (token-protected: whoever holds the Ray token can read the password), and the
+    # variables are in each worker's environment (/proc/PID/environ, readable by the same OS user only).
+    credentials = worker_env()
+    if credentials:
+        runtime_env["env_vars"] = credentials
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env=runtime_env or None)
+        if address is None:
+            _STARTED_HERE.append(True)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise KdtuneError(f"address={address!r}: could not connect to a Ray cluster ({error})") from None
+
+
+_STARTED_HERE = []  # [True] once init_ray started a local Ray in this process
+
+
+def runs_in_driver(gpus: float) -> bool:
+    """Whether one-off work with a trial's resources (train the teacher, cache its logits) is best done in this
+    process: on a Ray that kdtune started on this machine, with no GPU asked, a task would run on the same CPUs
+    after starting a process of its own (about 10 s of imports on a 2-core machine). Not on a machine with a
+    GPU: there this process would see the GPU that a task asking for none is kept from."""
+    import torch
+
+    return bool(_STARTED_HERE) and not gpus and not torch.cuda.is_available()
+
+
+def run_like_a_trial(fn, *args, cpus: float, gpus: float):
+    """fn(*args) where a trial would run it: in this process when `runs_in_driver`, else as one Ray task with a
+    trial's resources (on a cluster, a node with the GPU it needs)."""
+    if runs_in_driver(gpus):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(threads)  # fn may set a trial's thread count
+    import ray
+
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(fn).remote(*args))
 
 
 def alive_nodes() -> list[dict]:

@@ -143,9 +143,10 @@ class Trainer:
                 )
             use_cache = False
         if use_cache:
-            if teacher_logits.shape != (len(dataset.train_labels), dataset.num_classes):
+            expected = (len(dataset.train_labels), dataset.num_classes)
+            if tuple(teacher_logits.shape[-2:]) != expected or teacher_logits.dim() not in (2, 3):
                 raise ConfigError(f"cached teacher logits have shape {tuple(teacher_logits.shape)}; expected "
-                                  f"({len(dataset.train_labels)}, {dataset.num_classes})")
+                                  f"{expected} (one teacher) or (members, *{expected}) (an ensemble)")
             self.teacher_logits = teacher_logits.to(self.device)
             return
         if callable(teacher) and not isinstance(teacher, nn.Module):
@@ -352,14 +353,15 @@ class Trainer:
         out = Outputs(labels=labels, indices=indices, student_logits=student_logits,
                       student_features=dict(self._student_tap.features))
         if uses_teacher and teacher_logits is not None:
-            out.teacher_logits = teacher_logits
+            out.teacher_logits = self.method.teacher_view(teacher_logits)
         elif uses_teacher:
-            out.teacher_logits, out.teacher_features = self._teacher_outputs(images, indices, self._stop_at[1])
+            logits, out.teacher_features = self._teacher_outputs(images, indices, self._stop_at[1])
+            out.teacher_logits = self.method.teacher_view(logits)  # an ensemble's members -> its target
         return out
 
     def _teacher_outputs(self, images, indices, stop_at=()) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
-        if self.teacher_logits is not None:
-            return self.teacher_logits[indices], {}
+        if self.teacher_logits is not None:  # (N, C), or an ensemble's (members, N, C): rows by sample index
+            return self.teacher_logits[..., indices, :], {}
         if self.teacher is None:
             return None, {}
         with torch.inference_mode():
@@ -380,7 +382,7 @@ class Trainer:
         for images, batch_labels, indices in split.batches(max(256, self.config.batch_size)):
             with self._autocast():
                 student.append(self.student(images).float())
-                teacher.append(self._teacher_outputs(images, indices)[0].float())
+                teacher.append(self.method.teacher_view(self._teacher_outputs(images, indices)[0]).float())
             labels.append(batch_labels)
         return torch.cat(student), torch.cat(teacher), torch.cat(labels)
 
@@ -536,13 +538,18 @@ def training_augmentation(config: TrialConfig, dataset: Dataset):
 @torch.no_grad()
 def teacher_logits_for(teacher: nn.Module, dataset: Dataset, val_fraction: float,
                        device: torch.device | None = None, batch_size: int = 512) -> torch.Tensor:
-    """Teacher logits for every training sample, on un-augmented inputs, row i = sample index i."""
+    """Teacher logits for every training sample, on un-augmented inputs, row i = sample index i: (N, C), or
+    (members, N, C) for an ensemble teacher (kdtune/ensemble.py), whose members' logits are kept apart because
+    the soft target they make depends on each trial's temperature (distill/losses.py, ensemble_logits)."""
     device = device or pick_device()
     train_idx, _ = dataset.split(val_fraction)
     mean, std = dataset.channel_stats(train_idx)
     teacher.eval().to(device)
     every = batch_source(dataset, torch.arange(len(dataset.train_labels)), mean, std, device)
-    logits = torch.empty(len(every), dataset.num_classes)
+    logits = None
     for images, _, indices in every.batches(batch_size):
-        logits[indices.cpu()] = teacher(images).float().cpu()
+        out = teacher(images).float().cpu()
+        if logits is None:
+            logits = torch.empty(*out.shape[:-2], len(every), dataset.num_classes)
+        logits[..., indices.cpu(), :] = out
     return logits

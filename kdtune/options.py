@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 
+from kdtune import tracking
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.results import baseline_tuning, verdict
@@ -45,10 +46,12 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     what.add_argument("--teacher", help="teacher: a built-in name, torchvision:NAME, timm:NAME or "
                                         "package.module:factory (default: the dataset's, e.g. vgg16 for CIFAR)")
     what.add_argument("--student", help="student, in the same forms (default: the dataset's, e.g. vgg7 for CIFAR)")
-    what.add_argument("--teacher-source", help="teacher weights: 'pretrained' (the library's weights, fine-tuned "
-                                               "for --teacher-epochs), 'train' (a new one, now), models:/name@alias, "
-                                               "or a .pt file; default: the registered teacher for this dataset "
-                                               "(if trained on these samples), else train one")
+    what.add_argument("--teacher-source", action="append",
+                      help="teacher weights: 'pretrained' (the library's weights, fine-tuned "
+                           "for --teacher-epochs), 'train' (a new one, now), 'train:S' (a new one with seed S), "
+                           "models:/name@alias, or a .pt file; default: the registered teacher for this dataset "
+                           "(if trained on these samples), else train one. Given several times: an ensemble "
+                           "teacher, the soft target the members' averaged probabilities at each trial's T")
     what.add_argument("--epochs", type=int, help="student epochs (default: the dataset recipe's)")
     what.add_argument("--teacher-epochs", type=int, help="teacher epochs when it must be trained")
     what.add_argument("--lr", type=float, help="student learning rate (default: the dataset recipe's)")
@@ -143,7 +146,7 @@ def _spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], *
     fields = dict(
         name=name, dataset=args.dataset, variants=variants, overrides=overrides,
         teacher_overrides=teacher_overrides, seeds=args.seeds, teacher=args.teacher, student=args.student,
-        teacher_source=args.teacher_source, image_size=args.image_size, stream=args.stream,
+        teacher_source=_teacher_sources(args.teacher_source), image_size=args.image_size, stream=args.stream,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, reuse_actors=args.reuse_actors,
         address=args.address,
@@ -154,6 +157,13 @@ def _spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], *
     )
     fields.update(spec_fields)
     return StudySpec(**fields)
+
+
+def _teacher_sources(values: list[str] | None):
+    """--teacher-source given once: that source; several times: the list of an ensemble's members."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
 
 
 @contextlib.contextmanager
@@ -211,8 +221,17 @@ def finish(run, spec, table=None, summary=None) -> int:
     print(f"\nbest (by validation): {result.best_label}; {registered}")
     print(f"wall time {result.wall_time_s:.1f}s; trial training time {result.training_time_s:.1f}s "
           f"(sum over trials = {share:.2f} x wall time)")
-    print(f"mlflow: {result.tracking_uri} experiment {result.experiment_id}, study run {result.parent_run_id}")
+    print(where_results_are(result))
     return 0
+
+
+def where_results_are(result) -> str:
+    """The study's place in MLflow: a link while its server still answers, else how to browse it (the embedded
+    server stopped with the study, so its URL would be a dead link)."""
+    ids = f"experiment {result.experiment_id}, study run {result.parent_run_id}"
+    if tracking.server_answers(result.tracking_uri):
+        return f"mlflow: {tracking.ui_link(result.tracking_uri, result.experiment_id)} ({ids})"
+    return f"mlflow: {ids}; browse them with: kdtune mlflow serve --store {result.spec.store_dir}"
 
 
 def tuning_of(result) -> str | None:

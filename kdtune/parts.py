@@ -2,8 +2,10 @@
 
     dataset          a kdtune Dataset (tensors, or file paths for a streamed one)
     student, teacher ModelRefs (kdtune/models/refs.py): built-in, torchvision:, timm:, module:factory, objects
-    teacher_state    the teacher's weights (from the registry, a file, pretrained + fine-tuned, or trained now)
-    teacher_logits   cached teacher logits on un-augmented training samples (row i = sample i), or None
+    teacher_state    the teacher's weights (from the registry, a file, pretrained + fine-tuned, or trained now);
+                     a list of weights for an ensemble teacher (kdtune/ensemble.py), built as an EnsembleTeacher
+    teacher_logits   cached teacher logits on un-augmented training samples (row i = sample i), or None;
+                     an ensemble's are its members' logits, (members, N, C)
 
 Ray puts a StudyParts in the object store once (`tune.with_parameters`); a trial builds its student from the
 reference and never resolves a name. `trainer_for` is the same path for scripts and tests that start from a
@@ -25,15 +27,27 @@ class StudyParts:
     dataset: Dataset
     student: object  # ModelRef
     teacher: object | None = None  # ModelRef
-    teacher_state: dict | None = None
+    teacher_state: dict | list[dict] | None = None
     teacher_logits: torch.Tensor | None = None
 
     def build_teacher(self) -> nn.Module | None:
+        """The teacher network; for a list of states, an EnsembleTeacher whose forward stacks the members' logits."""
         if self.teacher is None or self.teacher_state is None:
             return None
+        if isinstance(self.teacher_state, (list, tuple)):
+            from kdtune.ensemble import EnsembleTeacher
+
+            return EnsembleTeacher([self._network(state) for state in self.teacher_state])
+        return self._network(self.teacher_state)
+
+    def _network(self, state: dict) -> nn.Module:
         teacher = self.teacher.build(self.dataset.num_classes, self.dataset.input_shape)
-        teacher.load_state_dict(self.teacher_state)
+        teacher.load_state_dict(state)
         return teacher
+
+    @property
+    def teacher_members(self) -> int:
+        return len(self.teacher_state) if isinstance(self.teacher_state, (list, tuple)) else 1
 
     def trainer(self, config: TrialConfig, device: torch.device | None = None, student: nn.Module | None = None,
                 teacher=None):
@@ -66,7 +80,7 @@ class StudyParts:
         return trainers, next((t.teacher for t in trainers if t.teacher is not None), None)
 
 
-def trainer_for(config: TrialConfig, dataset: Dataset, teacher_state: dict | None = None,
+def trainer_for(config: TrialConfig, dataset: Dataset, teacher_state: dict | list[dict] | None = None,
                 teacher_logits: torch.Tensor | None = None, device: torch.device | None = None):
     """A Trainer from a config's model texts (built-in names or any other reference form)."""
     from kdtune.models.refs import model_ref

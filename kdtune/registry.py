@@ -18,6 +18,7 @@ import torch
 
 from kdtune.data import Dataset
 from kdtune.errors import TrackingError
+from kdtune.tracking import quiet_mlflow
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -113,16 +114,20 @@ def gate(client, name: str, val_mean: float, val_set: str, margin: float) -> tup
 
 
 def register(client, model_uri: str, name: str, tags: dict, val_mean: float, seeds: int, test_mean: float,
-             val_set: str, test_set: str, margin: float = 0.0) -> Decision:
-    """Register `model_uri` as a new version of `name`, then let the gate decide its alias."""
+             val_set: str, test_set: str, margin: float = 0.0, gated: bool = True) -> Decision:
+    """Register `model_uri` as a new version of `name`, then let the gate decide its alias (`gated=False`: no
+    alias; the caller decides, e.g. a Pareto study gates only the member chosen within its budget)."""
     import mlflow
 
     if margin < 0:
         raise TrackingError(f"margin={margin}: must be >= 0")
-    takes_champion, reason = gate(client, name, val_mean, val_set, margin)
+    takes_champion, reason = gate(client, name, val_mean, val_set, margin) if gated else (False, "not gated")
     all_tags = {**tags, "val_acc_mean": f"{val_mean:.6f}", "val_set": val_set, "seeds": seeds,
                 "test_acc_mean": f"{test_mean:.6f}", "test_set": test_set, "gate": reason}
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in all_tags.items()}).version
+    with quiet_mlflow():
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in all_tags.items()}).version
+    if not gated:
+        return Decision(name, str(version), "", reason)
     alias = CHAMPION if takes_champion else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
     return Decision(name, str(version), alias, reason)

@@ -135,7 +135,9 @@ def trial_of(run) -> TrialRecord:
 
 
 def is_confirm(trial: TrialRecord) -> bool:
-    return trial.label == BASELINE_LABEL or trial.label.startswith(CONFIRM_PREFIX)
+    from kdtune.pareto import BASELINE_PREFIX, FRONT_PREFIX  # a Pareto study's confirm rows
+
+    return trial.label == BASELINE_LABEL or trial.label.startswith((CONFIRM_PREFIX, FRONT_PREFIX, BASELINE_PREFIX))
 
 
 def outcome(trial: TrialRecord) -> str:
@@ -195,6 +197,18 @@ def make_report(study: StudyRuns) -> Report:
              if p is not None]
     if _is_alpha_temperature_grid(summary):
         texts["matrix.txt"] = format_matrix(summary, "temperature", "alpha", *MATRIX_CORNER)
+    from kdtune.pareto import report_parts
+
+    front = report_parts(study)
+    if front is not None:  # a Pareto study: its front first; T and links vary with the architecture there
+        plots = [front[0]] + [p for p in plots if p.name not in (
+            "accuracy_vs_temperature", "heatmap_alpha_temperature", "accuracy_per_link_set")]
+        texts.pop("matrix.txt", None)
+        texts["pareto_front.txt"] = front[1]
+    from kdtune.ensemble import format_teachers, read_teacher_rows
+
+    if read_teacher_rows(study.parent.data.tags):
+        texts["teachers.txt"] = "\n".join(format_teachers(read_teacher_rows(study.parent.data.tags)))
     if search:
         importance = parameter_importance([t for t in trials if not is_confirm(t)])
         if importance is not None:
@@ -536,7 +550,10 @@ def render_html(report: Report) -> str:
     title = f"kdtune study report: {study.experiment_name}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>", _header_html(report),
-             "<h2>Results</h2>", _summary_html(report.summary, _tuning(study.params))]
+             _teachers_html(study), "<h2>Results</h2>",
+             # a Pareto study's result is its front (each member with its no-distillation student), not one best
+             f"<pre>{_e(report.texts['pareto_front.txt'])}</pre>" if report.texts.get("pareto_front.txt")
+             else _summary_html(report.summary, _tuning(study.params))]
     if "matrix.txt" in report.texts:
         parts += ["<h2>Test accuracy (%) per temperature and alpha</h2>",
                   _matrix_html(report.texts["matrix.txt"], " \\ ".join(MATRIX_CORNER))]
@@ -555,6 +572,22 @@ def render_html(report: Report) -> str:
 
 def _e(text) -> str:
     return html.escape(str(text))
+
+
+def _teachers_html(study: StudyRuns) -> str:
+    """The teacher's (each ensemble member's, and the ensemble's) accuracy on the students' splits."""
+    from kdtune.ensemble import ENSEMBLE, read_teacher_rows
+
+    rows = read_teacher_rows(study.parent.data.tags)
+    if not rows:
+        return ""
+    cells = [["ensemble" if r["member"] == ENSEMBLE else (f"member {r['member']}" if len(rows) > 1 else "teacher"),
+              percent(r["val_acc"]), percent(r["test_acc"]), r["source"]] for r in rows]
+    note = ("<p class=\"note\">The students distil from the ensemble: at each trial's temperature T the soft target "
+            "is the members' averaged probabilities, mean_i softmax(z_i / T); the ensemble's accuracy is that of "
+            "its averaged probabilities at T = 1.</p>" if len(rows) > 1 else "")
+    return ("<h2>Teacher</h2>" + _table(["teacher", "val acc (%)", "test acc (%)", "source"], cells,
+                                        ["best" if r["member"] == ENSEMBLE else "" for r in rows]) + note)
 
 
 

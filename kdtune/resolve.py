@@ -14,7 +14,7 @@ version exists yet. Trials later receive these objects and resolve nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kdtune import recipes
 from kdtune.config import TrialConfig
@@ -35,6 +35,7 @@ class ResolvedStudy:
     teacher_plan: TeacherPlan | None  # None: no trial uses a teacher
     user_modules: list[str]  # folders/files of the user's own code to ship to every node
     variants: list[dict]  # the grid: every variant at every tuned point (`tune`), labels kept
+    students: dict = field(default_factory=dict)  # a Pareto study's candidate students: spec -> ModelRef
 
     @property
     def needs_teacher(self) -> bool:
@@ -45,18 +46,28 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     from kdtune.models.refs import model_ref, shippable_path
 
     _check_resources(spec)
+    pareto = getattr(spec, "pareto", None)
+    if pareto is not None:
+        pareto.check(spec)  # a bad cost, budget or sampler: before the dataset is even loaded
     if spec.search is None and not spec.variants:
         raise ConfigError(f"study {spec.name!r}: no variants and no search to run")
     labels = [v.get("label") for v in spec.variants]
     if len(set(labels)) != len(labels) or None in labels:
         raise ConfigError(f"study {spec.name!r}: every variant needs a distinct 'label' (got {labels})")
-    dataset = resolve_dataset(spec.dataset, spec.data_dir, spec.download, image_size=spec.image_size,
-                              stream=spec.stream)
+    dataset = _load_dataset(spec)
     recipe = recipes.recipe_for(dataset, builtin=_is_builtin(spec.dataset))
     student = model_ref(spec.student if spec.student is not None else recipe["student"])
     teacher = model_ref(spec.teacher if spec.teacher is not None else recipe["teacher"])
     for ref in (student, teacher):
         ref.check(dataset.num_classes, dataset.input_shape)
+    students = {}
+    if pareto is not None:  # the candidates a Pareto study's trials choose from, each built and run once
+        from kdtune.pareto import check_param_budget
+
+        students = dict(pareto.refs())
+        for ref in students.values():
+            ref.check(dataset.num_classes, dataset.input_shape, role="student")
+        check_param_budget(pareto, students, dataset)
     base = {"dataset": dataset.name, "teacher": teacher.spec, "student": student.spec,
             **recipe["student_recipe"], **spec.overrides}
     variants = expand_tuning(spec.variants, spec.tune)
@@ -65,19 +76,20 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     for search in (spec.search, spec.baseline_search):
         if search is not None:
             configs += _sample_search_space(search, base)
-    for config in configs:  # one teacher and one student per study: a trial builds the study's references
-        if (config.teacher, config.student) != (teacher.spec, student.spec):
+    for config in configs:  # one teacher and one student per study (or a Pareto study's candidates)
+        if config.teacher != teacher.spec or (config.student != student.spec and config.student not in students):
             raise ConfigError(f"a variant sets teacher={config.teacher!r}, student={config.student!r}; a study has "
                               f"one teacher ({teacher.spec}) and one student ({student.spec}): run one study per pair")
-    _check_against_data(configs, dataset, student, teacher)
+    _check_against_data(configs, dataset, student, teacher, students)
     teacher_config = TrialConfig.from_flat({
         "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
         **recipe["teacher_recipe"], **spec.teacher_overrides})
     needs_teacher = any(_method(c).needs_teacher for c in configs)
     source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
     plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
-    modules = sorted({p for p in (shippable_path(student), shippable_path(teacher)) if p})
-    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants)
+    modules = sorted({p for p in (shippable_path(student), shippable_path(teacher),
+                                  *map(shippable_path, students.values())) if p})
+    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants, students)
 
 
 def expand_tuning(variants: list[dict], tune: dict) -> list[dict]:
@@ -121,9 +133,25 @@ def recipe_of(spec) -> dict:
     """The dataset's recipe (recipes.py); a dataset kdtune does not ship is loaded to apply the rule."""
     if _is_builtin(spec.dataset):
         return recipes.recipe_for(spec.dataset)
-    dataset = resolve_dataset(spec.dataset, spec.data_dir, spec.download, image_size=spec.image_size,
-                              stream=spec.stream)
-    return recipes.recipe_for(dataset, builtin=False)
+    return recipes.recipe_for(_load_dataset(spec, keep=True), builtin=False)
+
+
+_LOADED: dict = {}  # what recipe_of loaded, kept for the study's own resolve_study (which takes it out)
+
+
+def _load_dataset(spec, keep: bool = False) -> Dataset:
+    """The spec's dataset. `keep`: recipe_of keeps it for the resolve_study that follows, so a script loads
+    the data once; resolve_study takes it out again, so nothing stale outlives that pair of calls."""
+    if not isinstance(spec.dataset, str):
+        return resolve_dataset(spec.dataset, spec.data_dir, spec.download, image_size=spec.image_size,
+                               stream=spec.stream)
+    key = (spec.dataset, str(spec.data_dir), spec.download, spec.image_size, spec.stream)
+    dataset = _LOADED.pop(key, None) or resolve_dataset(spec.dataset, spec.data_dir, spec.download,
+                                                         image_size=spec.image_size, stream=spec.stream)
+    _LOADED.clear()
+    if keep:
+        _LOADED[key] = dataset
+    return dataset
 
 
 def common_links(teacher, student) -> list[int]:
@@ -169,7 +197,7 @@ def _without_label(variant: dict) -> dict:
     return {k: v for k, v in variant.items() if k not in ("label", "point")}
 
 
-def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher) -> None:
+def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher, students=None) -> None:
     """What needs the data and the networks: augmentation, the logit cache, links (each distinct case once)."""
     from kdtune.engine import training_augmentation
     from kdtune.linking import check_method_on_models
@@ -189,10 +217,15 @@ def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, t
                 "teacher_cache='on' with a dataset streamed from disk: kdtune caches teacher logits only for "
                 "in-memory data; set teacher_cache='auto' (the teacher then runs on every batch) or give a "
                 "larger memory budget")
-        key = (config.method, config.links, config.fsp_pairs, config.link_spatial)
+        key = (config.method, config.links, config.fsp_pairs, config.link_spatial, config.student)
         if key not in seen_links:
             seen_links.add(key)
-            check_method_on_models(config, dataset, student, teacher)
+            try:
+                check_method_on_models(config, dataset, (students or {}).get(config.student, student), teacher)
+            except ConfigError as error:  # a Pareto study: say which candidate the links do not fit
+                if not students:
+                    raise
+                raise ConfigError(f"student {config.student}: {error}") from None
 
 
 def _sample_search_space(search, base: dict, samples: int = 48) -> list[TrialConfig]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdtune import cluster, registry, report, teachers, tracking
+from kdtune import cluster, ensemble, registry, report, students, teachers, tracking, warmstart
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.parts import StudyParts
@@ -66,7 +66,8 @@ class StudySpec:
     teacher, student: a built-in name, "torchvision:NAME", "timm:NAME", "package.module:factory", a ModelRef,
              a function factory(num_classes, input_shape) -> nn.Module, or (teacher) a trained nn.Module.
     teacher_source: where the teacher's weights come from (kdtune/teachers.py): None, "pretrained",
-             models:/..., a file; an nn.Module given as `teacher` is its own source.
+             models:/..., a file, "train:S"; an nn.Module given as `teacher` is its own source; a list of
+             sources is an ensemble teacher (kdtune/ensemble.py).
     """
 
     name: str
@@ -74,6 +75,7 @@ class StudySpec:
     variants: list[dict] = field(default_factory=list)  # grid: each {"label": ..., <TrialConfig fields>}
     search: Search | None = None
     baseline_search: Search | None = None  # a search: the baseline's own search, same budget (else untuned)
+    pareto: Any = None  # a search over students and a cost (kdtune.pareto.Pareto): the front, not one best
     tune: dict = field(default_factory=dict)  # grid: recipe values tried for every setting, e.g. {"lr": [...]}
     allow_failed_best: bool = False  # may a setting with failed seeds be chosen as best?
     fuse: Any = "off"  # grid: train variants that share batches together, up to this many (off | auto | N)
@@ -101,6 +103,7 @@ class StudySpec:
     resume: str | None = None  # a study folder to continue
     label_header: str = "setting"
     title: str = ""
+    warm_start: int = 0  # a search: first run the N best configurations earlier studies recorded (kdtune/warmstart.py)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class StudyResult:
     training_time_s: float
     teacher: str = ""  # the references' texts, as resolved
     student: str = ""
+    pareto: Any = None  # a Pareto study's front and costs (kdtune.pareto.ParetoRun)
 
     def table(self) -> str:
         return format_table(self.summary, self.spec.label_header)
@@ -131,9 +135,12 @@ def run_study(spec: StudySpec, echo=print) -> StudyResult:
     check_storage(spec.storage)  # a missing bucket or credentials: one line, before any run or folder exists
     saved = _read_study_file(spec) if spec.resume else None
     resolved = resolve_study(spec, echo)  # every bad value stops here, before anything is created
+    ensemble.check_methods(resolved.configs, resolved.teacher_plan.members if resolved.teacher_plan else 1)
+    warmstart.check_warm_start(spec.warm_start, spec.search is not None)
     store = Path(spec.store_dir).resolve()
     uri = spec.tracking_uri or (saved or {}).get("tracking_uri_external")
-    with tracking.tracking_server(uri, store, echo) as uri:
+    start_ray = lambda: cluster.init_ray(spec.address, resolved.user_modules)  # noqa: E731
+    with tracking.tracking_server(uri, store, echo, meanwhile=start_ray) as uri:
         tracking.use_tracking(uri)
         return _Study(spec, resolved, uri, store, saved, echo).run(started)
 
@@ -148,8 +155,12 @@ class _Study:
 
     def run(self, started: float) -> StudyResult:
         spec = self.spec
-        cluster.init_ray(spec.address, self.resolved.user_modules)
         cluster.check_tracking_reachable(self.uri)
+        self.pareto = None
+        if spec.pareto is not None:  # every candidate student's costs, measured before any run or folder exists
+            from kdtune.pareto import ParetoRun
+
+            self.pareto = ParetoRun.measure(spec, self.resolved, self.echo)
         if self.resolved.teacher_plan is not None:  # a mismatched registered teacher is refused here, early
             self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo)
         experiment_id, parent_id = self._open_parent_run()
@@ -165,6 +176,10 @@ class _Study:
                                           "command": [str(Path(sys.argv[0]).resolve()), *sys.argv[1:]]})
             self.echo(f"study folder: {study_dir}  (continue it with --resume {study_dir})")
             trainable = self._trainable(context)
+            if spec.search is not None and spec.warm_start:  # kdtune/warmstart.py: earlier studies' best first
+                source = self.client.get_run(parent_id).data.tags.get("kdtune.teacher")
+                warmstart.warm_start(spec, self.client, parent_id, warmstart.identity_of(self, source), self.base,
+                                     self.echo)
             phases: dict[str, list[TrialRecord]] = {}
             confirm: list[dict] = []
             if spec.search is None:
@@ -186,17 +201,23 @@ class _Study:
                     point = describe({k: v for k, v in tuned.params.items() if k != "method"})
                     baseline = {**tuned.params, "label": BASELINE_LABEL, "point": point}
                 confirm = [baseline, {"label": f"best: {best.label}", **best.params}]
+                if self.pareto is not None:  # each front member and the same student without distillation
+                    confirm = self.pareto.confirm_variants(phases)
                 phases["confirm"] = self._run_phase("confirm", trainable, study_dir, context,
                                                     self._grid_space(confirm))
             final = phases.get("confirm") or phases["grid"]
             order = [v["label"] for v in (confirm if spec.search else spec.variants)]
             summary = summarise(final, order=order, allow_failed=spec.allow_failed_best)
             best_label = pick_best(summary, allow_failed=spec.allow_failed_best)
-            champion = self._register_best(final, summary, best_label) if best_label else None
+            if self.pareto is not None:  # every front member registered; the champion chosen within the budget
+                best_label, champion = self.pareto.finish(self, phases, final, summary, parent_id)
+            else:
+                champion = self._register_best(final, summary, best_label) if best_label else None
             training_time = sum(t.metrics.get("training_time_s", 0.0) for p in phases.values() for t in p)
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
                                  self.uri, str(study_dir), time.perf_counter() - started, training_time,
                                  self.resolved.teacher.spec, self.resolved.student.spec)
+            result.pareto = self.pareto
             _log_study_results(self.client, parent_id, result)
             self._log_report(parent_id, study_dir / "report")
             status = "FINISHED"
@@ -263,15 +284,33 @@ class _Study:
             self.client.set_tag(context.parent_run_id, "kdtune.teacher", teacher.source)
             parts.teacher_state = teacher.state_dict
             parts.teacher_logits = self._teacher_logits_if_useful(parts)
+            self._teacher_accuracies(parts, teacher, context)
+        if resolved.students:  # a Pareto study: each trial builds the student its config names
+            from kdtune.pareto import student_parts, student_trial
+
+            return tune.with_resources(
+                tune.with_parameters(student_trial, parts=student_parts(parts, resolved.students), context=context,
+                                     base=self.base, threads=int(spec.cpus_per_trial)),
+                {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
         return tune.with_resources(
             tune.with_parameters(distill_trial, parts=parts, context=context, base=self.base,
                                  threads=int(spec.cpus_per_trial)),
             {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
         )
 
+    def _teacher_accuracies(self, parts: StudyParts, teacher, context) -> None:
+        """Each ensemble member's (or the one teacher's) validation and test accuracy, and the ensemble's, on the
+        students' splits: logged to the parent run (kdtune/ensemble.py), listed by the report."""
+        spec = self.spec
+        sources = [m.source for m in teacher.members] if teacher.members else [teacher.source]
+        fraction = TrialConfig.from_flat(self.base).val_fraction
+        rows = cluster.run_like_a_trial(ensemble.teacher_accuracies, parts, fraction, sources,
+                                        cpus=spec.cpus_per_trial, gpus=spec.gpus_per_trial)
+        ensemble.log_teacher_accuracies(self.client, context.parent_run_id, rows, self.echo)
+
     def _teacher_logits_if_useful(self, parts: StudyParts):
-        """Cache teacher logits (one Ray task) when some trial can use them: a logits-only method, no
-        augmentation, data in memory."""
+        """Cache teacher logits when some trial can use them (a logits-only method, no augmentation, data in
+        memory), where a trial would compute them (cluster.run_like_a_trial)."""
         from kdtune import distill
 
         dataset = self.dataset
@@ -285,11 +324,9 @@ class _Study:
             self.echo("teacher: the dataset streams from disk, so teacher logits are not cached; trials run the "
                       "teacher on every batch")
             return None
-        import ray
-
         spec = self.spec
-        task = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial)(_cache_teacher_logits)
-        return ray.get(task.remote(parts, fractions.pop()))
+        return cluster.run_like_a_trial(_cache_teacher_logits, parts, fractions.pop(), cpus=spec.cpus_per_trial,
+                                        gpus=spec.gpus_per_trial)
 
     def _grid_space(self, variants: list[dict]) -> dict:
         """Variants x seeds; variants that can share batches and teacher train as one trial (`fuse`)."""
@@ -327,9 +364,12 @@ class _Study:
 
         import optuna
 
-        searcher = OptunaSearch(space=search.suggest, metric=OBJECTIVE.metric, mode=OBJECTIVE.mode,
-                                points_to_evaluate=search.points_to_evaluate or None,
-                                sampler=optuna.samplers.TPESampler(seed=search.seed))
+        if self.pareto is not None:  # accuracy and the student's cost: a multi-objective Optuna study
+            searcher = self.pareto.searcher(search, search.points_to_evaluate or None)
+        else:
+            searcher = OptunaSearch(space=search.suggest, metric=OBJECTIVE.metric, mode=OBJECTIVE.mode,
+                                    points_to_evaluate=search.points_to_evaluate or None,
+                                    sampler=optuna.samplers.TPESampler(seed=search.seed))
         limited = ConcurrencyLimiter(searcher, max_concurrent=self.spec.max_concurrent or 2)
         # ASHA counts main-stage epochs (trial.py reports `main_epoch`): a two-stage method (hints, fsp,
         # adversarial_pretrained) is compared with the others at the same point of its main stage, never while
@@ -337,6 +377,8 @@ class _Study:
         epochs = max(c.epochs for c in self.configs)
         scheduler = ASHAScheduler(time_attr="main_epoch", metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_t=epochs,
                                   grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+        if self.pareto is not None and not self.pareto.plan.early_stopping:
+            scheduler = None  # ASHA judges accuracy alone and would stop the small students the front needs
         return tune.TuneConfig(search_alg=limited, scheduler=scheduler, num_samples=search.num_samples,
                                time_budget_s=search.time_budget_s, **common)
 
@@ -346,7 +388,10 @@ class _Study:
         return tune.RunConfig(
             name=name, storage_path=str(study_dir),
             failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
-            # keep 2: with 1, Tune snapshots the whole experiment state after every single checkpoint
+            # keep 2: with 1, Tune snapshots the whole experiment state after every single checkpoint. With 2 it
+            # still forces a snapshot every second epoch of a trial (and warns when that happens often): that
+            # keeps the saved state pointing at checkpoints that exist; a snapshot of a local study folder
+            # takes milliseconds, so the warning is silenced (_status_table), not the snapshots.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[close_runs_callback(context)], verbose=1, progress_reporter=_status_table(name),
         )
@@ -357,7 +402,7 @@ class _Study:
 
         row = next(r for r in summary if r["label"] == best_label)
         candidates = [t for t in trials if t.label == best_label and t.point == row["point"] and t.finished
-                      and "model_uri" in t.metrics]
+                      and "weights_uri" in t.metrics]
         best = OBJECTIVE.best(candidates, lambda t: t.metrics[OBJECTIVE.metric])
         if best is None:
             return None
@@ -374,7 +419,8 @@ class _Study:
         }
         val_fraction = TrialConfig.from_flat({**base, **best.params}).val_fraction
         decision = registry.register(
-            self.client, metrics["model_uri"], self.registered_name(), tags, val_mean=row["val_mean"],
+            self.client, students.servable_model_uri(self.client, best.run_id, self.resolved.student, self.dataset),
+            self.registered_name(), tags, val_mean=row["val_mean"],
             seeds=row["n"], test_mean=row["test_mean"],
             val_set=registry.validation_fingerprint(self.dataset, val_fraction),
             test_set=registry.test_set_fingerprint(self.dataset), margin=spec.margin)
@@ -390,6 +436,7 @@ def _status_table(phase: str):
     from ray.tune import CLIReporter
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Ray ignores a custom reporter under its new output engine
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see _run_config
     # only keys every trial has: the reporter looks each one up in the best trial's config (a search's
     # conditional parameters, e.g. beta for a kd trial, would raise KeyError there)
     parameters = {"method": "method"} if phase.endswith("search") else {"seed": "seed"}
@@ -400,7 +447,7 @@ def _status_table(phase: str):
 
 
 def _cache_teacher_logits(parts: StudyParts, val_fraction: float):
-    """A Ray task: the teacher's logits on every un-augmented training sample."""
+    """The teacher's logits on every un-augmented training sample."""
     from kdtune.engine import teacher_logits_for
 
     return teacher_logits_for(parts.build_teacher(), parts.dataset, val_fraction)
@@ -492,8 +539,10 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     from kdtune.results import format_failures, verdict
 
     failures = format_failures(result.summary)
-    client.log_text(parent_id, "\n".join(filter(None, [result.table(), verdict(result.summary, tuning_of(result)),
-                                                      failures])) + "\n", "results/table.txt")
+    lines = [result.table(), verdict(result.summary, tuning_of(result)), failures]
+    if result.pareto is not None:  # its table is the front: each member with its no-distillation student
+        lines = [result.pareto.table(), failures]
+    client.log_text(parent_id, "\n".join(filter(None, lines)) + "\n", "results/table.txt")
     client.set_tag(parent_id, "kdtune.best", str(result.best_label))
     if result.registration:
         client.set_tag(parent_id, "kdtune.registered", f"{result.registration.name} version "

@@ -3,16 +3,22 @@
     None (default)          the registered teacher for this dataset and architecture, else trained once now;
                             a registered teacher trained on other samples under the same dataset name is refused
     "train"                 train a new teacher now (and register it as the new champion)
+    "train:S"               train a new teacher now with seed S (registered with alias seedS; it becomes
+                            champion only where there is none): another member for an ensemble
     "pretrained"            the architecture's library weights (torchvision DEFAULT, timm pretrained=True, or
                             ImageNet VGG-16 conv layers for the built-in vgg16), new head, fine-tuned here
                             for the teacher recipe's epochs (seed 000's protocol), then registered
     "models:/..." "runs:/"  a model in the MLflow registry or a run
     a file path             a state dict, a kdtune trial checkpoint, or a whole saved nn.Module
     an nn.Module (Python)   the object itself: its weights are the teacher
+    a list of sources       an ensemble (kdtune/ensemble.py): each member planned and obtained as above
 
 Training (from scratch or from pretrained weights) uses the same engine as every student (method 'none'),
 inside a Ray task with a trial's resources, logged as the study's 'teacher' child run, and is registered as
-`kdtune-teacher-<dataset>-<architecture>` with alias `champion`, so the next study on that dataset reuses it.
+`kdtune-teacher-<dataset>-<architecture>` with alias `champion`, so the next study on that dataset reuses it,
+and alias `seed<S>` (S its training seed), so ensemble members can be named: models:/...@seed1.
+A registered teacher named by a models:/ URI whose `train_set` tag records other training samples than this
+dataset's is refused before the study creates anything, as the default registered teacher is.
 """
 from __future__ import annotations
 
@@ -31,6 +37,11 @@ from kdtune.tracking import ChildRun, ServableModel, TrackingContext, network_st
 TEACHER_ALIAS = "champion"
 PRETRAINED = "pretrained"
 TRAIN = "train"
+TRAIN_SEEDED = "train:"  # train:S
+
+
+def seed_alias(seed: int) -> str:
+    return f"seed{seed}"
 
 
 @dataclass
@@ -39,6 +50,7 @@ class Teacher:
     source: str  # where it came from: a models:/ URI, a file path, "python object"
     trained_now: bool
     test_acc: float | None = None
+    members: list["Teacher"] | None = None  # an ensemble: its members (state_dict is then their list of states)
 
 
 def registry_name(dataset: str, arch: str) -> str:
@@ -132,15 +144,96 @@ class TeacherPlan:
     state: dict | None = None  # weights already read (file, Python object)
     initial_state: dict | None = None  # pretrained weights to fine-tune from
     registered: str | None = None  # source None: the registered teacher found (`find_registered`), if any
+    seed: int | None = None  # "train:S": the seed to train with
+
+    @property
+    def members(self) -> int:
+        return 1
 
     def find_registered(self, dataset: Dataset, ref, log=print) -> None:
         """Look the registry up once the tracking server is up, before the study creates anything."""
         if self.source is None and self.state is None:
             self.registered = registered_teacher_uri(dataset, ref, log)
+        elif self.state is None and str(self.source).startswith("models:/"):
+            check_train_set(self.source, dataset)
 
 
-def plan_teacher(source, ref, dataset: Dataset) -> TeacherPlan:
-    """Check a teacher source before any run, folder or version exists (MLflow sources are read later)."""
+@dataclass
+class EnsemblePlan:
+    """Several teacher sources: each member planned as one teacher is (kdtune/ensemble.py)."""
+
+    plans: list[TeacherPlan]
+
+    @property
+    def source(self) -> str:
+        return " + ".join(str(p.source) for p in self.plans)
+
+    @property
+    def members(self) -> int:
+        return len(self.plans)
+
+    @property
+    def initial_state(self):
+        return None
+
+    def find_registered(self, dataset: Dataset, ref, log=print) -> None:
+        for plan in self.plans:
+            plan.find_registered(dataset, ref, log)
+
+
+def check_train_set(uri: str, dataset: Dataset) -> None:
+    """A registered kdtune teacher records its training samples (tag train_set): refuse one trained on others."""
+    import mlflow
+
+    from kdtune.registry import train_set_fingerprint
+
+    name, alias_or_version = _registered_version(uri)
+    if name is None:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        version = (client.get_model_version(name, alias_or_version) if alias_or_version.isdigit()
+                   else client.get_model_version_by_alias(name, alias_or_version))
+    except mlflow.exceptions.MlflowException:
+        return  # reading it later says what is missing
+    recorded, ours = version.tags.get("train_set"), train_set_fingerprint(dataset)
+    if recorded is not None and recorded != ours:
+        raise ConfigError(f"teacher_source={uri!r} was trained on other samples (train set {recorded}) than this "
+                          f"dataset {dataset.name!r} ({ours}); name a teacher trained on this data, or train:S")
+
+
+def _registered_version(uri: str) -> tuple[str | None, str]:
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        return tuple(rest.split("@", 1))
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, version
+    return None, ""
+
+
+def _train_seed(source: str) -> int:
+    text = source[len(TRAIN_SEEDED):]
+    if not text.isdigit():
+        raise ConfigError(f"teacher_source={source!r}: the seed after 'train:' must be a whole number >= 0, "
+                          "e.g. train:1")
+    return int(text)
+
+
+def plan_teacher(source, ref, dataset: Dataset):
+    """Check a teacher source before any run, folder or version exists (MLflow sources are read later).
+    A list (several --teacher-source) plans an ensemble; a list of one is that one source."""
+    if isinstance(source, (list, tuple)):
+        if len(source) <= 1:
+            return plan_teacher(source[0] if source else None, ref, dataset)
+        texts = [s for s in source if isinstance(s, str)]  # (two Python modules are two members)
+        repeated = next((t for t in texts if texts.count(t) > 1), None)
+        if repeated is not None:
+            raise ConfigError(f"teacher_source={repeated!r} is given twice: an ensemble of a teacher with itself is "
+                              "that teacher; give each member once (train:S with distinct seeds trains new ones)")
+        return EnsemblePlan([plan_teacher(s, ref, dataset) for s in source])
+    if isinstance(source, str) and source.startswith(TRAIN_SEEDED):
+        return TeacherPlan(source, seed=_train_seed(source))
     if isinstance(source, nn.Module):
         return TeacherPlan("python object", state=fit_state(source.state_dict(), ref, dataset, "python object"))
     if source in (None, TRAIN) or str(source).startswith(("models:/", "runs:/")):
@@ -152,13 +245,15 @@ def plan_teacher(source, ref, dataset: Dataset) -> TeacherPlan:
 
 
 def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dict | None,
-                  tracking: TrackingContext, threads: int) -> dict:
+                  tracking: TrackingContext, threads: int, key: str = "teacher") -> dict:
     """Runs inside a Ray task: train (or fine-tune), log the 'teacher' child run and its model."""
     from kdtune.parts import StudyParts
 
     torch.set_num_threads(max(1, threads))
     what = "fine-tuned from pretrained weights" if initial_state is not None else "trained from scratch"
-    run = ChildRun(tracking, trial_key="teacher", run_name=f"teacher {ref.spec}",
+    # key: "teacher", or one per ensemble member trained in the study (each its own run, found again on resume)
+    name = f"teacher {ref.spec}" + (f" seed={config.seed}" if key != "teacher" else "")
+    run = ChildRun(tracking, trial_key=key, run_name=name,
                    params=config.to_flat(), tags={"kdtune.role": "teacher", "kdtune.teacher.init": what})
     network = None
     if initial_state is not None:
@@ -182,8 +277,19 @@ def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dic
 
 
 def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan, tracking: TrackingContext,
-                   cpus: float, gpus: float, log=print) -> Teacher:
+                   cpus: float, gpus: float, log=print, key: str = "teacher") -> Teacher:
     """`config` is the teacher's training config (its `student` field is the teacher architecture)."""
+    if isinstance(plan, EnsemblePlan):
+        log(f"teacher: an ensemble of {plan.members} teachers (soft targets: the members' averaged probabilities "
+            "at each trial's temperature)")
+        members = [obtain_teacher(config, dataset, ref, member, tracking, cpus, gpus, log, key=f"teacher/{i}")
+                   for i, member in enumerate(plan.plans)]
+        return Teacher([m.state_dict for m in members], " + ".join(m.source for m in members),
+                       trained_now=any(m.trained_now for m in members), members=members)
+    if plan.seed is not None:
+        config = TrialConfig.from_flat({**config.to_flat(), "seed": plan.seed})
+        log(f"teacher: training a new {ref.spec} with seed {plan.seed} as asked ({config.epochs} epochs)")
+        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, make_champion=False, key=key)
     if plan.state is not None:
         log(f"teacher: {plan.source}")
         return Teacher(plan.state, plan.source, trained_now=False)
@@ -192,10 +298,10 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan
         return Teacher(load_teacher_state(plan.source, ref, dataset), plan.source, trained_now=False)
     if plan.source == PRETRAINED:
         log(f"teacher: fine-tuning {ref.spec} from its pretrained weights ({config.epochs} epochs)")
-        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, plan.initial_state)
+        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, plan.initial_state, key=key)
     if plan.source == TRAIN:
         log(f"teacher: training a new {ref.spec} as asked ({config.epochs} epochs)")
-        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log)
+        return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, key=key)
     uri = plan.registered
     if uri:
         log(f"teacher: reusing the registered {uri}")
@@ -205,14 +311,15 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan
 
 
 def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: TrackingContext, cpus: float,
-                       gpus: float, log=print, initial_state: dict | None = None) -> Teacher:
-    """Train a teacher in a Ray task with a trial's resources and register it as the dataset's teacher."""
-    import ray
-
+                       gpus: float, log=print, initial_state: dict | None = None, make_champion: bool = True,
+                       key: str = "teacher") -> Teacher:
+    """Train a teacher where a trial would (cluster.run_like_a_trial) and register it as the dataset's teacher:
+    alias seed<S> (its training seed) always; alias champion too if `make_champion` or the model has none yet."""
+    from kdtune import cluster
     from kdtune.models import count_parameters
 
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(train_teacher)
-    result = ray.get(task.remote(config, dataset, ref, initial_state, tracking, int(cpus)))
+    result = cluster.run_like_a_trial(train_teacher, config, dataset, ref, initial_state, tracking, int(cpus), key,
+                                      cpus=cpus, gpus=gpus)
     name = registry_name(dataset.name, ref.name)
     from kdtune.registry import train_set_fingerprint
 
@@ -221,8 +328,23 @@ def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: Tra
             "init": PRETRAINED if initial_state is not None else "scratch",
             "test_acc": f"{result['metrics']['test_acc']:.4f}", "run_id": result["run_id"],
             "parameters": count_parameters(ref.build(dataset.num_classes, dataset.input_shape))}
-    version = register_model(result["model_uri"], name, TEACHER_ALIAS, tags)
+    tags["seed"] = config.seed
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    seeded = not make_champion  # another member: named by its seed alias
+    if not make_champion:
+        try:
+            client.get_model_version_by_alias(name, TEACHER_ALIAS)
+        except mlflow.exceptions.MlflowException:
+            make_champion = True  # the first teacher of this dataset and architecture is its champion
+    alias = seed_alias(config.seed)
+    version = register_model(result["model_uri"], name, alias, tags)
+    aliases = [f"@{alias}"]
+    if make_champion:
+        client.set_registered_model_alias(name, TEACHER_ALIAS, version)
+        aliases.insert(0, f"@{TEACHER_ALIAS}")
     log(f"teacher: test accuracy {result['metrics']['test_acc']:.4f}; registered {name} version {version} "
-        f"as @{TEACHER_ALIAS}")
-    return Teacher(result["state_dict"], f"models:/{name}@{TEACHER_ALIAS}", trained_now=True,
-                   test_acc=result["metrics"]["test_acc"])
+        f"as {' '.join(aliases)}")
+    return Teacher(result["state_dict"], f"models:/{name}@{alias if seeded else TEACHER_ALIAS}",
+                   trained_now=True, test_acc=result["metrics"]["test_acc"])

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdtune import metric_writer, mlflow_auth
 from kdtune.errors import TrackingError
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -60,6 +62,8 @@ class EmbeddedServer:
         self._backend_uri = backend_store_uri
         self.artifacts_destination = artifacts_destination or str(self.store_dir / "artifacts")
         self.workers = workers or default_workers(self.backend_uri)
+        self.extra_env: dict[str, str] = {}  # e.g. the basic-auth app's settings (kdtune/mlflow_auth.py)
+        self.extra_args: list[str] = []
 
     @property
     def backend_uri(self) -> str:
@@ -71,7 +75,7 @@ class EmbeddedServer:
         return [
             sys.executable, "-m", "mlflow", "server",
             "--artifacts-destination", self.artifacts_destination, "--serve-artifacts",
-            "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
+            "--host", self.host, "--port", str(self.port), "--workers", str(self.workers), *self.extra_args,
         ]
 
     def start(self, timeout_s: float = 120.0) -> "EmbeddedServer":
@@ -87,8 +91,10 @@ class EmbeddedServer:
         log = open(self.store_dir / "server.log", "ab")
         # MLflow 3's server also starts a GenAI job runner (8 more processes on a 2-core machine, and a slower
         # start); kdtune uses none of its jobs.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_BACKEND_STORE_URI": self.backend_uri}
+        env = {**pool_settings(self.backend_uri, self.workers), **os.environ,
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": self.backend_uri,
+               **self.extra_env}
+        self.pool = {k: v for k, v in env.items() if k.startswith("MLFLOW_SQLALCHEMYSTORE_")}  # for messages
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         return self
@@ -148,6 +154,47 @@ def default_workers(backend_uri: str) -> int:
 
 
 DATABASE_WORKERS = 4
+REQUEST_THREADS = 40  # anyio's default thread limit: the most requests one uvicorn worker serves at once
+RESERVED_CONNECTIONS = 10  # left to the database's superusers, migrations, psql, `kdtune mlflow serve`'s check
+
+
+def pool_settings(backend_uri: str, workers: int, max_connections: int | None = None) -> dict[str, str]:
+    """MLflow's SQLAlchemy pool per server worker, over a database server (SQLite keeps MLflow's 5 + 10).
+
+    MLflow's default pool (5 + 10 overflow) is smaller than the requests a worker serves at once (40 threads):
+    under 64 writers the rest waited 30 s for a connection and failed (benchmarks/RESULTS.md, tracking). So each
+    worker gets a connection per request thread, as far as the database's `max_connections`, shared by every
+    worker, allows. Variables the user set win (the caller puts os.environ after these)."""
+    if backend_uri.startswith("sqlite:"):
+        return {}
+    if max_connections is None:
+        max_connections = database_max_connections(backend_uri) or 100  # PostgreSQL's and MySQL's default
+    per_worker = max(2, min(REQUEST_THREADS, (max_connections - RESERVED_CONNECTIONS) // max(1, workers)))
+    size = max(1, per_worker // 4)  # kept open; the overflow is opened under load and closed after
+    # MLflow ignores an overflow of 0 (falls back to 10): never pass one
+    return {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(size),
+            "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(max(1, per_worker - size))}
+
+
+def database_max_connections(uri: str, timeout_s: float = 10.0) -> int | None:
+    """The database server's `max_connections` (PostgreSQL, MySQL); None if it cannot be read."""
+    try:
+        import sqlalchemy
+
+        url = sqlalchemy.engine.make_url(uri)
+        backend = url.get_backend_name()
+        query = {"postgresql": "SHOW max_connections", "mysql": "SELECT @@max_connections"}.get(backend)
+        if query is None:
+            return None
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": int(timeout_s)},
+                                          poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                return int(connection.execute(sqlalchemy.text(query)).scalar())
+        finally:
+            engine.dispose()
+    except Exception:  # unreachable or no driver: check_backend_store_uri reports that in one line
+        return None
 
 
 def redact(uri: str) -> str:
@@ -242,6 +289,11 @@ def _healthy(uri: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+def server_answers(uri: str) -> bool:
+    """Whether an MLflow server answers at `uri` now (a database or file URI has no server to answer)."""
+    return uri.startswith(("http://", "https://")) and _healthy(uri, timeout_s=2.0)
+
+
 def check_tracking_uri(uri: str) -> None:
     """Fail early, with one line, if the tracking URI cannot be used."""
     if uri.startswith(("http://", "https://")):
@@ -250,6 +302,7 @@ def check_tracking_uri(uri: str) -> None:
                 f"tracking URI {uri} is unreachable (no answer from {uri.rstrip('/')}/health); start a server "
                 "(`kdtune mlflow serve`) or leave out --tracking-uri to use kdtune's embedded one"
             )
+        mlflow_auth.check_access(uri)  # a server with authentication: the credentials, before anything starts
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
@@ -263,21 +316,28 @@ def check_tracking_uri(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def tracking_server(uri: str | None, store_dir: str | Path, echo=print):
+def tracking_server(uri: str | None, store_dir: str | Path, echo=print, meanwhile=None):
     """The tracking URI to use: the given one (checked), a server already serving the store, or an embedded
-    server started for the duration of the block."""
+    server started for the duration of the block. `meanwhile()` (e.g. starting Ray) runs while an embedded
+    server starts: the two start-ups, each seconds long, overlap."""
+    meanwhile = meanwhile or (lambda: None)
     if uri:
         check_tracking_uri(uri)
+        meanwhile()
         yield uri
         return
     running = EmbeddedServer.running_uri(store_dir)
     if running:
         echo(f"mlflow: using the server already running at {running} for {Path(store_dir).resolve()}")
+        mlflow_auth.check_access(running)
+        meanwhile()
         yield running
         return
     echo(f"mlflow: starting the embedded server (store: {Path(store_dir).resolve()})")
-    server = EmbeddedServer(store_dir).start()
+    server = EmbeddedServer(store_dir).launch()
     try:
+        meanwhile()
+        server.wait_ready()
         yield server.uri
     finally:
         server.stop()
@@ -310,14 +370,16 @@ def use_tracking(uri: str) -> None:
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow_auth.load_credentials()  # a credentials file's user and password, where MLflow's client reads them
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # else the registry may default to a local ./mlflow.db
 
 
 def client_for(uri: str):
-    """A client bound to `uri`; it changes nothing process-wide."""
+    """A client bound to `uri`; it changes nothing process-wide but the credentials (`use_tracking`)."""
     import mlflow
 
+    mlflow_auth.load_credentials()
     return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
@@ -343,6 +405,51 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
 
 
+def retrying(call, what: str, uri: str, retry_s: float | None = None):
+    """`call()`, retried with backoff while the tracking server is down, overloaded or restarting its database.
+
+    MLflow's client already retries each request on refused connections, 5xx and 429 (7 times, backoff 2 s:
+    about 4 minutes); what reaches here is a request it gave up on, or one it does not retry (a 400 for an
+    exhausted connection pool). Retried for `retry_s` (KDTUNE_TRACKING_RETRY_S, 300 s) past the first failure,
+    then raised as one line naming the server. A refused credential is raised at once."""
+    retry_s = metric_writer.retry_seconds() if retry_s is None else retry_s
+    started, delay = time.monotonic(), 1.0
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            kind = _failure_kind(error)
+            if kind in (401, 403):
+                raise mlflow_auth.refused(uri, kind) from None
+            if kind != "transient":
+                raise
+            waited = time.monotonic() - started
+            if waited + delay > retry_s:
+                raise TrackingError(f"mlflow: could not {what} on {uri} for {waited:.0f}s "
+                                    f"({_first_line(error)})") from None
+        time.sleep(delay)
+        delay = min(2 * delay, 10.0)
+
+
+def _failure_kind(error: Exception):
+    """"transient" (worth retrying), 401/403 (the credentials), or None (a real error: raise it)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return "transient"
+    if not isinstance(error, MlflowException):
+        return None
+    code, text = str(getattr(error, "error_code", "")), str(error)
+    if code == "UNAUTHENTICATED" or "error code 401" in text:
+        return 401
+    if code == "PERMISSION_DENIED" or "error code 403" in text:
+        return 403
+    if code in metric_writer.TRANSIENT or "QueuePool limit" in text or "Max retries exceeded" in text:
+        return "transient"
+    return None
+
+
 class ChildRun:
     """A trial's child run: opened once, continued after a retry or resume, closed with the model logged."""
 
@@ -350,55 +457,95 @@ class ChildRun:
         self.context = context
         use_tracking(context.uri)  # a trial or teacher task is an entry point: its models go to this server
         self.client = client_for(context.uri)
-        existing = find_child_run(self.client, context, trial_key)
+        self.writer = metric_writer.writer_for(context.uri)
+        existing = retrying(lambda: find_child_run(self.client, context, trial_key), "find the trial's run",
+                            context.uri)
         # A run that finished with its model logged is complete even if Tune never heard of it (the driver
         # died between the trial's end and Tune's next save): the trial reports it instead of training again.
         self.completed = (existing is not None and existing.info.status == "FINISHED"
-                          and "kdtune.model_uri" in existing.data.tags)
+                          and bool({"kdtune.weights_uri", "kdtune.model_uri"} & set(existing.data.tags)))
         self.recorded = existing.data if existing is not None else None
         if existing is not None:
             self.run_id = existing.info.run_id
             if not self.completed:
-                self.client.update_run(self.run_id, status="RUNNING")
+                retrying(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen the run",
+                         context.uri)
         else:
-            run = self.client.create_run(
-                context.experiment_id,
-                run_name=run_name,
-                tags={PARENT_TAG: context.parent_run_id, TRIAL_KEY_TAG: trial_key, **(tags or {})},
-            )
-            self.run_id = run.info.run_id
-            log_params(self.client, self.run_id, params)
+            attempts = []
+
+            def create():
+                # a create that failed may still have reached the server: look for the run before a second one
+                found = find_child_run(self.client, context, trial_key) if attempts else None
+                attempts.append(1)
+                return found or self.client.create_run(
+                    context.experiment_id, run_name=run_name,
+                    tags={PARENT_TAG: context.parent_run_id, TRIAL_KEY_TAG: trial_key, **(tags or {})})
+
+            self.run_id = retrying(create, "create the trial's run", context.uri).info.run_id
+            retrying(lambda: log_params(self.client, self.run_id, params), "log the params", context.uri)
 
     def tags(self) -> dict:
-        return self.client.get_run(self.run_id).data.tags
+        return retrying(lambda: self.client.get_run(self.run_id), "read the run", self.context.uri).data.tags
 
     def log_epoch(self, metrics: dict, step: int) -> None:
-        log_metrics(self.client, self.run_id, numeric_metrics(metrics), step=step)
+        """Queued: a background thread sends it (kdtune/metric_writer.py); `flush` waits until it is stored."""
+        self.writer.log(self.run_id, numeric_metrics(metrics), step=step)
+
+    def unsent(self) -> list[tuple]:
+        """This run's metric points not known to be stored yet (kdtune/metric_writer.py)."""
+        return self.writer.unsent(self.run_id)
+
+    def resend(self, points: list[tuple]) -> None:
+        self.writer.resend(self.run_id, points)
+
+    def flush(self) -> None:
+        """Block until this run's logged metrics are stored (when the run ends); raises TrackingError naming
+        the server if some could not be stored within the bounded wait."""
+        self.writer.flush(self.run_id)
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        retrying(lambda: self.client.log_batch(self.run_id, tags=items), "set tags", self.context.uri)
 
     def log_model(self, model: nn.Module, input_example: torch.Tensor, name: str = "student") -> str:
         """Log the model with an input example; return its model URI (what the registry takes)."""
-        import mlflow
-
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example.numpy(),
-                pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "kdtune"],
-            )
-        # start_run's context marks the run FINISHED on exit; the caller decides the final status
-        self.set_tags({"kdtune.model_uri": info.model_uri})
-        return info.model_uri
+        uri = log_model(self.client, self.run_id, model, input_example, name)
+        self.set_tags({"kdtune.model_uri": uri})
+        return uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        self.flush()  # a run is not FINISHED with a metric point missing: this raises instead
+        self._terminate(status)
 
     def fail(self, reason: str) -> None:
+        try:
+            self.flush()
+        except TrackingError as error:
+            reason = f"{reason}; {error}"
         self.set_tags({"kdtune.failure": reason[:4000]})
-        self.finish("FAILED")
+        self._terminate("FAILED")
+
+    def _terminate(self, status: str) -> None:
+        retrying(lambda: self.client.set_terminated(self.run_id, status=status), "close the run", self.context.uri)
+
+
+def log_model(client, run_id: str, model: nn.Module, input_example: torch.Tensor, name: str = "student") -> str:
+    """Log a servable model into run `run_id` (its status unchanged); return its model URI."""
+    import mlflow
+
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # torch.export's pt2 packaging warns that weights are not on a GPU: they are on the CPU on purpose
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        info = mlflow.pytorch.log_model(
+            model, name=name, input_example=input_example.numpy(),
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "kdtune"],
+        )
+    if status != "FINISHED":  # start_run's context marks the run FINISHED on exit
+        client.update_run(run_id, status=status)
+    return info.model_uri
 
 
 def log_params(client, run_id: str, params: dict) -> None:
@@ -439,6 +586,21 @@ def network_state(loaded: nn.Module) -> dict:
     return {k[len("model."):]: v for k, v in loaded.state_dict().items() if k.startswith("model.")}
 
 
+@contextlib.contextmanager
+def quiet_mlflow():
+    """MLflow's own progress lines ("Registered model ... already exists", "Waiting up to 300 seconds ...") off
+    for the block: kdtune prints what it registered, in one line. Failures still raise."""
+    from mlflow.utils import logging_utils
+
+    was = logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    logging_utils.disable_logging()
+    try:
+        yield
+    finally:
+        if was:
+            logging_utils.enable_logging()
+
+
 def register_model(model_uri: str, name: str, alias: str, tags: dict) -> str:
     """Register a logged model as a new version of `name`, tag it and point `alias` at it; return the version."""
     import mlflow
@@ -448,6 +610,7 @@ def register_model(model_uri: str, name: str, alias: str, tags: dict) -> str:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="kdtune students (alias 'champion' = current best)")
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    with quiet_mlflow():
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     client.set_registered_model_alias(name, alias, version.version)
     return version.version

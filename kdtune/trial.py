@@ -8,7 +8,6 @@ alone when its loss diverges; the trial fails only when every member has.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kdtune import tracking
+from kdtune import students, tracking
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.errors import TrainingDiverged
@@ -77,7 +76,7 @@ class _MemberRun:
             "kdtune.overrides": json.dumps(member.overrides, sort_keys=True)})
         self.metrics: dict = dict(self.run.recorded.metrics) if self.run.completed else {}
         if self.run.completed:
-            self.metrics["model_uri"] = self.run.recorded.tags["kdtune.model_uri"]
+            self.metrics["weights_uri"] = self.run.recorded.tags[students.WEIGHTS_TAG]
         previous = self.run.tags().get(FAILURE_TAG, "") if not self.run.completed else ""
         # a retry cannot fix a diverging configuration: it stays failed instead of training again
         self.error = previous if previous.startswith("TrainingDiverged") else None
@@ -91,7 +90,7 @@ class _MemberRun:
         m = self.member
         return {"label": m.label, "point": m.point, "overrides": m.overrides, "seed": m.seed, "error": self.error,
                 "metrics": {**tracking.numeric_metrics(self.metrics), **{k: self.metrics[k] for k in (
-                    "model_uri", "stage") if k in self.metrics}, "mlflow_run_id": self.run.run_id}}
+                    "weights_uri", "stage") if k in self.metrics}, "mlflow_run_id": self.run.run_id}}
 
 
 def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads: int) -> None:
@@ -130,8 +129,10 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
         lead = alive[0].metrics
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"members": [r.trainer.state_dict() if r.error is None else None for r in training]},
-                       Path(folder) / "trainer.pt")
+            # a restored trial starts after this checkpoint, so the epoch's metric points not yet stored go in it
+            # (sent again on restore) rather than the trial waiting for the tracking server here
+            torch.save({"members": [r.trainer.state_dict() if r.error is None else None for r in training],
+                        "unsent_metrics": [r.run.unsent() for r in training]}, Path(folder) / "trainer.pt")
             tune.report(_trial_metrics(runs, lead), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -145,7 +146,7 @@ def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float
         metrics.update(inference_latency(trainer.student, dataset, trainer.device))
     run.run.log_epoch(metrics, step=metrics["epoch"])
     if final:
-        metrics["model_uri"] = _log_student(run.run, trainer, dataset)
+        metrics["weights_uri"] = _log_student(run.run, trainer, dataset)
         run.run.finish()
     run.metrics = metrics
 
@@ -158,6 +159,8 @@ def _restore(training: list[_MemberRun]) -> None:
         return
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "trainer.pt", map_location=training[0].trainer.device, weights_only=True)
+    for run, points in zip(training, state.get("unsent_metrics", [])):
+        run.run.resend(points)
     for run, member_state in zip(training, state["members"]):
         if member_state is None:
             run.error = run.error or "TrainingDiverged: diverged before the last checkpoint"
@@ -177,7 +180,7 @@ def _report_final(runs: list[_MemberRun]) -> None:
 def _trial_metrics(runs: list[_MemberRun], lead: dict) -> dict:
     """What the trial reports to Tune: the lead member's metrics (for ASHA and the status table), and every
     member's last metrics (MEMBERS_KEY) for the study's records."""
-    return {**{k: v for k, v in lead.items() if k != "model_uri"}, "members_label": _label(runs),
+    return {**{k: v for k, v in lead.items() if k != "weights_uri"}, "members_label": _label(runs),
             MEMBERS_KEY: json.dumps([r.summary() for r in runs])}
 
 
@@ -210,10 +213,9 @@ def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.de
 
 
 def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:
-    trainer.close()  # forward hooks hold closures: remove them before the model is serialised
-    servable = tracking.ServableModel(copy.deepcopy(trainer.student).cpu().eval(), trainer.normalisation["mean"],
-                                      trainer.normalisation["std"], len(dataset.input_shape))
-    return run.log_model(servable, dataset.example(2))
+    trainer.close()  # forward hooks hold closures: remove them before the weights are taken
+    return students.log_weights(run, trainer.student, trainer.normalisation,
+                                len(dataset.input_shape), trainer.config.student)
 
 
 def _node_id() -> str:
@@ -240,19 +242,35 @@ def close_runs_callback(context):
             self._close(trial, "FAILED")
 
         def _close(self, trial, status):
+            if status == "FINISHED" and _every_member_closed(trial.last_result or {}):
+                return  # the usual end: no request to the server from Tune's control loop
             client = tracking.client_for(context.uri)
-            runs = client.search_runs([context.experiment_id], filter_string=(
+            runs = tracking.retrying(lambda: client.search_runs([context.experiment_id], filter_string=(
                 f"tags.`{tracking.PARENT_TAG}` = '{context.parent_run_id}' and "
-                f"tags.`{TUNE_TRIAL_TAG}` = '{trial.trial_id}' and attributes.status = 'RUNNING'"), max_results=100)
+                f"tags.`{TUNE_TRIAL_TAG}` = '{trial.trial_id}' and attributes.status = 'RUNNING'"), max_results=100),
+                "find the trial's open runs", context.uri)  # each call survives a tracking-server outage
             last = trial.last_result or {}
             for run in runs:  # every member of the trial still open: stopped by the scheduler, or failed for good
+                run_id = run.info.run_id
                 if status == "FINISHED" and last.get("epoch") != last.get("epochs_total"):
-                    client.set_tag(run.info.run_id, "kdtune.stopped_early_at_epoch", str(last.get("epoch", 0)))
+                    tracking.retrying(lambda: client.set_tag(run_id, "kdtune.stopped_early_at_epoch", str(
+                        last.get("epoch", 0))), "tag a stopped run", context.uri)
                 if status == "FAILED" and getattr(trial, "error_file", None):
-                    client.set_tag(run.info.run_id, FAILURE_TAG, _last_line(trial))
-                client.set_terminated(run.info.run_id, status=status)
+                    tracking.retrying(lambda: client.set_tag(run_id, FAILURE_TAG, _last_line(trial)),
+                                      "tag a failed run", context.uri)
+                tracking.retrying(lambda: client.set_terminated(run_id, status=status), "close a run", context.uri)
 
     return CloseRuns()
+
+
+def _every_member_closed(last: dict) -> bool:
+    """Whether the trial's last report says each member closed its own run (trained to its last epoch, or
+    failed): then no run of it is left open."""
+    try:
+        members = json.loads(last[MEMBERS_KEY])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return all(m["error"] or m["metrics"].get("epoch") == m["metrics"].get("epochs_total") for m in members)
 
 
 def _last_line(trial) -> str:

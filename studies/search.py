@@ -16,6 +16,7 @@ before the confirm phase, so the student trained alone is tuned as well as the d
 """
 import sys
 
+from kdtune import pareto
 from kdtune.options import finish, spec_from_args, study_parser, user_errors
 from kdtune.spaces import MethodSpace, candidate_link_sets
 from kdtune.resolve import common_links, models_of, recipe_of
@@ -34,10 +35,20 @@ def main() -> int:
     parser.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep 1/N trials at each rung")
     parser.add_argument("--searcher-seed", type=int, default=0)
+    parser.add_argument("--warm-start", type=int, nargs="?", const=3, default=0, metavar="N",
+                        help="first run the N (default 3) best configurations earlier studies with the same dataset, "
+                             "teacher and student recorded in MLflow (by validation accuracy; the baseline search "
+                             "likewise from earlier tuned baselines); prints which came from which study")
     parser.add_argument("--search-lr", metavar="LOW,HIGH",
                         help="learning-rate range searched for every method and the baseline (log scale); "
                              "default: 1/3x to 3x the recipe's; 'none' keeps the recipe's lr")
+    parser.add_argument("--pareto", action="store_true",
+                        help="search validation accuracy and the student's cost together over candidate students "
+                             "(the options below; as studies/pareto.py) and register the front")
+    pareto.add_options(parser)
     args = parser.parse_args()
+    if args.pareto:
+        return pareto.run_script(args, name="search_pareto")
     with user_errors():
         plain = spec_from_args(args, name="search", variants=[])
         defaults = recipe_of(plain)
@@ -53,6 +64,7 @@ def main() -> int:
     search = Search(suggest=space, points_to_evaluate=known_good, **budget)
     baseline = Search(suggest=MethodSpace(("none",), recipe=recipe), **budget)
     spec = spec_from_args(args, name="search", variants=[], search=search, baseline_search=baseline,
+                          warm_start=args.warm_start,
                           label_header="configuration",
                           title=f"Search result re-run over {args.seeds} seed(s), {args.dataset}")
     return finish(run_study, spec)

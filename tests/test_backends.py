@@ -262,6 +262,13 @@ def test_cluster_yaml_runs_mlflow_on_postgres_with_artifacts_and_results_in_s3()
     head_setup = " ".join(config["head_setup_commands"])
     assert "test -s ~/kdtune-mlflow-db ||" in head_setup and "install" in head_setup and "postgresql" in head_setup
     assert "postgresql://mlflow:" in head_setup  # the head's own server, unless a managed one is mounted
-    assert any("'[postgres,s3]'" in c for c in config["setup_commands"])  # the drivers on every node
+    assert any("'[postgres,s3,auth]'" in c for c in config["setup_commands"])  # the drivers on every node
+    # MLflow's basic auth: its admin from the head's credentials file, the password only in the environment
+    assert "--app-name basic-auth" in head and "MLFLOW_AUTH_CONFIG_PATH=" in head
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=$(cut -d: -f2- ~/.kdtune/mlflow-credentials)" in head
+    assert "~/.kdtune/mlflow-credentials" in head_setup and "umask 077" in head_setup
+    # a connection per request thread in each of the 4 workers, within the head database's max_connections
+    assert "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=10 MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=30" in head
+    assert "--workers 4" in head and "max_connections = 200" in head_setup
     worker = config["available_node_types"]["gpu_worker"]["node_config"]
     assert worker["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}  # workers write checkpoints to S3

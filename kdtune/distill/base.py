@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdtune.config import TrialConfig, format_links, format_pairs
-from kdtune.distill.losses import hard_loss
+from kdtune.distill.losses import ensemble_logits, hard_loss
 from kdtune.errors import ConfigError
 
 
@@ -121,6 +121,17 @@ class Method(nn.Module):
     def link_keys(self) -> tuple[str, ...]:
         """The links (numbers or teacher.path=student.path, see config.parse_links) whose features it reads."""
         return ()
+
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature at which an ensemble's soft target is formed for this method (losses.ensemble_logits):
+        a method with a soft term uses its T; the others read the ensemble's own prediction, T = 1."""
+        return 1.0
+
+    def teacher_view(self, teacher_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """What `Outputs.teacher_logits` holds for this method, from one teacher's (N, C) logits (unchanged) or an
+        ensemble's member logits (M, N, C), online or cached alike: the one place member logits become a target."""
+        return None if teacher_logits is None else ensemble_logits(teacher_logits, self.teacher_temperature)
 
     def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size],
               num_classes: int | None = None) -> None:

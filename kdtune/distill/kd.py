@@ -26,6 +26,10 @@ class KnowledgeDistillation(Method):
     def hard_weight(self) -> float:
         return self.config.effective_hard_weight
 
+    @property
+    def teacher_temperature(self) -> float:
+        return self.config.temperature  # an ensemble's target is mean_i softmax(z_i / T) at this trial's T
+
     def losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         terms = {}
         if self.hard_weight > 0 and self.term_on("hard"):

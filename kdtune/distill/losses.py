@@ -1,6 +1,8 @@
 """The loss terms as plain functions, so their math can be checked by hand on small tensors."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,37 @@ def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(student_logits.float(), labels)
 
 
+def ensemble_logits(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The logits a method reads from its teacher: one teacher's (N, C) logits as they are, or, for an ensemble's
+    member logits z_i stacked as (M, N, C), the logit vector whose softmax at `temperature` T is the ensemble's
+    soft target (Hinton et al. 2015, distilling an ensemble):
+
+        p_ens^T = mean_i softmax(z_i / T)           (the members' averaged softened probabilities)
+        z_ens   = T * log(p_ens^T) + mean_i T * logsumexp(z_i / T)
+
+    softmax(z_ens / T) = p_ens^T exactly: the second term is a per-sample shift, which no softmax sees; it puts
+    z_ens on the scale of raw logits (for M = 1, z_ens = z_1, and identical members give their own logits back),
+    so methods that read logits directly (seed 003's L1 term and discriminator, seed 004's discriminator; they
+    call this at T = 1, the ensemble's own prediction) get logits of the usual size. The KD losses are
+    unchanged: soft_loss at T on z_ens is the KL to the ensemble's target.
+
+    Why not average the logits: softmax(mean_i z_i / T) is the members' normalised *geometric* mean at T, and it
+    is a different distribution at every T. Where members disagree it keeps only what they all find plausible
+    (a product of their probabilities: a class one member gives almost nothing gets almost nothing), so the
+    second and third classes one member ranks high (the "dark knowledge" a soft target carries) are damped by
+    the members that do not; the arithmetic mean keeps each member's alternatives. The two agree only where the
+    members agree or as T grows (to first order in 1/T), which is why the target must be formed at the trial's
+    own T, and why a cache holds the member logits (M, N, C) rather than one averaged (N, C).
+    """
+    if teacher_logits.dim() == 2:
+        return teacher_logits
+    members = teacher_logits.float()
+    if members.shape[0] == 1:
+        return members[0]
+    scaled = members / temperature
+    log_mean = torch.logsumexp(F.log_softmax(scaled, dim=2), dim=0) - math.log(members.shape[0])
+    shift = torch.logsumexp(scaled, dim=2).mean(dim=0, keepdim=True).transpose(0, 1)  # (N, 1)
+    return temperature * (log_mean + shift)
 
 
 def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,

@@ -300,6 +300,23 @@ class CallableRef(ModelRef):
         return (type(self), id(self.factory))
 
 
+class FamilyRef(ModelRef):
+    """FAMILY:knob=value,... (kdtune/models/families.py): a network of a family with its size knobs set."""
+
+    def __init__(self, text: str):
+        from kdtune.models.families import FAMILIES, parse_family
+
+        family, knobs, canonical = parse_family(text)
+        super().__init__(canonical)
+        self.family, self.knobs = family, knobs
+        self.link_points = dict(FAMILIES[family].links(knobs))
+
+    def build(self, num_classes, input_shape):
+        from kdtune.models.families import FAMILIES
+
+        return FAMILIES[self.family].build(self.knobs, num_classes, _shape(input_shape))
+
+
 def model_ref(value) -> ModelRef:
     """Resolve a model reference: str | ModelRef | nn.Module instance | callable(num_classes, input_shape)."""
     if isinstance(value, ModelRef):
@@ -318,6 +335,10 @@ def model_ref(value) -> ModelRef:
                 + f"; built-in models: {', '.join(model_names())}; other forms: {_OTHER_FORMS}"
             )
         prefix, _, rest = text.partition(":")
+        from kdtune.models.families import is_family_ref
+
+        if is_family_ref(text):
+            return FamilyRef(text)
         if prefix == "torchvision":
             return TorchvisionRef(rest)
         if prefix == "timm":

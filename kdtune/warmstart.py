@@ -1,0 +1,275 @@
+"""Warm starts: a search begins with the best configurations earlier studies found for the same dataset, teacher
+and student, read back from MLflow (`--warm-start N` on studies/search.py; `StudySpec.warm_start`).
+
+    earlier study runs (tag kdtune.role=study) whose params dataset, teacher, student and train_samples and whose
+    tag kdtune.teacher (the teacher's source: the same registered teacher, file or ensemble) match this study's
+      -> their student runs that ran to their last epoch (FINISHED, not stopped by ASHA), each configuration
+         being what the trial set on top of its study's base (tag kdtune.overrides)
+      -> one candidate per (study, configuration): its mean validation accuracy over the seeds it ran (selection
+         on validation, never test), best first; the same configuration from several studies counts once
+      -> the first N that fit this search's space become Optuna's points_to_evaluate, ahead of the script's own
+
+A baseline configuration (method none) does not depend on the teacher: for it the teacher need not match, so the
+baseline's own search is warm-started from earlier tuned baselines the same way (the comparison stays fair).
+
+Why the fit check: with a define-by-run space, Ray's OptunaSearch enqueues each point in Optuna
+(`study.enqueue_trial`), and a trial then takes the point's value for each parameter the space asks for; a value
+the space does not ask for (a beta in a kd point) is silently dropped, one it asks for but the point lacks is
+sampled, and one out of range is used with a warning. So a point is taken only if the space asks for exactly
+its parameters with values in range (a value within 2 % of a bound is put on the bound, and the line says so);
+any other point is skipped with its reason. The points taken are printed with their source study and runs and
+recorded on the study's parent run (tag kdtune.warm_start, and results/warm_start.json).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from kdtune.errors import ConfigError
+
+WARM_TAG = "kdtune.warm_start"
+TOLERANCE = 0.02  # relative: a recorded value this close outside a range is moved onto its bound
+SHOWN_SKIPS = 10
+
+
+@dataclass
+class Candidate:
+    point: dict
+    study: str  # experiment (study) name
+    study_run: str  # the earlier study's parent run id
+    trial_run: str  # its best run of this configuration (by validation accuracy)
+    val_acc: float  # mean over the seeds it ran
+    seeds: int
+    note: str = ""
+
+    def describe(self) -> str:
+        from kdtune.trial import describe
+
+        return describe(self.point)
+
+    def record(self, phase: str) -> dict:
+        return {"phase": phase, "point": self.point, "study": self.study, "study_run": self.study_run,
+                "trial_run": self.trial_run, "val_acc": round(self.val_acc, 6), "seeds": self.seeds,
+                **({"note": self.note} if self.note else {})}
+
+
+def candidates(client, identity: dict, exclude_run: str | None = None) -> list[Candidate]:
+    """Every earlier configuration of a matching study, best mean validation accuracy first (one per config)."""
+    from kdtune import tracking
+    from kdtune.records import OBJECTIVE
+
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    studies = _all(client, experiments, "tags.`kdtune.role` = 'study'")
+    found: dict[str, Candidate] = {}
+    for study in studies:
+        if study.info.run_id == exclude_run:
+            continue
+        params, tags = study.data.params, study.data.tags
+        if any(params.get(k) != str(identity[k]) for k in ("dataset", "student", "train_samples")):
+            continue
+        same_teacher = (params.get("teacher") == identity["teacher"]
+                        and tags.get("kdtune.teacher") == identity["teacher_source"])
+        runs = _all(client, [study.info.experiment_id],
+                    f"tags.`{tracking.PARENT_TAG}` = '{study.info.run_id}' and tags.`kdtune.role` = 'student' "
+                    "and attributes.status = 'FINISHED'")
+        per_config: dict[str, list] = {}
+        for run in runs:
+            metrics = run.data.metrics
+            if ("kdtune.stopped_early_at_epoch" in run.data.tags or OBJECTIVE.metric not in metrics
+                    or metrics.get("epoch") != metrics.get("epochs_total")):
+                continue  # stopped by ASHA, or not at its last epoch: not a finished configuration
+            try:
+                point = json.loads(run.data.tags.get("kdtune.overrides", ""))
+            except ValueError:
+                continue
+            if not isinstance(point, dict) or "method" not in point:
+                continue
+            if point["method"] != "none" and not same_teacher:
+                continue  # distilled from another teacher: its best settings need not carry over
+            per_config.setdefault(json.dumps(point, sort_keys=True), []).append(run)
+        name = client.get_experiment(study.info.experiment_id).name if per_config else ""
+        for key, group in per_config.items():
+            values = [r.data.metrics[OBJECTIVE.metric] for r in group]
+            best = OBJECTIVE.best(group, lambda r: r.data.metrics[OBJECTIVE.metric])
+            candidate = Candidate(json.loads(key), name, study.info.run_id, best.info.run_id,
+                                  sum(values) / len(values), len(values))
+            held = found.get(key)
+            if held is None or OBJECTIVE.better(candidate.val_acc, held.val_acc):
+                found[key] = candidate
+    ranked = sorted(found.values(), key=lambda c: c.val_acc, reverse=OBJECTIVE.mode == "max")
+    return ranked
+
+
+def _all(client, experiments: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiments, filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class _Missing(Exception):
+    pass
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Probe:
+    """Stands in for an Optuna trial: answers the space's suggest_* calls from a recorded point, noting what the
+    space asked for and any value it does not allow."""
+
+    def __init__(self, point: dict):
+        self.point = dict(point)
+        self.asked: dict = {}
+        self.problems: list[str] = []
+        self.moved: list[str] = []
+
+    def _value(self, name):
+        if name not in self.point:
+            raise _Missing(name)
+        return self.point[name]
+
+    def suggest_categorical(self, name, choices):
+        value = self._value(name)
+        if value not in list(choices):  # the rest of a define-by-run space depends on this choice: stop here
+            raise _Refused(f"{name}={value!r} is not among {list(choices)}")
+        self.asked[name] = value
+        return value
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        value = self._value(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.problems.append(f"{name}={value!r} is not a number")
+        else:
+            value = float(value)
+            if not low <= value <= high:
+                bound = low if value < low else high
+                if abs(value - bound) <= TOLERANCE * abs(bound):
+                    self.moved.append(f"{name} {value:g} -> {bound:g} (the range's bound)")
+                    value = bound
+                else:
+                    self.problems.append(f"{name}={value:g} is outside this search's range [{low:g}, {high:g}]")
+        self.asked[name] = value
+        return value
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        value = self._value(name)
+        if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float)
+                                                                          and value.is_integer()):
+            self.problems.append(f"{name}={value!r} is not a whole number")
+        elif not low <= int(value) <= high:
+            self.problems.append(f"{name}={value} is outside this search's range [{low}, {high}]")
+        else:
+            value = int(value)
+        self.asked[name] = value
+        return value
+
+
+def fit(space, point: dict, base: dict) -> tuple[dict | None, str]:
+    """(the point as this search would run it, "") or (None, why it does not fit the search's space)."""
+    from kdtune.config import TrialConfig
+
+    probe = _Probe(point)
+    try:
+        constants = space(probe) or {}
+    except _Missing as missing:
+        return None, f"this search samples {missing.args[0]}, which the recorded point does not set"
+    except _Refused as refused:
+        return None, str(refused)
+    except Exception as error:  # a space that cannot take this point at all
+        return None, f"the search's space refuses it ({type(error).__name__}: {error})"
+    if probe.problems:
+        return None, "; ".join(probe.problems)
+    extra = sorted(set(point) - set(probe.asked) - set(constants))
+    if extra:
+        return None, (f"it sets {', '.join(f'{k}={point[k]!r}' for k in extra)}, which this search does not "
+                      "sample (the trial would silently drop it)")
+    differing = sorted(k for k in constants if k in point and point[k] != constants[k])
+    if differing:
+        return None, ", ".join(f"{k}={point[k]!r} differs from this search's {constants[k]!r}" for k in differing)
+    taken = dict(probe.asked)
+    try:
+        TrialConfig.from_flat({**base, **taken, **constants})
+    except ConfigError as error:
+        return None, str(error)
+    return taken, "; ".join(probe.moved)
+
+
+def pick(ranked: list[Candidate], space, base: dict, limit: int) -> tuple[list[Candidate], list[tuple]]:
+    """The first `limit` candidates that fit (each with the point as it will run), and the better-ranked ones
+    skipped on the way, with their reasons."""
+    taken, skipped = [], []
+    for candidate in ranked:
+        if len(taken) >= limit:
+            break
+        point, why = fit(space, candidate.point, base)
+        if point is None:
+            if not why.startswith("method="):  # a method this search does not run: not a candidate for it at all
+                skipped.append((candidate, why))
+            continue
+        taken.append(dataclasses.replace(candidate, point=point, note=why))
+    return taken, skipped
+
+
+def warm_start(spec, client, parent_run_id: str, identity: dict, base: dict, echo=print) -> dict:
+    """Put the recorded best points first in the study's search (and baseline search); print and record where
+    each came from. Returns {phase: [Candidate, ...]}."""
+    limit = int(spec.warm_start or 0)
+    if limit < 1 or spec.search is None:
+        return {}
+    ranked = candidates(client, identity, exclude_run=parent_run_id)
+    chosen, records = {}, []
+    for phase, attribute in (("search", "search"), ("baseline_search", "baseline_search")):
+        search = getattr(spec, attribute)
+        if search is None:
+            continue
+        taken, skipped = pick(ranked, search.suggest, base, limit)
+        chosen[phase] = taken
+        points = [c.point for c in taken]
+        own = [p for p in search.points_to_evaluate if p not in points]
+        setattr(spec, attribute, dataclasses.replace(search, points_to_evaluate=points + own))
+        if not taken:
+            echo(f"warm start ({phase}): no finished configuration of an earlier study with this dataset, teacher "
+                 f"and student fits this search" + (f" ({len(skipped)} skipped, below)" if skipped else ""))
+        else:
+            echo(f"warm start ({phase}): {len(taken)} recorded point(s) run first, best validation accuracy first:")
+        for candidate in taken:
+            records.append(candidate.record(phase))
+            echo(f"  {candidate.describe():<40} val {100 * candidate.val_acc:.2f}% (mean of {candidate.seeds} "
+                 f"seed(s)) from study {candidate.study} run {candidate.study_run}, trial run {candidate.trial_run}"
+                 + (f"; {candidate.note}" if candidate.note else ""))
+        for candidate, why in skipped[:SHOWN_SKIPS]:
+            echo(f"  skipped {candidate.describe()} (val {100 * candidate.val_acc:.2f}%, study {candidate.study} "
+                 f"run {candidate.study_run}): {why}")
+        if len(skipped) > SHOWN_SKIPS:
+            echo(f"  ... and {len(skipped) - SHOWN_SKIPS} more skipped (not fitting this search's space)")
+    text = json.dumps(records)
+    client.set_tag(parent_run_id, WARM_TAG, text if len(text) <= 5000 else
+                   json.dumps([{k: r[k] for k in ("phase", "study", "study_run", "trial_run")} for r in records]))
+    client.log_text(parent_run_id, json.dumps(records, indent=2), "results/warm_start.json")
+    return chosen
+
+
+def check_warm_start(value, searches: bool = True) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"warm_start={value!r}: give the number of recorded points to start from (>= 1), or 0 "
+                          "for none")
+    if value and not searches:
+        raise ConfigError(f"warm_start={value}: only a search starts from recorded points (a grid runs every "
+                          "variant it lists); use studies/search.py, or leave warm_start 0")
+
+
+def identity_of(study, teacher_source: str | None) -> dict:
+    """What must match between two studies for one's best points to seed the other's search."""
+    return {"dataset": study.dataset.name, "teacher": study.teacher_cfg.student, "student": study.base["student"],
+            "train_samples": study.dataset.num_train, "teacher_source": teacher_source}
+
