@@ -28,15 +28,6 @@ def log(line: str = "") -> None:
     print(line, flush=True)
 
 
-def table(rows) -> str:
-    out = ["| benchmark | measure | value | target | met |", "|---|---|---|---|---|"]
-    for r in rows:
-        met = {True: "yes", False: "**no**", None: ""}[r.met]
-        value = r.value_text() + (f" ({r.note})" if r.note else "")
-        out.append(f"| {r.section} | {r.name} | {value} | {r.target} | {met} |")
-    return "\n".join(out)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="steps,accuracy,study")
@@ -177,6 +168,8 @@ def main() -> int:
 
 
 def render(machine: dict, command: str, rows, texts: dict) -> str:
+    from benchmarks import common
+
     lines = [
         "# kdtune benchmarks: results",
         "",
@@ -188,7 +181,7 @@ def render(machine: dict, command: str, rows, texts: dict) -> str:
         f"- load average (1/5/15 min) before: {machine['load_1_5_15']}; after: {machine['load_after']} "
         "(the machine is shared: ratios are taken within one round of back-to-back runs, median over rounds)",
         "",
-        table(rows),
+        common.table(rows),
     ]
     for title, text in texts.items():
         lines += ["", f"**{title}**", "", "```", text, "```"]

@@ -17,14 +17,9 @@ def threads() -> int:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from kdtune.costs import cpu_model
+
+    return cpu_model() or platform.processor() or "unknown CPU"
 
 
 def native_bf16() -> dict[str, bool]:
@@ -178,3 +173,12 @@ def check(value: float, minimum: float | None = None, maximum: float | None = No
     if maximum is not None and value > maximum:
         return False
     return True
+
+
+def table(rows) -> str:
+    out = ["| benchmark | measure | value | target | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: ""}[r.met]
+        value = r.value_text() + (f" ({r.note})" if r.note else "")
+        out.append(f"| {r.section} | {r.name} | {value} | {r.target} | {met} |")
+    return "\n".join(out)

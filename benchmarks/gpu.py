@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from benchmarks.common import Row, median
+from benchmarks.common import Row, median, table
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -82,7 +82,6 @@ SECTIONS = {
 @dataclass
 class Plan:
     """Sizes and time caps of one run (`plan_for`: the GPU check, or the smoke run)."""
-
     smoke: bool
     device: torch.device
     budget_s: float
@@ -265,9 +264,24 @@ def _draw(trainer, n: int) -> list:
     return [b for _, b in zip(range(n), trainer.train.batches(trainer.config.batch_size, generator))]
 
 
+def _fused_stepper(members: list, shared, batches: list):
+    """One fused step per call over pre-drawn batches in turn: one teacher forward, every member on its logits."""
+    from kdtune.fusion import _teacher_logits
+
+    cycle = {"i": 0}
+
+    def step():
+        images, labels, indices = batches[cycle["i"] % len(batches)]
+        cycle["i"] += 1
+        logits = _teacher_logits(shared, images, members[0])
+        for trainer in members:
+            trainer.train_step(images, labels, indices, logits)
+
+    return step
+
+
 class Stepper:
     """One trainer stepping over a few pre-drawn batches in turn (the step alone: no batch drawing timed)."""
-
     def __init__(self, trainer, batches: list):
         self.trainer, self.batches, self.i = trainer, batches, 0
 
@@ -427,8 +441,6 @@ def which_helped(results: list[dict]) -> str:
 # ---- G2: fused vs unfused at K = 1, 4, 8 -------------------------------------------------------------------
 
 def fused_vs_unfused(plan: Plan, deadline: float, log=print) -> list[dict]:
-    from kdtune.fusion import _teacher_logits
-
     teacher, student, batch = plan.pairs[plan.fused_pair]
     dataset = _dataset(batch, 4)
     state = _teacher_state(teacher, dataset)
@@ -454,14 +466,7 @@ def fused_vs_unfused(plan: Plan, deadline: float, log=print) -> list[dict]:
         for trainer in members:
             trainer.begin_epoch()
         lead = members[0]
-        cycle = {"i": 0}
-
-        def fused_step():
-            images, labels, indices = batches[cycle["i"] % len(batches)]
-            cycle["i"] += 1
-            logits = _teacher_logits(shared, images, lead)
-            for trainer in members:
-                trainer.train_step(images, labels, indices, logits)
+        fused_step = _fused_stepper(members, shared, batches)
 
         batched_step = None
         try:
@@ -580,7 +585,6 @@ def _fractional_child(job: dict, barrier, queue) -> None:
 def fractional(plan: Plan, deadline: float, log=print) -> dict:
     import queue as queue_module
 
-    from kdtune.fusion import _teacher_logits
 
     teacher, student, batch = plan.pairs[plan.fused_pair]
     context = _processes()
@@ -625,14 +629,7 @@ def fractional(plan: Plan, deadline: float, log=print) -> dict:
         for trainer in members:
             trainer.begin_epoch()
         batches = _draw(members[0], 3)
-        cycle = {"i": 0}
-
-        def fused_step():
-            images, labels, indices = batches[cycle["i"] % len(batches)]
-            cycle["i"] += 1
-            logits = _teacher_logits(shared, images, members[0])
-            for trainer in members:
-                trainer.train_step(images, labels, indices, logits)
+        fused_step = _fused_stepper(members, shared, batches)
 
         time_steps(fused_step, plan.warmup, plan.device)
         fused_seconds = time_steps(fused_step, plan.fractional_steps, plan.device)
@@ -742,7 +739,6 @@ def memory_rows(results: list[tuple[str, dict, int]], fractional_result: dict | 
 def batched_vs_sequential(plan: Plan, deadline: float, log=print) -> list[dict]:
     from benchmarks import loops
     from kdtune.config import TrialConfig
-    from kdtune.fusion import _teacher_logits
     from kdtune.models.refs import model_ref
     from kdtune.parts import StudyParts
 
@@ -767,14 +763,7 @@ def batched_vs_sequential(plan: Plan, deadline: float, log=print) -> list[dict]:
             for trainer in members:
                 trainer.begin_epoch()
             batches = _draw(members[0], 3)
-            cycle = {"i": 0}
-
-            def sequential():
-                images, labels, indices = batches[cycle["i"] % len(batches)]
-                cycle["i"] += 1
-                logits = _teacher_logits(shared, images, members[0])
-                for trainer in members:
-                    trainer.train_step(images, labels, indices, logits)
+            sequential = _fused_stepper(members, shared, batches)
 
             batched = _batched_step(parts, configs, shared, members[0], batches, plan)
             seq, bat = [], []
@@ -918,15 +907,6 @@ def environment(plan: Plan) -> dict:
                     cudnn=torch.backends.cudnn.version(),
                     tf32=f"matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
     return info
-
-
-def table(rows) -> str:
-    out = ["| benchmark | measure | value | target | met |", "|---|---|---|---|---|"]
-    for r in rows:
-        met = {True: "yes", False: "**no**", None: ""}[r.met]
-        value = r.value_text() + (f" ({r.note})" if r.note else "")
-        out.append(f"| {r.section} | {r.name} | {value} | {r.target} | {met} |")
-    return "\n".join(out)
 
 
 def render(info: dict, command: str, rows, texts: dict, plan: Plan) -> str:

@@ -90,11 +90,11 @@ def device_name(device: torch.device) -> str:
     """e.g. 'cuda:0 (NVIDIA A10G)' or 'cpu (x86_64, 2 threads)'."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    model = _cpu_model() or platform.machine() or "cpu"
+    model = cpu_model() or platform.machine() or "cpu"
     return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:

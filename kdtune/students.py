@@ -2,7 +2,7 @@
 
 Logging a servable MLflow model (torch.export into a pt2 archive, plus its environment files) cost every trial
 about 1.2 s, and 6.6 s in a fresh process (benchmarks/RESULTS.md), for models that nearly all stay unused. So a
-trial logs its student's weights and normalisation (one small artifact, `student/weights.pt`); the study turns
+trial logs its student's weights and normalisation (one small artifact, `weights/student.pt`); the study turns
 the weights of the students it registers into a servable model, in the driver, once per registered student.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WEIGHTS_ARTIFACT = "student/weights.pt"
+WEIGHTS_ARTIFACT = "weights/student.pt"  # not under "student/": MLflow 3 reads that path as a logged model's
 WEIGHTS_TAG = "kdtune.weights_uri"  # on a run whose student was logged: the run finished its training
 MODEL_TAG = "kdtune.model_uri"  # on a run whose student was also logged as a servable model
 

@@ -19,7 +19,6 @@ trials are kept, unfinished ones continue from their checkpoints, each in its ow
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys

@@ -3,7 +3,6 @@ alone, and keep their own runs and rows in a study."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, TrainingDiverged

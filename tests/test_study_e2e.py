@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 
@@ -70,9 +69,9 @@ def test_digits_sweep_tracks_every_trial_and_registers_a_loadable_champion(fresh
     # every trial logs its student's weights; only the registered one is also a servable MLflow model
     students = [r for r in children if r.data.tags["kdtune.role"] == "student"]
     for run in students:
-        logged = {a.path for a in client.list_artifacts(run.info.run_id, "student")}
-        assert "student/weights.pt" in logged
-        assert ("student/MLmodel" in logged) == (run.info.run_id == champion_run.info.run_id)
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "weights")] == ["weights/student.pt"]
+        servable = client.get_run(run.info.run_id).data.tags.get("kdtune.model_uri")
+        assert bool(servable) == (run.info.run_id == champion_run.info.run_id)
     assert champion_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     use_tracking(mlflow_server.uri)  # kdtune changes no process-wide MLflow setting: name the server (and registry)
     model = mlflow.pytorch.load_model(f"models:/{name}@champion", map_location="cpu")
