@@ -113,7 +113,7 @@ class KdtuneLoop:
 
     def epoch(self) -> float:
         self.clock.reset()
-        self.trainer._train_one_epoch(self.trainer.stages[0])  # the engine's training pass, without validation
+        self.trainer.train_pass()  # the engine's training pass, without validation
         self.clock.stop()
         return self.clock.seconds_per_step(), self.clock.cpu_per_step()
 

@@ -227,10 +227,14 @@ class Trainer:
     def epochs(self) -> Iterator[dict]:
         """Train the remaining epochs; yield each epoch's metrics. The last one includes test accuracy."""
         while not self.done:
-            self.begin_epoch()
-            for images, labels, indices in self.train.batches(self.config.batch_size, self.batch_generator()):
-                self.train_step(images, labels, indices)
+            self.train_pass()
             yield self.end_epoch()
+
+    def train_pass(self) -> None:
+        """An epoch's training steps, without the evaluation that ends it (benchmarks time this alone)."""
+        self.begin_epoch()
+        for images, labels, indices in self.train.batches(self.config.batch_size, self.batch_generator()):
+            self.train_step(images, labels, indices)
 
     # One epoch in three parts, so that `fused_epochs` can step several students on the same batches.
     @property
