@@ -178,19 +178,25 @@ def cmd_study_report(args, client, uri) -> int:
 
 
 def cmd_study_resume(args) -> int:
-    folder = Path(args.folder)
+    """Run a study's recorded command again with --resume: its folder may be local or in an object store."""
+    from kdtune.storage import Location, check_storage, is_uri
+    from kdtune.study import STUDY_FILE
+
+    check_storage(args.folder, option="folder")  # an unreachable bucket: one line, not a hang
+    folder = Location.of(args.folder)
     try:
-        saved = json.loads((folder / "kdtune_study.json").read_text())
+        saved = json.loads((folder / STUDY_FILE).read_text())
     except (OSError, ValueError):
-        raise ConfigError(f"{folder}: not a kdtune study folder (no readable kdtune_study.json)") from None
+        raise ConfigError(f"{args.folder}: not a kdtune study folder (no readable {STUDY_FILE})") from None
     command = list(saved.get("command") or [])
     if not command:
-        raise ConfigError(f"{folder}: the study file does not record its command; run the study script with "
-                          f"--resume {folder}")
+        raise ConfigError(f"{args.folder}: the study file does not record its command; run the study script with "
+                          f"--resume {args.folder}")
     if "--resume" in command:  # a resumed study records its own --resume: replace it
         at = command.index("--resume")
         del command[at:at + 2]
-    return subprocess.call([sys.executable, *command, "--resume", str(folder.resolve())])
+    where = args.folder if is_uri(args.folder) else str(Path(args.folder).resolve())
+    return subprocess.call([sys.executable, *command, "--resume", where])
 
 
 # ---- models -----------------------------------------------------------------------------------------

@@ -201,7 +201,9 @@ def test_sweep_on_postgres_and_s3_tracks_every_trial_once_and_resumes_from_the_b
 
     # resume from the bucket: a finished study re-runs nothing, opens no run, logs no metric twice
     points = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_acc")) for r in children}
-    again = run_script("temperature_sweep.py", *args, "--resume", folder, cwd=tmp_path)
+    # through `kdtune study resume`, which reads the study file from the bucket and re-runs its command
+    again = subprocess.run([sys.executable, "-m", "kdtune.cli", "study", "resume", folder], capture_output=True,
+                           text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"grid: resuming {folder}/grid" in again.stdout
     after = _all_runs(client)

@@ -708,7 +708,9 @@ def test_half_gpu_trials_pack_four_at_a_time_on_two_logical_gpus(deployment):
     worker = cluster.nodes["worker"].node_id()
     words = shlex.split(deployment.here(readme_command("python studies/temperature_sweep.py --address")))
     started = time.monotonic()
-    result = subprocess.run([sys.executable, *words[1:]], env=cluster.env, cwd=REPO, capture_output=True,
+    # Ray folds log lines that differ only in numbers ("GPU 0", "GPU 1") arriving together: keep them apart
+    result = subprocess.run([sys.executable, *words[1:]], env={**cluster.env, "RAY_DEDUP_LOGS": "0"}, cwd=REPO,
+                            capture_output=True,
                             text=True, timeout=480)
     output = result.stdout + result.stderr
     print(f"packing study: {time.monotonic() - started:.1f}s")
