@@ -118,20 +118,20 @@ def runs_in_driver(gpus: float) -> bool:
     return bool(_STARTED_HERE) and not gpus and not torch.cuda.is_available()
 
 
-def run_like_a_trial(fn, *args, cpus: float, gpus: float):
-    """fn(*args) where a trial would run it: in this process when `runs_in_driver`, else as one Ray task with a
-    trial's resources (on a cluster, a node with the GPU it needs)."""
+def run_like_a_trial(fn, *args, cpus: float, gpus: float, **kwargs):
+    """fn(*args, **kwargs) where a trial would run it: in this process when `runs_in_driver`, else as one Ray task
+    with a trial's resources (on a cluster, a node with the GPU it needs)."""
     if runs_in_driver(gpus):
         import torch
 
         threads = torch.get_num_threads()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             torch.set_num_threads(threads)  # fn may set a trial's thread count
     import ray
 
-    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(fn).remote(*args))
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(fn).remote(*args, **kwargs))
 
 
 def alive_nodes() -> list[dict]:

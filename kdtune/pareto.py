@@ -222,20 +222,9 @@ class ParetoRun:
         threads = max(1, int(spec.cpus_per_trial))
         arguments = dict(refs=refs, num_classes=dataset.num_classes, input_shape=tuple(dataset.input_shape),
                          threads=threads, batch=plan.latency_batch, warmup=plan.warmup, repeats=plan.repeats)
-        if cluster.runs_in_driver(spec.gpus_per_trial):
-            import torch
-
-            before = torch.get_num_threads()  # the driver's own setting comes back afterwards
-            try:
-                table, seconds = costs_module.measure_task(**arguments, device="cpu")  # where trials train
-            finally:
-                torch.set_num_threads(before)
-        else:
-            import ray
-
-            gpus = math.ceil(spec.gpus_per_trial)  # a whole device: nothing else runs on it while it is timed
-            task = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=gpus)(costs_module.measure_task)
-            table, seconds = ray.get(task.remote(**arguments))
+        # where a trial would run, on a whole device: nothing else runs on it while it is timed
+        table, seconds = cluster.run_like_a_trial(costs_module.measure_task, **arguments, cpus=spec.cpus_per_trial,
+                                                  gpus=math.ceil(spec.gpus_per_trial))
         run = cls(plan, refs, table, seconds, resolved.base["student"])
         echo(f"pareto: measured {len(table)} candidate student(s) in {seconds:.1f}s on {run.device}")
         if plan.latency_budget_ms is not None:
