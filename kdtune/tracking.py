@@ -450,11 +450,18 @@ def _failure_kind(error: Exception):
     return None
 
 
+EPOCH_KEY = "epoch"  # the metric every epoch logs; its stored steps are the epochs a run has
+
+
 class ChildRun:
     """A trial's child run: opened once, continued after a retry or resume, closed with the model logged."""
 
-    def __init__(self, context: TrackingContext, trial_key: str, run_name: str, params: dict, tags: dict | None = None):
+    def __init__(self, context: TrackingContext, trial_key: str, run_name: str, params: dict, tags: dict | None = None,
+                 attempt_tags: dict | None = None):
+        """tags: set when the run is created. attempt_tags: what describes this attempt (node, device): set at
+        creation too, and again when a retry or resume reopens the run."""
         self.context = context
+        self._stored_steps: set[int] = set()
         use_tracking(context.uri)  # a trial or teacher task is an entry point: its models go to this server
         self.client = client_for(context.uri)
         self.writer = metric_writer.writer_for(context.uri)
@@ -470,6 +477,12 @@ class ChildRun:
             if not self.completed:
                 retrying(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen the run",
                          context.uri)
+                if attempt_tags:
+                    self.set_tags(attempt_tags)
+                # The epochs this run stored before it was cut off are trained again from the last checkpoint
+                # (or from scratch); their points are already there, with other timestamps: not sent twice.
+                self._stored_steps = {m.step for m in retrying(lambda: self.client.get_metric_history(
+                    self.run_id, EPOCH_KEY), "read the run's stored epochs", context.uri)}
         else:
             attempts = []
 
@@ -479,17 +492,21 @@ class ChildRun:
                 attempts.append(1)
                 return found or self.client.create_run(
                     context.experiment_id, run_name=run_name,
-                    tags={PARENT_TAG: context.parent_run_id, TRIAL_KEY_TAG: trial_key, **(tags or {})})
+                    tags={PARENT_TAG: context.parent_run_id, TRIAL_KEY_TAG: trial_key, **(tags or {}),
+                          **{k: str(v) for k, v in (attempt_tags or {}).items()}})
 
             self.run_id = retrying(create, "create the trial's run", context.uri).info.run_id
             retrying(lambda: log_params(self.client, self.run_id, params), "log the params", context.uri)
 
-    def tags(self) -> dict:
-        return retrying(lambda: self.client.get_run(self.run_id), "read the run", self.context.uri).data.tags
-
     def log_epoch(self, metrics: dict, step: int) -> None:
-        """Queued: a background thread sends it (kdtune/metric_writer.py); `flush` waits until it is stored."""
-        self.writer.log(self.run_id, numeric_metrics(metrics), step=step)
+        """Queued: a background thread sends it (kdtune/metric_writer.py); `flush` waits until it is stored.
+        A step this run stored before it was reopened is not sent again (see __init__)."""
+        if step in self._stored_steps:
+            return
+        points = numeric_metrics(metrics)
+        if EPOCH_KEY in points:  # last: the writer sends in order, so a stored epoch point means the whole step is
+            points[EPOCH_KEY] = points.pop(EPOCH_KEY)
+        self.writer.log(self.run_id, points, step=step)
 
     def unsent(self) -> list[tuple]:
         """This run's metric points not known to be stored yet (kdtune/metric_writer.py)."""

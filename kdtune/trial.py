@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from kdtune import students, tracking
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
+from kdtune.engine import pick_device
 from kdtune.errors import TrainingDiverged
 from kdtune.parts import StudyParts
 
@@ -64,7 +66,7 @@ def describe(overrides: dict) -> str:
 class _MemberRun:
     """One member's config, MLflow run and state inside a trial."""
 
-    def __init__(self, member: Member, index: int, size: int, context, base: dict, trial_id: str):
+    def __init__(self, member: Member, index: int, size: int, context, base: dict, trial_id: str, attempt: dict):
         self.member = member
         self.config = TrialConfig.from_flat({**base, **member.overrides, "seed": member.seed})
         key = trial_id if size == 1 else f"{trial_id}/{index}"
@@ -73,11 +75,11 @@ class _MemberRun:
             "kdtune.role": "student", "kdtune.label": member.label, "kdtune.point": member.point,
             TUNE_TRIAL_TAG: trial_id,
             # what this trial set on top of the study's base: for a search, exactly what the space sampled
-            "kdtune.overrides": json.dumps(member.overrides, sort_keys=True)})
+            "kdtune.overrides": json.dumps(member.overrides, sort_keys=True)}, attempt_tags=attempt)
         self.metrics: dict = dict(self.run.recorded.metrics) if self.run.completed else {}
         if self.run.completed:
             self.metrics["weights_uri"] = self.run.recorded.tags[students.WEIGHTS_TAG]
-        previous = self.run.tags().get(FAILURE_TAG, "") if not self.run.completed else ""
+        previous = self.run.recorded.tags.get(FAILURE_TAG, "") if self.run.recorded and not self.run.completed else ""
         # a retry cannot fix a diverging configuration: it stays failed instead of training again
         self.error = previous if previous.startswith("TrainingDiverged") else None
         self.trainer = None
@@ -104,18 +106,19 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     members = members_of(config)
     trial_id = tune.get_context().get_trial_id()
-    runs = [_MemberRun(m, i, len(members), context, base, trial_id) for i, m in enumerate(members)]
+    device = pick_device()
+    attempt = {"kdtune.node_id": _node_id(), "kdtune.device": str(device)}
+    runs = [_MemberRun(m, i, len(members), context, base, trial_id, attempt) for i, m in enumerate(members)]
     training = [r for r in runs if r.trains]
     if not training:  # all done before (a driver that died after the trial's end), or all failed for good
         return _report_final(runs)
-    trainers, teacher = parts.fused_trainers([r.config for r in training])
+    trainers, teacher = parts.fused_trainers([r.config for r in training], device)
     for run, trainer in zip(training, trainers):
         run.trainer = trainer
     _restore(training)
     dataset = parts.dataset
-    for run in training:
-        run.run.set_tags({"kdtune.node_id": _node_id(), "kdtune.device": str(run.trainer.device)})
     share = 1.0 / len(training)  # each member's share of the fused time is its training time
+    clock = CheckpointClock()
     for results in fused_epochs(trainers, teacher):
         for index, result in results.items():
             run = training[index]
@@ -128,12 +131,42 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
         if not alive:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
         lead = alive[0].metrics
+        if all(r.trainer.done for r in alive) or not clock.due():
+            tune.report(_trial_metrics(runs, lead))  # the last epoch needs none: its members' runs are closed
+            continue
+        clock.start()
         with tempfile.TemporaryDirectory() as folder:
             # a restored trial starts after this checkpoint, so the epoch's metric points not yet stored go in it
             # (sent again on restore) rather than the trial waiting for the tracking server here
             torch.save({"members": [r.trainer.state_dict() if r.error is None else None for r in training],
                         "unsent_metrics": [r.run.unsent() for r in training]}, Path(folder) / "trainer.pt")
             tune.report(_trial_metrics(runs, lead), checkpoint=tune.Checkpoint.from_directory(folder))
+        clock.stop()
+
+
+class CheckpointClock:
+    """When a trial saves a checkpoint: after its first epoch, then once the training since the last one took at
+    least EVERY_COST times what saving it took. Saving (state dicts, Tune's copy) costs ~20 ms; a digits epoch
+    takes ~0.1 s, so every epoch would spend a sixth of the trial saving, while an epoch of minutes on a GPU is
+    still saved every time. A restored trial trains at most that much again (the first checkpoint bounds it
+    from the second epoch on), and the tracking server keeps the epochs it had stored once (ChildRun)."""
+
+    EVERY_COST = 20  # saving takes at most ~1/20 of the trial's time
+
+    def __init__(self):
+        self._last: float | None = None  # when the last checkpoint was done
+        self._cost = 0.0
+        self._started = 0.0
+
+    def due(self) -> bool:
+        return self._last is None or time.perf_counter() - self._last >= self.EVERY_COST * self._cost
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        self._last = time.perf_counter()
+        self._cost = self._last - self._started
 
 
 def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float) -> None:
@@ -194,7 +227,6 @@ def _label(runs: list[_MemberRun]) -> str:
 def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
     """Median forward time on the trial's own device: one image, and per image in a batch of 256."""
     import statistics
-    import time
 
     model.eval()
     timings = {}

@@ -88,6 +88,37 @@ def test_writer_stores_every_point_once_across_a_server_kill_and_fails_loudly_pa
         writer.flush()
 
 
+def test_a_reopened_trial_run_stores_the_epochs_it_trains_again_once(tmp_path):
+    """A trial cut off after its checkpoint trains the epochs since then again: the run it reopens keeps the
+    points it had stored, and takes only the epochs it never stored."""
+    from kdtune.tracking import ChildRun, TrackingContext
+
+    store = tmp_path / "store"
+    server = EmbeddedServer(store, port=free_port()).start()
+    try:
+        client = client_for(server.uri)
+        experiment = client.create_experiment("reopen")
+        parent = client.create_run(experiment).info.run_id
+        context = TrackingContext(server.uri, experiment, parent)
+        first = ChildRun(context, "trial-1", "kd T=2", {"temperature": 2}, attempt_tags={"kdtune.node_id": "a"})
+        for epoch in range(1, 5):  # stored; the process then dies (its checkpoint was at epoch 2)
+            first.log_epoch({"val_acc": epoch / 10, "epoch": epoch}, step=epoch)
+        first.flush()
+        again = ChildRun(context, "trial-1", "kd T=2", {"temperature": 2}, attempt_tags={"kdtune.node_id": "b"})
+        assert again.run_id == first.run_id and not again.completed
+        for epoch in range(3, 7):  # trained again from the checkpoint, then on
+            again.log_epoch({"val_acc": epoch / 10, "epoch": epoch}, step=epoch)
+        again.finish()
+
+        total, doubled = _doubled_sqlite(store / "mlflow.db")
+        assert doubled == [] and total == 12
+        assert sorted(m.step for m in client.get_metric_history(first.run_id, "val_acc")) == [1, 2, 3, 4, 5, 6]
+        run = client.get_run(first.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["kdtune.node_id"] == "b"  # where it finished
+    finally:
+        server.stop()
+
+
 # ---- a study through a database restart and a tracking-server outage --------------------------------
 
 def _serve(store: Path, port: int, backend: str) -> subprocess.Popen:

@@ -111,6 +111,9 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials_and_one_run_per
     assert len(students) == 5 and len(set(keys)) == 5  # baseline + 4 temperatures, one run each
     assert all(r.info.status == "FINISHED" for r in students), [
         (r.data.tags["kdtune.label"], r.info.status, r.data.tags.get("kdtune.failure")) for r in students]
+    for run in students:  # the trial cut off mid-way trained some epochs again: each is stored once
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+        assert steps == list(range(1, 11)), (run.data.tags["kdtune.label"], steps)
     for key, run_id in finished_before.items():  # finished trials were kept, not trained again
         assert find_child_run(client, _context(saved, mlflow_server.uri), key).info.run_id == run_id
         assert len(client.get_metric_history(run_id, "val_acc")) == 10
