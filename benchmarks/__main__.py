@@ -28,6 +28,25 @@ def log(line: str = "") -> None:
     print(line, flush=True)
 
 
+def _study_bench(teacher_path: str, epochs, fuse: str, log) -> dict | None:
+    """benchmarks/study_bench.py in its own process (the study's driver); its timings, or None if it failed."""
+    out = os.path.join(tempfile.mkdtemp(prefix="kdtune-bench-"), "study.json")
+    command_line = [sys.executable, "-m", "benchmarks.study_bench", "--teacher", teacher_path, "--out", out,
+                    "--fuse", fuse]
+    if epochs:
+        command_line += ["--epochs", str(epochs)]
+    done = subprocess.run(command_line, cwd=HERE.parent, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        log(done.stdout[-3000:] + done.stderr[-3000:])
+        log(f"[study] --fuse {fuse} FAILED")
+        return None
+    with open(out) as handle:
+        data = json.load(handle)
+    shutil.rmtree(data["workdir"], ignore_errors=True)  # the study's MLflow store and Tune results
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    return data
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="steps,accuracy,study")
@@ -113,24 +132,18 @@ def main() -> int:
         from benchmarks import study_bench
 
         log("\n[study] 16-trial digits study, 2 concurrent trials (its own process: the driver)")
-        out = os.path.join(tempfile.mkdtemp(prefix="kdtune-bench-"), "study.json")
-        command_line = [sys.executable, "-m", "benchmarks.study_bench", "--teacher", teacher_path, "--out", out]
-        if args.study_epochs:
-            command_line += ["--epochs", str(args.study_epochs)]
-        done = subprocess.run(command_line, cwd=HERE.parent, capture_output=True, text=True, timeout=1800)
-        if done.returncode != 0:
-            log(done.stdout[-3000:] + done.stderr[-3000:])
-            log("[study] FAILED")
-        else:
-            with open(out) as handle:
-                data = json.load(handle)
-            shutil.rmtree(data["workdir"], ignore_errors=True)  # the study's MLflow store and Tune results
+        data = _study_bench(teacher_path, args.study_epochs, "off", log)
+        if data is not None:
             study_rows, text = study_bench.analyse(data)
-            rows += study_rows
             texts["study: where the time goes"] = text
+            log(text)
+            log("\n[study] the same 16 settings with --fuse auto (the quickstart's choice)")
+            fused_data = _study_bench(teacher_path, args.study_epochs, "auto", log)
+            if fused_data is not None:
+                study_rows += study_bench.analyse_fused(fused_data, data)
+            rows += study_rows
             for r in study_rows:
                 log(f"  {r.name}: {r.value_text()} {r.target} {'' if r.met is None else ('met' if r.met else 'MISSED')}")
-            log(text)
 
     if "tracking" in parts:
         from benchmarks import tracking
@@ -151,9 +164,8 @@ def main() -> int:
             rows += fused.rows(result)
         log(f"fused/unfused: {results[1]['fused'] / results[1]['unfused']:.2f}x")
 
-    for path in (teacher_path, out if "study" in parts else None):
-        if path:
-            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    if teacher_path:
+        shutil.rmtree(os.path.dirname(teacher_path), ignore_errors=True)
     machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     machine["duration_s"] = f"{time.time() - started:.0f}"
     report = render(machine, command, rows, texts)

@@ -39,6 +39,14 @@ def make_timed_trial(log_path: str):
             with open("/proc/self/status") as status:
                 return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
+        def _members_training(last):
+            # a fused trial's training time is the sum of its members' shares (each reports its own)
+            try:
+                members = _json.loads(last["members"])
+                return sum(m["metrics"].get("training_time_s", 0.0) for m in members)
+            except (KeyError, TypeError, ValueError):
+                return last.get("training_time_s")
+
         entered = _time.time()
         import torch as _torch
         from ray import tune as _tune
@@ -110,7 +118,8 @@ def make_timed_trial(log_path: str):
             record = {
                 "pid": _os.getpid(), "process_start": boot + start_ticks / _os.sysconf("SC_CLK_TCK"),
                 "enter": entered, "exit": _time.time(), "spent": spent, "error": error,
-                "training_time_s": last.get("training_time_s"), "epochs": last.get("epoch"),
+                "training_time_s": _members_training(last), "epochs": last.get("epoch"),
+                "members": len(_json.loads(last.get("members", "[]"))),
                 "peak_rss_mb": _vm_hwm_mb(),
             }
             with open(log_path, "a") as handle:
@@ -158,6 +167,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="student epochs (default: the digits recipe's)")
+    parser.add_argument("--fuse", default="off", help="the study's fuse option (off | auto | N)")
     args = parser.parse_args()
 
     imports_started = time.time()
@@ -180,7 +190,7 @@ def main() -> int:
         name="bench_study", dataset="digits", seeds=2, teacher_source=args.teacher, overrides=overrides,
         variants=[{"label": f"T={t:g}", "method": "kd", "temperature": float(t)} for t in TEMPERATURES],
         cpus_per_trial=1, max_concurrent=args.concurrency, store_dir=os.path.join(workdir, "store"),
-        register_as="kdtune-bench-digits", title="bench",
+        register_as="kdtune-bench-digits", title="bench", fuse=args.fuse,
     )
     started = time.time()
     result = study.run_study(spec, echo=lambda line: print(f"  [study] {line}", flush=True))
@@ -193,7 +203,7 @@ def main() -> int:
         "process_start": T0, "imports_s": imported - imports_started, "run_study_started": started,
         "run_study_finished": finished, "wall_time_s": finished - started,
         "result_wall_time_s": result.wall_time_s, "result_training_time_s": result.training_time_s,
-        "concurrency": args.concurrency, "n_trials": len(result.trials),
+        "concurrency": args.concurrency, "n_trials": len(result.trials), "fuse": args.fuse,
         "failed": [t.error for t in result.trials if t.failed],
         "marks": marks, "trials": trials,
         "driver_peak_rss_mb": vm_hwm_mb(),
@@ -283,3 +293,32 @@ def analyse(data: dict):
     if data.get("failed"):
         lines.append(f"FAILED trials: {data['failed']}")
     return rows, "\n".join(lines)
+
+
+def analyse_fused(data: dict, unfused: dict | None = None):
+    """Rows for the same study with --fuse auto: what a user of the temperature sweep gets (the quickstart)."""
+    from benchmarks.common import Row, check
+
+    trials = data["trials"]
+    conc = data["concurrency"]
+    settings = sum(t.get("members", 1) for t in trials) or 1
+    training = sum(t["training_time_s"] or 0.0 for t in trials)
+    fit = data["marks"].get("tuner_fit", [(0.0, 0.0)])[0]
+    fit_slots = (fit[1] - fit[0]) * conc
+    wall = data["wall_time_s"]
+    section = (f"4b. the same study fused (--fuse {data.get('fuse')}: {len(trials)} Ray trials of "
+               f"{settings // max(1, len(trials))} students)")
+    rows = [
+        Row(section, "study wall time (run_study, end to end)", wall, "s",
+            note=f"unfused: {unfused['wall_time_s']:.1f} s" if unfused else ""),
+        Row(section, "sum of member training time (each member's share of its trial)", training, "s"),
+        Row(section, "efficiency: sum(training) / (wall x concurrency)", training / (wall * conc), "x", ">= 0.6",
+            check(training / (wall * conc), 0.6)),
+        Row(section, "efficiency of the Tuner.fit phase alone", training / fit_slots, "x", ">= 0.85",
+            check(training / fit_slots, 0.85)),
+        Row(section, "overhead per setting inside Tuner.fit ((fit wall x conc - training) / settings)",
+            (fit_slots - training) / settings, "s", "<= 0.3 s", check((fit_slots - training) / settings, maximum=0.3)),
+    ]
+    if data.get("failed"):
+        rows.append(Row(section, "FAILED trials", len(data["failed"]), "", note=str(data["failed"])[:200]))
+    return rows
