@@ -18,8 +18,10 @@ G1  KD step images/s, teacher online, crop+flip, batch 128: VGG-16 -> VGG-7 and 
 G2  fused vs unfused trials at K = 1, 4, 8 (VGG-16 -> VGG-7, bf16 on CUDA): unfused = each of the K students
     steps alone and runs its own teacher; fused = one teacher forward per batch, the K students stepping on its
     logits one after the other (kdtune/fusion.py); batched = the K students stepped as one vmap computation
-    (kdtune/batched.py). The figure is images/s per student (= all students' images/s / K); trials/h =
-    3600 * K * that / images per trial, a trial being the CIFAR recipe's 25 epochs of 47,500 images.
+    (kdtune/batched.py, built here by hand). The figure is images/s per student (= all students' images/s / K);
+    trials/h = 3600 * K * that / images per trial, a trial being the CIFAR recipe's 25 epochs of 47,500 images.
+    For K >= 2 also the trial's own path: one epoch through fused_epochs with batched='on' vs 'off' (train and
+    evaluate, batches drawn in the epoch), so the wiring's overheads (stack build, hand-back) are in the figure.
 G3  four fractional trials on one GPU vs one fused trial of four: four OS processes (multiprocessing, spawned
     on CUDA), each one trial (its own student and teacher), released together by a barrier after warm-up.
     That is what Ray Tune does with gpus_per_trial=0.25: four worker processes on the device, which the CUDA
@@ -493,12 +495,58 @@ def fused_vs_unfused(plan: Plan, deadline: float, log=print) -> list[dict]:
         log(f"  K={k}: images/s per student: unfused {result['per_student']['unfused']:.0f}, fused "
             f"{result['per_student']['fused']:.0f}, batched "
             + (f"{result['per_student']['batched']:.0f}" if not result["batched_error"] else result["batched_error"]))
+        if k >= 2 and time.monotonic() < deadline:
+            result["wired"] = wired_epochs(parts, configs, plan)
+            wired = result["wired"]
+            log(f"  K={k}: fused_epochs, one epoch (train + evaluate), images/s per student: batched=on "
+                f"{wired['on']:.0f}, batched=off {wired['off']:.0f}" + (f" ({wired['note']})" if wired["note"] else ""))
         out.append(result)
     for trainer in alone:
         trainer.close()
     del alone
     release(plan.device)
     return out
+
+
+def wired_epochs(parts, configs, plan) -> dict:
+    """The trial's own path (kdtune/fusion.py fused_epochs, as kdtune/trial.py runs it): one epoch of K fresh
+    members with batched='on' and with batched='off', each timed on its second run (the first warms up cuDNN's
+    autotuning and the allocator). Images/s per student over the epoch's training images; the epoch includes
+    what the step timings leave out (drawing and augmenting batches, the batched stack's build and hand-back,
+    the validation pass). `note`: why batched='on' stepped sequentially, if it did."""
+    import logging
+
+    from kdtune.fusion import fused_epochs
+
+    notes: list[str] = []
+
+    class Notes(logging.Handler):
+        def emit(self, record):
+            notes.append(record.getMessage())
+
+    def epoch(batched: str) -> float:
+        members, shared = parts.fused_trainers([c.replace(batched=batched) for c in configs], plan.device)
+        try:
+            sync(plan.device)
+            started = time.perf_counter()
+            for _ in fused_epochs(members, shared):
+                pass
+            sync(plan.device)
+            return len(members[0].train) / (time.perf_counter() - started)
+        finally:
+            for trainer in members:
+                trainer.close()
+            release(plan.device)
+
+    handler = Notes(logging.WARNING)
+    logger = logging.getLogger("kdtune")
+    logger.addHandler(handler)
+    try:
+        rates = {mode: [epoch(mode) for _ in range(2)][-1] for mode in ("on", "off")}
+    finally:
+        logger.removeHandler(handler)
+    note = next((line for line in notes if "not batched" in line), "")
+    return {**rates, "note": note[:200]}
 
 
 def _batched_step(parts, configs, teacher, lead, batches, plan):
@@ -542,6 +590,12 @@ def fused_rows(results: list[dict], plan: Plan) -> list[Row]:
             rows.append(Row(section, f"K={k} {what}", value, "img/s", note=note))
         rows.append(Row(section, f"K={k} fused / unfused", _ratio(r, "fused", "unfused"), "x"))
         rows.append(Row(section, f"K={k} batched / fused", _ratio(r, "batched", "fused"), "x"))
+        if "wired" in r:  # the trial's path: fused_epochs with TrialConfig.batched
+            wired, note = r["wired"], "one epoch (train + evaluate), second run"
+            rows.append(Row(section, f"K={k} fused_epochs batched=on", wired["on"], "img/s",
+                            note=wired["note"] or note))
+            rows.append(Row(section, f"K={k} fused_epochs batched=off", wired["off"], "img/s", note=note))
+            rows.append(Row(section, f"K={k} fused_epochs batched=on / off", wired["on"] / wired["off"], "x"))
     return rows
 
 

@@ -8,7 +8,7 @@ architecture on one member's slice, and `vmap` maps it over the K slices, so eve
 members (a linear layer becomes a batched matmul, a convolution a grouped convolution over K * C channels).
 One backward pass over the sum of the K losses gives each member its own gradient (the losses share no
 weights), and an SGD step written over the stacked tensors takes each member's own learning rate, momentum
-and weight decay. The inputs, labels and teacher logits are not stacked: every member reads the same batch.
+and weight decay. The inputs and labels are not stacked: every member reads the same batch.
 
 What vmap allows, and what this module does about the rest:
 
@@ -26,11 +26,15 @@ What a caller keeps doing itself: the LR schedule (`set_lr` per member between e
 returns each member's weighted "hard" and "soft" terms, (K,) each, as the engine logs them: a member whose sum
 is not finite is dropped by building a new BatchedStudents from the others), evaluation and checkpoints
 (`write_back` copies the stacked weights into the members' modules; `member_momentum` gives a member's SGD
-momentum buffers). Methods that read the teacher's features are out of reach (the step sees logits only, as
-fused trials do).
+momentum buffers, `load_momentum` takes them back from the members' optimisers). Methods that read the teacher's
+features are out of reach (the step sees logits only, as fused trials do). The teacher's logits are one (N, C)
+tensor every member reads, or (K, N, C), one target per member (an ensemble teacher, whose soft target depends on
+each member's temperature).
 
-Not wired into the trial path (kdtune/fusion.py, kdtune/trial.py); benchmarks/gpu.py measures it next to the
-sequential fused step.
+Wired into the trial path by kdtune/fusion.py (`fused_epochs`, TrialConfig.batched): each epoch it builds a
+BatchedStudents from the live members' modules and optimiser state, steps it on the shared batches and hands
+weights, BatchNorm statistics and momentum buffers back before the epoch's evaluation and checkpoint.
+benchmarks/gpu.py (G2, G5) measures it next to the sequential fused step.
 """
 from __future__ import annotations
 
@@ -78,8 +82,9 @@ class MemberLoss:
         if config.method not in ("kd", "none"):
             raise NotBatchable(f"method {config.method!r}: the batched step computes kd and none losses only")
         kd = config.method == "kd"
+        # 'none' trains on CE with weight 1 whatever hard_weight says (kdtune/distill/base.py, NoDistillation)
         return cls(temperature=float(config.temperature) if kd else 1.0, alpha=float(config.alpha) if kd else 0.0,
-                   hard_weight=float(config.effective_hard_weight), soft_scale=config.soft_scale,
+                   hard_weight=float(config.effective_hard_weight) if kd else 1.0, soft_scale=config.soft_scale,
                    lr=float(config.lr), momentum=float(config.momentum), weight_decay=float(config.weight_decay))
 
 
@@ -143,8 +148,11 @@ class BatchedStudents:
         self.momentum = as_tensor([m.momentum for m in losses])
         self.weight_decay = as_tensor([m.weight_decay for m in losses])
         self._uses_soft = bool((self.alpha > 0).any())
+        # two mappings: every member reads one (N, C) teacher target, or each its own from a (K, N, C) stack
         self._batched_loss = torch.func.vmap(self._member_loss, in_dims=(0, 0, None, None, None, 0, 0, 0, 0),
                                              randomness=randomness)
+        self._batched_loss_own_target = torch.func.vmap(self._member_loss, in_dims=(0, 0, None, None, 0, 0, 0, 0, 0),
+                                                        randomness=randomness)
 
     # ---- the step -----------------------------------------------------------------------------
     def _member_loss(self, params, buffers, images, labels, teacher_logits, temperature, alpha, hard_weight,
@@ -165,16 +173,22 @@ class BatchedStudents:
         """One SGD step of every member on the same batch; returns each member's weighted loss terms, {"hard": (K,),
         "soft": (K,)} (detached, on the device: no sync), as kdtune's engine logs them (loss_hard, loss_soft).
 
-        teacher_logits: the teacher's (N, C) logits on the batch (needed when some member has alpha > 0)."""
+        teacher_logits: the teacher's (N, C) logits on the batch, or (K, N, C), member k's target in row k (needed
+        when some member has alpha > 0)."""
         if self._uses_soft and teacher_logits is None:
             raise ValueError("some member distils (alpha > 0): pass the teacher's logits on the batch")
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.detach().float()
+        own_target = teacher_logits is not None and teacher_logits.dim() == 3
+        if own_target and teacher_logits.shape[0] != self.k:
+            raise ValueError(f"teacher logits of shape {tuple(teacher_logits.shape)}: expected (N, C) or "
+                             f"({self.k}, N, C)")
+        loss = self._batched_loss_own_target if own_target else self._batched_loss
         with self._autocast():
-            hard, soft = self._batched_loss(self.params, self.buffers, images, labels, teacher_logits,
-                                            self.temperature, self.alpha, self.hard_weight, self.soft_factor)
+            hard, soft = loss(self.params, self.buffers, images, labels, teacher_logits,
+                              self.temperature, self.alpha, self.hard_weight, self.soft_factor)
         (hard.sum() + soft.sum()).backward()  # members share no weights: each gradient slice is its member's
         self._sgd()
         return {"hard": hard.detach(), "soft": soft.detach()}
@@ -201,6 +215,19 @@ class BatchedStudents:
     def set_lr(self, values) -> None:
         """Each member's learning rate from now on (an LR schedule: call between epochs)."""
         self.lr = torch.as_tensor(values, dtype=torch.float32, device=self.device).reshape(self.k).clone()
+
+    def load_momentum(self, buffers: list[dict[str, torch.Tensor]]) -> None:
+        """Continue from the members' SGD momentum buffers (member k's by parameter name, as `member_momentum`
+        gives them; empty: not stepped yet). A member without a buffer where others have one gets zeros, which
+        is what torch.optim.SGD does for it (momentum 0 keeps no buffer: m * 0 + d = d)."""
+        if len(buffers) != self.k:
+            raise ValueError(f"{len(buffers)} members' momentum buffers for {self.k} members")
+        self._momentum_buffers = {}
+        for name, p in self.params.items():
+            if any(name in member for member in buffers):
+                self._momentum_buffers[name] = torch.stack([
+                    member[name].detach().to(p.device, p.dtype) if name in member else torch.zeros_like(p[k].detach())
+                    for k, member in enumerate(buffers)])
 
     def member_momentum(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s SGD momentum buffers by parameter name (what torch.optim.SGD keeps per parameter as

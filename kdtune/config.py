@@ -39,6 +39,11 @@ of bilinear interpolation (link_spatial='interpolate'). Deterministic cuBLAS als
 CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before the process first uses CUDA; the trial sets it when
 unset. deterministic=False (the default) lets cudnn.benchmark pick the fastest convolution algorithms on CUDA
 (fixed-shape CNN training). The settings hold for the trial and are restored when it closes.
+
+Fused trials (kdtune/fusion.py): batched="auto" (default) steps the members of a fused trial as one vmap-batched
+computation (kdtune/batched.py) on CUDA when they allow it (kd or none, SGD, one architecture, no dropout, ...),
+batched="on" does so on any device (the CPU too), batched="off" never; members that do not allow it step one
+after the other. Either way each member trains what it trains alone, up to floating-point order.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from kdtune.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 TEACHER_CACHE_MODES = ("auto", "on", "off")
+BATCHED_MODES = ("auto", "on", "off")  # fused members stepped as one vmap computation (kdtune/fusion.py)
 SOFT_SCALES = ("T2", "none")  # soft term times T^2 (Hinton) or not (the seeds' plain KL / cross-entropy)
 HINT_LOSSES = ("mean", "sum")  # hint term: MSE, or FitNets' 1/2 * squared L2 norm summed per sample
 ADV_LOSSES = ("paper", "nonsaturating")  # seed 004's adversarial term: as written (unbounded), or bounded
@@ -171,6 +177,9 @@ class TrialConfig:
     teacher_cache: str = "auto"
     soft_scale: str = "T2"  # soft term: "T2" = T^2 * KL (Hinton), "none" = KL as seeds 000/001/004 write it
     deterministic: bool = False  # deterministic algorithms only (module docstring); False: cudnn.benchmark on CUDA
+    batched: str = "auto"  # fused trials: step members as one vmap computation (kdtune/fusion.py): auto = on CUDA
+    # when the group allows it, on = whenever it allows it (CPU too), off = never; a group that does not allow it
+    # runs its members one after the other
     # ---- method-specific (see the module docstring and kdtune/distill/) ----
     stage1_epochs: int = 0  # two-stage methods: epochs of the first stage, run before `epochs` main epochs
     fsp_pairs: tuple[tuple[str, str], ...] = ()  # fsp: layer pairs of links, e.g. "1-2,3-4,5-6"
@@ -249,6 +258,7 @@ class TrialConfig:
         _choice("link_spatial", self.link_spatial, LINK_SPATIAL_MODES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("teacher_cache", self.teacher_cache, TEACHER_CACHE_MODES)
+        _choice("batched", self.batched, BATCHED_MODES)
         _choice("soft_scale", self.soft_scale, SOFT_SCALES)
         _choice("hint_loss", self.hint_loss, HINT_LOSSES)
         _choice("adv_loss", self.adv_loss, ADV_LOSSES)

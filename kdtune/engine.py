@@ -294,6 +294,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.record_terms(terms)
+
+    def record_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Count one step's weighted loss terms into the epoch's sums (end_epoch logs and checks them); a fused
+        trial's batched step (kdtune/fusion.py) steps the student elsewhere and reports its terms here."""
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
         self._batches += 1

@@ -13,7 +13,7 @@ import os
 import sys
 
 from kdtune import tracking
-from kdtune.config import TrialConfig
+from kdtune.config import BATCHED_MODES, TrialConfig
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.results import baseline_tuning, verdict
 
@@ -75,6 +75,10 @@ def study_parser(description: str) -> argparse.ArgumentParser:
                      help="grid settings that share batches (same seed, batch size, epochs, augmentation; "
                           "single-stage, logit-only methods) train together in one trial, the teacher run once per "
                           "batch, up to N per trial (auto: 8); each keeps its own MLflow run and table row")
+    how.add_argument("--batched", choices=list(BATCHED_MODES), default=None,
+                     help="fused trials: step the members as one vmap-batched computation (kd and none methods, SGD, "
+                          "one student architecture, no dropout): auto = on CUDA only, on = also on a CPU, off = "
+                          "never; members that cannot be batched step one after the other (default: auto)")
     how.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=None,
                      help="run the next trial in a finished trial's process (default: on a single-node Ray only; "
                           "on a multi-node cluster every trial starts its own process, so trials spread over nodes)")
@@ -137,7 +141,7 @@ def _spec_from_args(args: argparse.Namespace, name: str, variants: list[dict], *
     from kdtune.study import StudySpec
 
     overrides = parse_set_options(args.set)
-    for key in ("epochs", "lr", "batch_size", "precision"):
+    for key in ("epochs", "lr", "batch_size", "precision", "batched"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     teacher_overrides = {"epochs": args.teacher_epochs} if args.teacher_epochs is not None else {}

@@ -155,3 +155,51 @@ def test_member_loss_from_a_trial_config():
     assert (none.alpha, none.hard_weight) == (0.0, 1.0)
     with pytest.raises(NotBatchable, match="kd and none"):
         MemberLoss.from_config(SimpleNamespace(method="fsp"))  # any two-stage or feature method
+
+
+def test_a_stack_rebuilt_from_written_back_members_continues_exactly():
+    """What fused trials do every epoch: write back, build a new stack from the members' modules, load their
+    momentum buffers; it continues where one long-lived stack goes."""
+    torch.manual_seed(0)
+    students = [models.build_model("digits_student", 10, (1, 8, 8)) for _ in LOSSES]
+    batches = make_batches((1, 8, 8), steps=6)
+    straight = BatchedStudents([copy.deepcopy(s) for s in students], LOSSES)
+    for images, labels, teacher_logits in batches:
+        straight.step(images, labels, teacher_logits)
+
+    first = BatchedStudents(students, LOSSES)
+    for images, labels, teacher_logits in batches[:3]:
+        first.step(images, labels, teacher_logits)
+    first.write_back()
+    second = BatchedStudents(students, LOSSES)
+    second.load_momentum([first.member_momentum(k) for k in range(len(LOSSES))])
+    for images, labels, teacher_logits in batches[3:]:
+        second.step(images, labels, teacher_logits)
+    for k in range(len(LOSSES)):
+        want, got = straight.member_state(k), second.member_state(k)
+        assert all(torch.equal(want[name], got[name]) for name in want), k
+    forgetful = BatchedStudents(students, LOSSES)  # the members' weights after 3 steps, momentum not carried over
+    for images, labels, teacher_logits in batches[3:]:
+        forgetful.step(images, labels, teacher_logits)
+    weights = "classifier.weight"
+    assert not torch.equal(forgetful.member_state(0)[weights], straight.member_state(0)[weights])
+
+
+def test_each_member_may_read_its_own_teacher_target():
+    """(K, N, C) teacher logits: member k distils towards row k (an ensemble's target at each member's T)."""
+    torch.manual_seed(0)
+    students = [models.build_model("mlp_student", 10, (64,)) for _ in LOSSES]
+    batches = make_batches((64,), steps=4)
+    generator = torch.Generator().manual_seed(2)
+    targets = [3 * torch.randn(len(LOSSES), 16, 10, generator=generator) for _ in batches]
+    references = [sequential_reference([s], [m], [(i, y, t[k]) for (i, y, _), t in zip(batches, targets)])[0][0]
+                  for k, (s, m) in enumerate(zip(students, LOSSES))]
+    batched = BatchedStudents(students, LOSSES)
+    for (images, labels, _), target in zip(batches, targets):
+        batched.step(images, labels, target)
+    batched.write_back()
+    for student, reference in zip(students, references):
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(student.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected \(N, C\) or \(4, N, C\)"):
+        batched.step(batches[0][0], batches[0][1], targets[0][:2])
