@@ -116,12 +116,16 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     for run, trainer in zip(training, trainers):
         run.trainer = trainer
     _restore(training)
+    # a member that diverged before the checkpoint stays out (the checkpoint keeps its place in `training`)
+    active = [r for r in training if r.error is None]
+    if not active:
+        return _report_final(runs)
     dataset = parts.dataset
-    share = 1.0 / len(training)  # each member's share of the fused time is its training time
+    share = 1.0 / len(active)  # each member's share of the fused time is its training time
     clock = CheckpointClock()
-    for results in fused_epochs(trainers, teacher):
+    for results in fused_epochs([r.trainer for r in active], teacher):
         for index, result in results.items():
-            run = training[index]
+            run = active[index]
             if isinstance(result, TrainingDiverged):
                 run.error = f"TrainingDiverged: {result}"
                 run.run.fail(run.error)
