@@ -271,20 +271,24 @@ class Trainer:
         return self._stage.uses_teacher
 
     @property
-    def takes_shared_logits(self) -> bool:
-        """Whether this epoch's steps can take teacher logits computed once for several students: the teacher
-        runs online, and the method reads its logits alone (no features, no early stop)."""
-        return (self._stage.uses_teacher and self.teacher is not None and self.teacher_logits is None
-                and not self.method.needs_teacher_features)
+    def takes_shared_teacher(self) -> bool:
+        """Whether this epoch's steps can read a teacher forward run once for several students (a TeacherPass):
+        the teacher runs online (not from the cache) in this stage."""
+        return self._stage.uses_teacher and self.teacher is not None and self.teacher_logits is None
 
-    def train_step(self, images, labels, indices, teacher_logits: torch.Tensor | None = None) -> None:
-        """One optimiser step on a batch. `teacher_logits`: the teacher's logits on it, computed once for several
-        students (fused trials); else this trainer runs or looks up its own teacher."""
+    @property
+    def teacher_stop_at(self) -> list[nn.Module]:
+        """The teacher modules after which this stage's teacher forward may stop ([]: it runs to the logits)."""
+        return self._stop_at[1]
+
+    def train_step(self, images, labels, indices, teacher: "TeacherPass | torch.Tensor | None" = None) -> None:
+        """One optimiser step on a batch. `teacher`: a teacher forward on it run once for several students
+        (fused trials: a TeacherPass, or its logits alone); None: this trainer runs or looks up its own."""
         stage = self._stage
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            out = self._forward(images, labels, indices, stage.uses_teacher, teacher_logits)
+            out = self._forward(images, labels, indices, stage.uses_teacher, teacher)
             for name, value in self.method.before_student_step(out).items():
                 self._batch_sums[name] = self._batch_sums.get(name, 0.0) + value.detach().float()
             terms = self.method.losses(out)
@@ -357,12 +361,16 @@ class Trainer:
         return means, batch_means
 
     def _forward(self, images, labels, indices, uses_teacher: bool = True,
-                 teacher_logits: torch.Tensor | None = None) -> Outputs:
+                 teacher: "TeacherPass | torch.Tensor | None" = None) -> Outputs:
         student_logits = run_until(self.student, images, self._stop_at[0])
         out = Outputs(labels=labels, indices=indices, student_logits=student_logits,
                       student_features=dict(self._student_tap.features))
-        if uses_teacher and teacher_logits is not None:
-            out.teacher_logits = self.method.teacher_view(teacher_logits)
+        if uses_teacher and isinstance(teacher, TeacherPass):
+            # this trainer's hooks on the shared teacher caught the features it links to during that forward
+            out.teacher_features = teacher.features(self._teacher_tap) if self._teacher_tap is not None else {}
+            out.teacher_logits = self.method.teacher_view(teacher.logits)
+        elif uses_teacher and teacher is not None:
+            out.teacher_logits = self.method.teacher_view(teacher)
         elif uses_teacher:
             logits, out.teacher_features = self._teacher_outputs(images, indices, self._stop_at[1])
             out.teacher_logits = self.method.teacher_view(logits)  # an ensemble's members -> its target
@@ -458,6 +466,34 @@ class Trainer:
             self._teacher_tap.remove()
         self._restore_backends()
         self._restore_backends = lambda: None
+
+
+class TeacherPass:
+    """One teacher forward on a batch, run once for several fused students (kdtune/fusion.py): its logits (None
+    when it stopped at the last module the students' stages need) and each student's linked features, which that
+    student's own FeatureTap on the shared teacher caught during the forward. Features several students link to
+    are copied out of inference mode once, not once per student."""
+
+    def __init__(self, logits: torch.Tensor | None):
+        self.logits = logits
+        self._copies: dict[int, torch.Tensor] = {}
+
+    def features(self, tap: models.FeatureTap) -> dict[int, torch.Tensor]:
+        out = {}
+        for key, value in tap.features.items():
+            if id(value) not in self._copies:  # inference tensors cannot enter autograd: a plain copy
+                self._copies[id(value)] = value.clone()
+            out[key] = self._copies[id(value)]
+        return out
+
+
+def teacher_pass(teacher: nn.Module, images: torch.Tensor, lead: "Trainer", stop_at: list[nn.Module]) -> TeacherPass:
+    """The shared teacher forward of a fused step, as `lead` (any member: they share precision and layout) runs it."""
+    if lead.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), lead._autocast():
+        logits = run_until(teacher, images, stop_at)
+    return TeacherPass(None if logits is None else logits.clone())
 
 
 class _StopForward(Exception):

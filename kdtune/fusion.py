@@ -1,14 +1,18 @@
 """Fused students: grid trials that share their batches train together, with the teacher run once per batch.
 
-A temperature sweep runs the same teacher on the same batches once per temperature. Trials whose configs agree
-on everything that decides the batches and the stages (seed, batch size, epochs, augmentation, validation
-split, precision, the teacher cache) and whose methods need only the teacher's logits can share them: each
-batch is drawn and augmented once, the teacher runs once, and each member takes its own optimiser step.
+A temperature sweep runs the same teacher on the same batches once per temperature, a link-set or hint sweep
+too. Trials whose configs agree on everything that decides the batches and the stages (seed, batch size,
+epochs, first-stage epochs, augmentation, validation split, precision, the teacher cache) share them, whatever
+their methods: each batch is drawn and augmented once, the teacher runs once (a TeacherPass,
+kdtune/engine.py), and each member takes its own optimiser step. Every member has its own forward hooks on the
+shared teacher, so the one forward also catches each member's linked features (hints, FSP, links); it runs to
+the logits, or, when every member's stage stops early (a hint stage), until the last module one of them needs.
 
 Each member trains exactly what its unfused twin trains: the batch order and augmentation come from the shared
-per-epoch generator (a function of seed and epoch, the same for every member), the teacher's logits are the
+per-epoch generator (a function of seed and epoch, the same for every member), the teacher's outputs are the
 same computation, and each member keeps its own stream of the global random generator (dropout), swapped in
-around its step. A member whose loss diverges fails alone; the others go on.
+around its step. A member whose loss diverges fails alone; the others go on. Members of different methods may
+share a trial; one with more stages (hints, FSP) goes on alone on the same batches after the others finish.
 
 Batched members (TrialConfig.batched; kdtune/batched.py): members that allow it step as one vmap computation
 instead of one after the other inside the step: "auto" (default) on CUDA, "on" on any device, "off" never.
@@ -34,6 +38,7 @@ from typing import Iterator
 import torch
 
 from kdtune.config import TrialConfig
+from kdtune.engine import teacher_pass
 from kdtune.errors import ConfigError, TrainingDiverged
 
 # what decides the batches, the stages and the teacher's inputs: members of a group agree on all of it
@@ -65,15 +70,6 @@ def parse_fuse(value) -> int:
     return size
 
 
-def fusable(config: TrialConfig) -> bool:
-    """Single-stage methods that read only the teacher's logits (no features): their step needs nothing from
-    the teacher but its logits on the shared batch."""
-    from kdtune import distill
-
-    method = distill.method_class(config.method)(config)
-    return len(method.stages()) == 1 and not method.needs_teacher_features
-
-
 def group_variants(variants: list[dict], base: dict, size: int) -> list[list[dict]]:
     """Variants in groups of at most `size` that may train together (in order; the rest alone)."""
     if size <= 1:
@@ -82,8 +78,7 @@ def group_variants(variants: list[dict], base: dict, size: int) -> list[list[dic
     order: list[tuple] = []
     for variant in variants:
         config = TrialConfig.from_flat({**base, **{k: v for k, v in variant.items() if k not in ("label", "point")}})
-        key = ("alone", len(order)) if not fusable(config) else tuple(
-            str(getattr(config, name)) for name in SHARED_FIELDS if name != "seed")
+        key = tuple(str(getattr(config, name)) for name in SHARED_FIELDS if name != "seed")
         if key not in groups:
             groups[key] = [[]]
             order.append(key)
@@ -112,10 +107,10 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
         lead = trainers[live[0]]
         plan = _plan_epoch(trainers, live, teacher, refused, said)
         for images, labels, indices in lead.train.batches(lead.config.batch_size, lead.batch_generator()):
-            logits = _teacher_logits(plan.teacher, images, lead) if plan.teacher is not None else None
+            shared = teacher_pass(plan.teacher, images, lead, plan.stop_at) if plan.teacher is not None else None
             if plan.group is not None:
                 try:
-                    plan.group.step(images, labels, indices, logits)
+                    plan.group.step(images, labels, indices, shared.logits if shared is not None else None)
                 except (RuntimeError, NotImplementedError) as error:
                     if plan.group.steps:  # it ran before: a real failure, not a student vmap cannot batch
                         raise
@@ -124,11 +119,11 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
                          f"{str(error).splitlines()[0][:200]})", said)
                     refused.update(plan.members)  # nothing was updated: they take this batch sequentially
                     plan = _plan_epoch(trainers, live, teacher, refused, said)
-                    if plan.teacher is not None and logits is None:
-                        logits = _teacher_logits(plan.teacher, images, lead)
+                    if plan.teacher is not None:  # the new plan's forward (once per trial: this happens once)
+                        shared = teacher_pass(plan.teacher, images, lead, plan.stop_at)
             for i in plan.sequential:
                 _set_rng_state(trainers[i].device, streams[i])
-                trainers[i].train_step(images, labels, indices, logits if i in plan.shared else None)
+                trainers[i].train_step(images, labels, indices, shared if i in plan.shared else None)
                 streams[i] = _rng_state(trainers[i].device)
         if plan.group is not None:
             plan.group.hand_back()  # before end_epoch evaluates, tracks the best state and the trial checkpoints
@@ -149,8 +144,9 @@ class _EpochPlan:
     group: "BatchedGroup | None"  # the members stepped as one vmap computation, or None
     members: list[int]  # their indices
     sequential: list[int]  # the members stepped one after the other
-    shared: list[int]  # of those, the ones given the shared teacher logits
-    teacher: torch.nn.Module | None  # computes the shared logits once per batch (None: nobody needs them)
+    shared: list[int]  # of those, the ones given the shared teacher forward (a TeacherPass)
+    teacher: torch.nn.Module | None  # runs the shared forward once per batch (None: nobody needs it)
+    stop_at: list  # teacher modules after which the shared forward may stop ([]: to the logits)
 
 
 def wants_batched(trainer) -> bool:
@@ -186,14 +182,24 @@ def _plan_epoch(trainers: list, live: list[int], teacher, refused: set[int], sai
     if group is None:
         members = []
     sequential = [i for i in live if i not in members]
-    # one teacher forward for the members that read its logits alone; the rest run (or look up) their own
-    shared = [i for i in sequential if trainers[i].takes_shared_logits] if teacher is not None else []
+    # one teacher forward for the members that run it online (their logits, and their features through their own
+    # hooks on the shared teacher); members with cached logits look theirs up
+    shared = [i for i in sequential if trainers[i].takes_shared_teacher] if teacher is not None else []
     net = teacher
-    if group is not None and group.online and net is None:
+    batched_online = group is not None and group.online
+    if batched_online and net is None:
         net = group.source.teacher
-    if len(shared) < 2 and not (group is not None and group.online):
+    if len(shared) < 2 and not batched_online:
         shared, net = [], None
-    return _EpochPlan(group, members, sequential, shared, net)
+    return _EpochPlan(group, members, sequential, shared, net, _stop_at([trainers[i] for i in shared], batched_online))
+
+
+def _stop_at(members: list, needs_logits: bool) -> list:
+    """Where the shared teacher forward may stop: once every module some member's stage stops at has run, or
+    nowhere ([]) when some member needs the teacher's logits."""
+    if needs_logits or any(not t.teacher_stop_at for t in members):
+        return []
+    return list({id(m): m for t in members for m in t.teacher_stop_at}.values())
 
 
 def _say(trainers: list, message: str, said: set[str]) -> None:
@@ -312,11 +318,8 @@ def _set_momentum(trainer, buffers: dict[str, torch.Tensor]) -> None:
 
 
 def _teacher_logits(teacher, images, lead) -> torch.Tensor:
-    if lead.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), lead._autocast():
-        logits = teacher(images)
-    return logits.clone()  # inference tensors cannot enter autograd
+    """The teacher's logits on a batch, run once for several members (the benchmarks' fused step)."""
+    return teacher_pass(teacher, images, lead, []).logits
 
 
 def _rng_state(device: torch.device):

@@ -68,6 +68,7 @@ class _MemberRun:
 
     def __init__(self, member: Member, index: int, size: int, context, base: dict, trial_id: str, attempt: dict):
         self.member = member
+        self.index = index  # its place in the trial's config: the same in every attempt
         self.config = TrialConfig.from_flat({**base, **member.overrides, "seed": member.seed})
         key = trial_id if size == 1 else f"{trial_id}/{index}"
         name = f"{member.label} {member.point} seed={member.seed}".replace("  ", " ")
@@ -134,7 +135,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
         alive = [r for r in training if r.error is None]
         if not alive:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
-        lead = alive[0].metrics
+        lead = next((r for r in alive if not r.trainer.done), alive[0]).metrics  # Tune's clock: one still training
         if all(r.trainer.done for r in alive) or not clock.due():
             tune.report(_trial_metrics(runs, lead))  # the last epoch needs none: its members' runs are closed
             continue
@@ -142,8 +143,9 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
         with tempfile.TemporaryDirectory() as folder:
             # a restored trial starts after this checkpoint, so the epoch's metric points not yet stored go in it
             # (sent again on restore) rather than the trial waiting for the tracking server here
-            torch.save({"members": [r.trainer.state_dict() if r.error is None else None for r in training],
-                        "unsent_metrics": [r.run.unsent() for r in training]}, Path(folder) / "trainer.pt")
+            torch.save({"members": {r.index: r.trainer.state_dict() if r.error is None else None
+                                    for r in training if r.error is not None or not r.trainer.done},
+                        "unsent_metrics": {r.index: r.run.unsent() for r in training}}, Path(folder) / "trainer.pt")
             tune.report(_trial_metrics(runs, lead), checkpoint=tune.Checkpoint.from_directory(folder))
         clock.stop()
 
@@ -196,13 +198,16 @@ def _restore(training: list[_MemberRun]) -> None:
         return
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "trainer.pt", map_location=training[0].trainer.device, weights_only=True)
-    for run, points in zip(training, state.get("unsent_metrics", [])):
-        run.run.resend(points)
-    for run, member_state in zip(training, state["members"]):
-        if member_state is None:
+    # by member index: members that finished before the checkpoint (fewer stages) are not in `training` now
+    members, unsent = state["members"], state.get("unsent_metrics", {})
+    for run in training:
+        run.run.resend(unsent.get(run.index, []))
+        if run.index not in members:  # it had finished its epochs, but its run was not closed: train it again
+            continue
+        if members[run.index] is None:
             run.error = run.error or "TrainingDiverged: diverged before the last checkpoint"
         else:
-            run.trainer.load_state_dict(member_state)
+            run.trainer.load_state_dict(members[run.index])
 
 
 def _report_final(runs: list[_MemberRun]) -> None:

@@ -42,6 +42,59 @@ def test_each_member_trains_exactly_what_its_unfused_twin_trains(parts):
         assert alone[-1]["test_acc"] == fused[i][-1]["test_acc"]
 
 
+def _assert_twins(parts, configs, fused):
+    for i, config in enumerate(configs):
+        alone = list(parts.trainer(config).epochs())
+        assert len(alone) == len(fused[i]), config.method
+        for a, b in zip(alone, fused[i]):
+            assert (a["stage"], a["val_acc"], a["train_loss"]) == (b["stage"], b["val_acc"], b["train_loss"]), \
+                (config.method, config.links)
+        assert alone[-1]["test_acc"] == fused[i][-1]["test_acc"]
+
+
+def _fused_counting_teacher(parts, configs):
+    """fused_epochs' results per member, and how many times the shared teacher's forward started."""
+    trainers, teacher = parts.fused_trainers(configs)
+    calls = []
+    handle = teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        fused = {i: [] for i in range(len(configs))}
+        for results in fused_epochs(trainers, teacher):
+            for i, metrics in results.items():
+                fused[i].append(metrics)
+    finally:
+        handle.remove()
+    batches = sum(1 for _ in trainers[0].train.batches(common_batch(configs), trainers[0].batch_generator()))
+    return fused, len(calls), batches
+
+
+def test_feature_members_share_one_teacher_forward_and_train_what_their_twins_train(parts):
+    """Two link sets, KD and the baseline in one trial: one teacher forward per batch serves them all, each
+    link member's features caught by its own hooks on the shared teacher."""
+    common = {"epochs": 2, "teacher_cache": "off", "lr": 0.03}
+    configs = [TrialConfig.from_flat({**common, **c}) for c in (
+        {"method": "links", "links": "1,2", "beta": 1.0}, {"method": "links", "links": "2", "beta": 3.0},
+        {"method": "kd", "temperature": 4.0}, {"method": "none"})]
+    fused, calls, batches = _fused_counting_teacher(parts, configs)
+    assert calls == 2 * batches  # once per batch, not once per member
+    _assert_twins(parts, configs, fused)
+
+
+def test_hint_stages_on_different_links_share_a_teacher_forward_that_stops_after_the_last_link(parts):
+    common = {"stage1_epochs": 1, "epochs": 1, "teacher_cache": "off", "alpha": 0.0}
+    configs = [TrialConfig.from_flat({**common, "method": "hints", "links": links, "beta": 1.0})
+               for links in ("1", "2")]
+    fused, calls, batches = _fused_counting_teacher(parts, configs)
+    assert [[m["stage"] for m in fused[i]] for i in range(2)] == [["hint", "main"]] * 2
+    assert calls == batches  # the hint epoch, once per batch; the main stage (alpha 0) needs no teacher
+    _assert_twins(parts, configs, fused)
+
+
+def common_batch(configs) -> int:
+    (size,) = {c.batch_size for c in configs}
+    return size
+
+
 def test_a_diverging_member_fails_alone(parts):
     configs = [TrialConfig.from_flat({"method": "kd", "temperature": 4.0, "lr": lr, "epochs": 2})
                for lr in (0.01, 1e6, 0.03)]
@@ -55,12 +108,13 @@ def test_groups_hold_only_members_that_can_share_batches():
     base = {"dataset": "digits", "teacher": "digits_teacher", "student": "digits_student", "epochs": 3}
     variants = [{"label": "baseline", "method": "none"}] + [
         {"label": f"T={t}", "method": "kd", "temperature": t} for t in (1.0, 2.0, 4.0)] + [
-        {"label": "links", "method": "links", "links": "2", "beta": 1.0},  # reads teacher features: alone
-        {"label": "hints", "method": "hints", "links": "2", "beta": 1.0, "stage1_epochs": 1},  # two stages
+        {"label": "links", "method": "links", "links": "2", "beta": 1.0},  # reads teacher features
+        {"label": "hints", "method": "hints", "links": "2", "beta": 1.0, "stage1_epochs": 1},  # another stage 1
         {"label": "big batch", "method": "kd", "batch_size": 128}]  # other batches
     groups = group_variants(variants, base, 3)
     labels = [[v["label"] for v in g] for g in groups]
-    assert labels == [["baseline", "T=1.0", "T=2.0"], ["T=4.0"], ["links"], ["hints"], ["big batch"]]
+    # every method may share a trial; what decides the batches and the stages (stage1_epochs, batch size) may not
+    assert labels == [["baseline", "T=1.0", "T=2.0"], ["T=4.0", "links"], ["hints"], ["big batch"]]
     assert group_variants(variants, base, 1) == [[v] for v in variants]
     assert parse_fuse("auto") == 8 and parse_fuse("off") == 1 and parse_fuse("4") == 4
     # auto keeps every trial slot busy: 30 settings on 2 slots fuse 8 at a time, on 64 slots not at all
