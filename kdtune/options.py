@@ -71,10 +71,11 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     how.add_argument("--cpus-per-trial", type=float, default=1.0)
     how.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials, e.g. 0.25")
     how.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    how.add_argument("--fuse", default="off", metavar="off|auto|N",
-                     help="grid settings that share batches (same seed, batch size, epochs, augmentation; "
-                          "single-stage, logit-only methods) train together in one trial, the teacher run once per "
-                          "batch, up to N per trial (auto: 8); each keeps its own MLflow run and table row")
+    how.add_argument("--fuse", default="auto", metavar="off|auto|N",
+                     help="grid settings that share batches (same seed, batch size, epochs, first-stage epochs, "
+                          "augmentation; any method) train together in one trial, the teacher run once per batch, up "
+                          "to N per trial (auto, the default: as many as keep every trial slot busy, at most 8); "
+                          "each keeps its own MLflow run and table row")
     how.add_argument("--batched", choices=list(BATCHED_MODES), default=None,
                      help="fused trials: step the members as one vmap-batched computation (kd and none methods, SGD, "
                           "one student architecture, no dropout): auto = on CUDA only, on = also on a CPU, off = "

@@ -77,7 +77,7 @@ class StudySpec:
     pareto: Any = None  # a search over students and a cost (kdtune.pareto.Pareto): the front, not one best
     tune: dict = field(default_factory=dict)  # grid: recipe values tried for every setting, e.g. {"lr": [...]}
     allow_failed_best: bool = False  # may a setting with failed seeds be chosen as best?
-    fuse: Any = "off"  # grid: train variants that share batches together, up to this many (off | auto | N)
+    fuse: Any = "auto"  # grid: train variants that share batches together, up to this many (off | auto | N)
     overrides: dict = field(default_factory=dict)  # applied to every student trial (after the dataset recipe)
     teacher_overrides: dict = field(default_factory=dict)
     seeds: int = 1

@@ -19,7 +19,6 @@ def main() -> int:
     parser = study_parser(__doc__.splitlines()[0])
     parser.add_argument("--temperatures", type=float, nargs="+", default=TEMPERATURES)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the soft term (hard: 1 - alpha)")
-    parser.set_defaults(fuse="auto")  # the settings differ only in T and lr: they share batches and the teacher
     args = parser.parse_args()
     if args.tune is None:
         from kdtune.resolve import recipe_of
