@@ -124,6 +124,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     dataset = parts.dataset
     share = 1.0 / len(active)  # each member's share of the fused time is its training time
     clock = CheckpointClock()
+    latencies: dict = {}  # by student: members share the architecture, and latency depends on it, not on weights
     for results in fused_epochs([r.trainer for r in active], teacher):
         for index, result in results.items():
             run = active[index]
@@ -131,7 +132,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
                 run.error = f"TrainingDiverged: {result}"
                 run.run.fail(run.error)
                 continue
-            _record_epoch(run, result, dataset, share)
+            _record_epoch(run, result, dataset, share, latencies)
         alive = [r for r in training if r.error is None]
         if not alive:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
@@ -175,14 +176,17 @@ class CheckpointClock:
         self._cost = self._last - self._started
 
 
-def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float) -> None:
+def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float, latencies: dict) -> None:
     trainer = run.trainer
     metrics["training_time_s"] = trainer.training_time_s * share
     # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
     metrics["main_epoch"] = max(0, metrics["epoch"] - (trainer.total_epochs - run.config.epochs))
     final = metrics["epoch"] == metrics["epochs_total"]
     if final:
-        metrics.update(inference_latency(trainer.student, dataset, trainer.device))
+        key = str(run.config.student)
+        if key not in latencies:
+            latencies[key] = inference_latency(trainer.student, dataset, trainer.device)
+        metrics.update(latencies[key])
     run.run.log_epoch(metrics, step=metrics["epoch"])
     if final:
         metrics["weights_uri"] = _log_student(run.run, trainer, dataset)
