@@ -800,4 +800,6 @@ def test_a_study_survives_losing_its_worker_node(deployment):
         last = lines[-1]
         assert last["epoch"] == epochs and "test_acc" in last
         if trial_id in killed_keys:
-            assert last["iterations_since_restore"] < last["training_iteration"] == epochs
+            # restored from a checkpoint: fewer reports since the restore than in all (a grid trial reports
+            # with its checkpoints, so not every epoch)
+            assert last["iterations_since_restore"] < last["training_iteration"]
