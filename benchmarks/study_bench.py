@@ -244,13 +244,22 @@ def analyse(data: dict):
     # per-trial overhead: what each trial costs on top of its training, trial processes included
     per_trial = ((fit[1] - fit[0]) * conc - training) / n
     rows.append(Row(section, "overhead per trial inside Tuner.fit ((fit wall x conc - training) / trials)",
-                    per_trial, "s", "<= 0.3 s", check(per_trial, maximum=0.3)))
-    first, later = {}, []
+                    per_trial, "s", note="trial process starts and first-trial costs included"))
+    first, later, previous = {}, [], {}
     for t in trials:
         if t["pid"] in first:
             later.append(t)
+            t["gap"] = t["enter"] - previous[t["pid"]]["exit"]
         else:
             first[t["pid"]] = t
+        previous[t["pid"]] = t
+    outside = lambda t: t["exit"] - t["enter"] - (t["training_time_s"] or 0.0)  # noqa: E731
+    reused = median([outside(t) + t["gap"] for t in later]) if later else float("nan")
+    rows.append(Row(section, "overhead per trial in a reused process (trial function minus training, + the gap "
+                    "before it)", reused, "s", "<= 0.3 s", check(reused, maximum=0.3)))
+    new_process = median([t["enter"] - t["process_start"] + outside(t) for t in first.values()]) - reused
+    rows.append(Row(section, "a new trial process, extra (its start-up + its first trial's overhead, minus a reused "
+                    "trial's)", new_process, "s", "<= 3 s", check(new_process, maximum=3.0)))
     startup = [t["enter"] - t["process_start"] for t in first.values()]
     first_setup = [t["spent"].get("trainer_setup", 0.0) for t in first.values()]
     rows.append(Row(section, "trial process start-up (spawn, imports, args from the object store; once per process)",
