@@ -162,6 +162,7 @@ def main() -> int:
                    fused.measure("vgg", args.rounds, args.steps, common.threads(), log=log)]
         for result in results:
             rows += fused.rows(result)
+        rows += fused.accuracy_rows(fused.accuracy_twins(log=log))
         log(f"fused/unfused: {results[1]['fused'] / results[1]['unfused']:.2f}x")
 
     if teacher_path:

@@ -97,6 +97,45 @@ def rows(result: dict) -> list[Row]:
                 (ratio >= 1.8) if result["pair"] == "vgg" else None)]
 
 
+def accuracy_twins(epochs: int = 15, lr: float = 0.03, log=print) -> dict:
+    """The 9-temperature digits sweep trained fused (kdtune.fusion.fused_epochs, the trial path) and each
+    setting alone, same seed, teacher online: each member's test accuracy both ways (the issue: "show both")."""
+    from kdtune.data import load_dataset
+    from kdtune.fusion import fused_epochs
+    from kdtune.parts import trainer_for
+
+    torch.set_num_threads(1)
+    dataset = load_dataset("digits")
+    teacher = trainer_for(TrialConfig.from_flat({"student": "digits_teacher", "method": "none", "epochs": 12,
+                                                 "lr": 0.05}), dataset)
+    list(teacher.epochs())
+    parts = StudyParts(dataset, model_ref("digits_student"), model_ref("digits_teacher"),
+                       teacher.student.state_dict())
+    configs = [TrialConfig.from_flat({"method": "kd", "temperature": float(t), "alpha": 0.5, "epochs": epochs,
+                                      "lr": lr, "teacher_cache": "off"}) for t in TEMPERATURES]
+    trainers, shared = parts.fused_trainers(configs)
+    fused = {}
+    for results in fused_epochs(trainers, shared):
+        fused.update({i: m["test_acc"] for i, m in results.items() if "test_acc" in m})
+    alone = [list(parts.trainer(c).epochs())[-1]["test_acc"] for c in configs]
+    log("  [accuracy] T: fused / unfused test accuracy: " + ", ".join(
+        f"{t:g}: {fused[i]:.4f} / {alone[i]:.4f}" for i, t in enumerate(TEMPERATURES)))
+    return {"temperatures": list(TEMPERATURES), "fused": [fused[i] for i in range(len(configs))], "alone": alone,
+            "epochs": epochs, "lr": lr}
+
+
+def accuracy_rows(result: dict) -> list[Row]:
+    section = (f"5b. fused vs unfused accuracy (digits, 9 temperatures, {result['epochs']} epochs, "
+               f"lr {result['lr']:g}, seed 0, teacher online)")
+    diff = max(abs(a - b) for a, b in zip(result["fused"], result["alone"]))
+    each = "; ".join(f"T={t:g} {f:.4f}/{a:.4f}" for t, f, a in
+                     zip(result["temperatures"], result["fused"], result["alone"]))
+    return [Row(section, "mean test accuracy over the 9 members: fused", sum(result["fused"]) / 9, ""),
+            Row(section, "mean test accuracy over the 9 members: unfused", sum(result["alone"]) / 9, ""),
+            Row(section, "largest |fused - unfused| over the members", diff, "", "0 (same computation)", diff == 0,
+                note=each)]
+
+
 def main() -> int:
     import argparse
 
