@@ -150,8 +150,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
         with tempfile.TemporaryDirectory() as folder:
             # a restored trial starts after this checkpoint, so the epoch's metric points not yet stored go in it
             # (sent again on restore) rather than the trial waiting for the tracking server here
-            torch.save({"members": {r.index: r.trainer.state_dict() if r.error is None else None
-                                    for r in training if r.error is not None or not r.trainer.done},
+            torch.save({"members": {r.index: r.trainer.state_dict() if r.error is None else None for r in training},
                         "unsent_metrics": {r.index: r.run.unsent() for r in training}}, Path(folder) / "trainer.pt")
             tune.report(_trial_metrics(runs, lead), checkpoint=tune.Checkpoint.from_directory(folder))
         clock.stop()
@@ -208,12 +207,12 @@ def _restore(training: list[_MemberRun]) -> None:
         return
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "trainer.pt", map_location=training[0].trainer.device, weights_only=True)
-    # by member index: members that finished before the checkpoint (fewer stages) are not in `training` now
-    members, unsent = state["members"], state.get("unsent_metrics", {})
+    # by member index: members that finished before the checkpoint (fewer stages) are not in `training` now.
+    # (A checkpoint of an earlier kdtune holds lists in `training` order, where every member was still training.)
+    members, unsent = (dict(enumerate(v)) if isinstance(v, list) else v
+                       for v in (state["members"], state.get("unsent_metrics", {})))
     for run in training:
         run.run.resend(unsent.get(run.index, []))
-        if run.index not in members:  # it had finished its epochs, but its run was not closed: train it again
-            continue
         if members[run.index] is None:
             run.error = run.error or "TrainingDiverged: diverged before the last checkpoint"
         else:
