@@ -20,13 +20,17 @@ def parts(digits, trained_digits_teacher):
     return StudyParts(digits, model_ref("digits_student"), model_ref("digits_teacher"), trained_digits_teacher[0])
 
 
-def run_fused(parts, configs):
-    trainers, teacher = parts.fused_trainers(configs)
-    history = {i: [] for i in range(len(configs))}
+def fused_history(trainers, teacher) -> dict[int, list]:
+    """Each member's per-epoch results (metrics, or the TrainingDiverged that ended it) from fused_epochs."""
+    history = {i: [] for i in range(len(trainers))}
     for results in fused_epochs(trainers, teacher):
         for i, metrics in results.items():
             history[i].append(metrics)
     return history
+
+
+def run_fused(parts, configs):
+    return fused_history(*parts.fused_trainers(configs))
 
 
 def test_each_member_trains_exactly_what_its_unfused_twin_trains(parts):
@@ -58,10 +62,7 @@ def _fused_counting_teacher(parts, configs):
     calls = []
     handle = teacher.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        fused = {i: [] for i in range(len(configs))}
-        for results in fused_epochs(trainers, teacher):
-            for i, metrics in results.items():
-                fused[i].append(metrics)
+        fused = fused_history(trainers, teacher)
     finally:
         handle.remove()
     batches = sum(1 for _ in trainers[0].train.batches(common_batch(configs), trainers[0].batch_generator()))
@@ -206,11 +207,7 @@ def assert_same_training(alone_trainer, alone, fused_trainer, fused):
 
 def run_batched(parts, configs):
     trainers, teacher = parts.fused_trainers(configs)
-    history = {i: [] for i in range(len(configs))}
-    for results in fused_epochs(trainers, teacher):
-        for i, metrics in results.items():
-            history[i].append(metrics)
-    return trainers, history
+    return trainers, fused_history(trainers, teacher)
 
 
 def alone(parts, config):
