@@ -16,8 +16,10 @@ from kdtune.errors import ConfigError
 from kdtune.models.vgg import VGG, VGG7_STAGES, VGG16_STAGES, vgg_link_points
 from kdtune.models import cnn
 from kdtune.models.mlp import MLP, mlp_link_points
-from kdtune.models.resnet import RESNET_LINK_POINTS, CifarResNet
-from kdtune.models.wrn import WRN_LINK_POINTS, WideResNet
+from kdtune.models.mobilenet import MOBILENET_LINK_POINTS, MobileNetV2
+from kdtune.models.resnet import RESNET_LINK_POINTS, RESNET_X4, X4_LINK_POINTS, CifarResNet, resnet_x4
+from kdtune.models.shufflenet import SHUFFLENET_LINK_POINTS, ShuffleNetV2
+from kdtune.models.wrn import CIFAR_KD_WRNS, KD_WRN_LINK_POINTS, WRN_LINK_POINTS, WideResNet
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,24 @@ def _wrn(depth, widen, dropout, what) -> ModelSpec:
     )
 
 
+def _resnet_x4(depth) -> ModelSpec:
+    return ModelSpec(
+        build=lambda num_classes, shape: resnet_x4(depth, num_classes, shape),
+        link_points=dict(X4_LINK_POINTS),
+        description=f"CIFAR-100 KD benchmark (CRD / RepDistiller): ResNet-{depth}x4, channels 32-64-128-256, "
+                    "links 1-3 = section ends, 4 = embedding",
+    )
+
+
+def _kd_wrn(depth, widen) -> ModelSpec:
+    return ModelSpec(
+        build=lambda num_classes, shape: WideResNet(depth, widen, num_classes, shape, embedding=True),
+        link_points=dict(KD_WRN_LINK_POINTS),
+        description=f"CIFAR-100 KD benchmark (CRD / RepDistiller): WRN-{depth}-{widen}, links 1-3 = group outputs, "
+                    "4 = embedding",
+    )
+
+
 _MODELS: dict[str, ModelSpec] = {
     # Seed 000 Table 1, sized for 32x32 inputs (five pools leave 1x1x512 before the FC layers).
     "vgg16": _vgg(VGG16_STAGES, [4096, 4096]),
@@ -102,6 +122,23 @@ _MODELS: dict[str, ModelSpec] = {
     "mlp_student": _mlp([64], "rule-recipe student for non-image data"),
     # between the two in size: the teacher assistant of a digits chain (seed 001 section 3.2)
     "digits_assistant": _vgg([[16], [32], [64]], [64]),
+    # The CIFAR-100 KD benchmark's pairs (Tian et al., CRD, ICLR 2020; RepDistiller / mdistiller), under
+    # RepDistiller's names (ShuffleV2 and MobileNetV2 lower-cased). Link 1..k = the end of each stage and the
+    # last link = `embedding`, the pooled (N, D) vector the classifier reads (RKD / CRD features).
+    **{name: _resnet_x4(depth) for name, depth in RESNET_X4.items()},
+    **{name: _kd_wrn(depth, widen) for name, (depth, widen) in CIFAR_KD_WRNS.items()},
+    "shufflenetv2": ModelSpec(
+        build=lambda num_classes, shape: ShuffleNetV2(num_classes, shape),
+        link_points=dict(SHUFFLENET_LINK_POINTS),
+        description="CIFAR-100 KD benchmark (CRD / RepDistiller ShuffleV2): ShuffleNetV2 1x for 32x32, "
+                    "links 1-3 = stage outputs, 4 = embedding",
+    ),
+    "mobilenetv2": ModelSpec(
+        build=lambda num_classes, shape: MobileNetV2(num_classes, shape),
+        link_points=dict(MOBILENET_LINK_POINTS),
+        description="CIFAR-100 KD benchmark (CRD / RepDistiller MobileNetV2 = mobile_half): MobileNetV2 width 0.5, "
+                    "links 1-4 = ends of the four resolution stages, 5 = embedding",
+    ),
 }
 
 

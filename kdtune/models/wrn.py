@@ -7,7 +7,14 @@ global average pooling and the classifier. Where a block changes the width or th
 WRN-40-10 55.6M, WRN-22-4 4.3M, WRN-10-4 1.2M. Seed 003 trains its students with dropout 0.3.
 
 Links 1, 2, 3 are the outputs of groups 1-3 (16k x 32x32, 32k x 16x16, 64k x 8x8 for a 32x32 input), so
-every WRN pair shares them; channel counts differ between widths (an adapter's job).
+every WRN pair shares them; channel counts differ between widths (an adapter's job). Seed 003's WRNs have no
+module whose output is the pooled (N, D) feature (`pool` gives (N, 64k, 1, 1)); it is the classifier's input.
+
+The CIFAR-100 KD benchmark's WRNs (Tian et al., CRD; RepDistiller's wrn_40_2, wrn_16_2, wrn_40_1) are this
+same network without dropout (RepDistiller's WideResNet: same blocks, same projecting shortcuts on the
+pre-activated input, final BN-ReLU): 2.26M, 0.70M and 0.57M parameters for 100 classes (CIFAR_KD_WRNS).
+They are built with `embedding=True`: an nn.Flatten named `embedding` after the pool, whose (N, 64k) output
+is the classifier's input, is their link 4 (KD_WRN_LINK_POINTS).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ class WideBlock(nn.Module):
 
 class WideResNet(nn.Module):
     def __init__(self, depth: int, widen: int, num_classes: int, input_shape: tuple[int, int, int],
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, embedding: bool = False):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"depth={depth}: a WRN has 6n+4 layers (10, 16, 22, 28, 40, ...)")
@@ -52,6 +59,7 @@ class WideResNet(nn.Module):
             in_channels = width
         self.bn = nn.BatchNorm2d(in_channels)
         self.pool = GlobalAvgPool()
+        self.embedding = nn.Flatten(1) if embedding else None  # None: no module, as seed 003's WRNs always had
         self.classifier = nn.Linear(in_channels, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -59,8 +67,13 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.group3(self.group2(self.group1(self.stem(x))))
-        x = torch.relu(self.bn(x))
-        return self.classifier(torch.flatten(self.pool(x), 1))
+        x = self.pool(torch.relu(self.bn(x)))
+        x = torch.flatten(x, 1) if self.embedding is None else self.embedding(x)
+        return self.classifier(x)
 
 
 WRN_LINK_POINTS = {1: "group1", 2: "group2", 3: "group3"}
+
+# RepDistiller's names -> (depth, widen); dropout 0 as in its training scripts
+CIFAR_KD_WRNS = {"wrn_40_2": (40, 2), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1)}
+KD_WRN_LINK_POINTS = {**WRN_LINK_POINTS, 4: "embedding"}
