@@ -159,3 +159,28 @@ def seed004_adversarial_loss(d_student: torch.Tensor, form: str = "paper") -> to
     if form == "nonsaturating":
         return teacher_source_loss(d_student)
     raise ValueError(f"seed004_adversarial_loss form={form!r}: allowed: {', '.join(ADV_LOSSES)}")
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024, "Logit Standardization in Knowledge Distillation"): the
+    per-sample Z-score over the classes (the last dimension),
+
+        Z(z) = (z - mean(z)) / (std(z) + eps)
+
+    as the authors' `normalize` (github.com/sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py,
+    also DKD.py, MLKD.py and CTKD/distiller_zoo/KD.py; commit f6e5aa5). std is torch's default, the unbiased
+    one (divides by K - 1), and this follows it; the paper writes the standard deviation with 1/K, which differs
+    by sqrt(K / (K - 1)) (0.5% at K = 100), a fixed rescaling of the temperature. The result has mean 0 and
+    (unbiased) std 1 per row up to eps, and does not change when a row is shifted or scaled by a positive factor;
+    a constant row becomes zeros.
+
+    KD+LS (their kd_loss with logit_stand): standardise both the teacher's and the student's logits, divide both
+    by a base temperature T, and take T^2 * KL(softmax(Z(z_t)/T) || softmax(Z(z_s)/T)) averaged over the batch,
+    i.e. soft_loss(standardize_logits(z_s), standardize_logits(z_t), T). Their README and tools/train.py
+    (--logit-stand) run it with --base-temp 2 and --kd-weight 9 (the KD term's weight), with the cross-entropy
+    weighted 0.1 (CFG.KD.LOSS.CE_WEIGHT in their mdistiller/engine/cfg.py).
+    """
+    floating = logits if logits.dtype == torch.float64 else logits.float()
+    mean = floating.mean(dim=-1, keepdim=True)
+    std = floating.std(dim=-1, keepdim=True)
+    return (floating - mean) / (std + eps)
