@@ -15,9 +15,9 @@ import torch
 
 from benchmarks.common import Row
 from kdtune import recipes
-from kdtune.config import TrialConfig
 from kdtune.data import load_dataset
 from kdtune.parts import trainer_for
+from kdtune.distill import trial_config
 
 
 def _one_thread(function):
@@ -35,7 +35,7 @@ def _one_thread(function):
 @_one_thread
 def train_teacher(log=print) -> dict:
     recipe = recipes.recipe_for("digits")
-    config = TrialConfig.from_flat({"dataset": "digits", "student": recipe["teacher"], "teacher": recipe["teacher"],
+    config = trial_config({"dataset": "digits", "student": recipe["teacher"], "teacher": recipe["teacher"],
                                     "method": "none", **recipe["teacher_recipe"]})
     trainer = trainer_for(config, load_dataset("digits"))
     started = time.perf_counter()
@@ -54,7 +54,7 @@ def run(teacher_state: dict, seeds: int = 3, log=print) -> tuple[list[Row], dict
     times = {"fp32": [], "bf16": []}
     for seed in range(seeds):
         for precision in ("fp32", "bf16"):
-            config = TrialConfig.from_flat({"dataset": "digits", "teacher": recipe["teacher"],
+            config = trial_config({"dataset": "digits", "teacher": recipe["teacher"],
                                             "student": recipe["student"], **recipe["student_recipe"],
                                             "method": "kd", "temperature": 4.0, "alpha": 0.5, "seed": seed,
                                             "precision": precision, "teacher_cache": "off"})

@@ -20,6 +20,7 @@ from kdtune.config import TrialConfig
 from kdtune.fusion import _teacher_logits
 from kdtune.models.refs import model_ref
 from kdtune.parts import StudyParts
+from kdtune.distill import trial_config
 
 TEMPERATURES = (0.6, 1, 1.5, 2, 2.5, 3, 5, 10, 40)
 PAIRS = {"vgg": ("vgg16", "vgg7", 128, "crop:4,flip"), "digits": ("digits_teacher", "digits_student", 40, "none")}
@@ -30,7 +31,7 @@ def _parts(pair: str, batches: int) -> tuple[StudyParts, list[TrialConfig]]:
     dataset = loops.cifar_shaped(batch * batches) if pair == "vgg" else loops.digits_sized(batch * batches)
     torch.manual_seed(0)
     state = model_ref(teacher).build(10, dataset.input_shape).state_dict()
-    configs = [TrialConfig.from_flat({"dataset": dataset.name, "teacher": teacher, "student": student,
+    configs = [trial_config({"dataset": dataset.name, "teacher": teacher, "student": student,
                                       "method": "kd", "temperature": float(t), "alpha": 0.5, "batch_size": batch,
                                       "epochs": 1, "augment": augment, "teacher_cache": "off", "val_fraction": 0.05})
                for t in TEMPERATURES]
@@ -106,12 +107,12 @@ def accuracy_twins(epochs: int = 15, lr: float = 0.03, log=print) -> dict:
 
     torch.set_num_threads(1)
     dataset = load_dataset("digits")
-    teacher = trainer_for(TrialConfig.from_flat({"student": "digits_teacher", "method": "none", "epochs": 12,
+    teacher = trainer_for(trial_config({"student": "digits_teacher", "method": "none", "epochs": 12,
                                                  "lr": 0.05}), dataset)
     list(teacher.epochs())
     parts = StudyParts(dataset, model_ref("digits_student"), model_ref("digits_teacher"),
                        teacher.student.state_dict())
-    configs = [TrialConfig.from_flat({"method": "kd", "temperature": float(t), "alpha": 0.5, "epochs": epochs,
+    configs = [trial_config({"method": "kd", "temperature": float(t), "alpha": 0.5, "epochs": epochs,
                                       "lr": lr, "teacher_cache": "off"}) for t in TEMPERATURES]
     trainers, shared = parts.fused_trainers(configs)
     fused = {}

@@ -62,6 +62,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import Row, median, table
+from kdtune.distill import trial_config
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -236,9 +237,8 @@ def _teacher_state(teacher: str, dataset) -> dict:
 
 
 def _config(dataset, teacher: str, student: str, batch: int, precision: str, temperature: float = 4.0):
-    from kdtune.config import TrialConfig
 
-    return TrialConfig.from_flat({"dataset": dataset.name, "teacher": teacher, "student": student, "method": "kd",
+    return trial_config({"dataset": dataset.name, "teacher": teacher, "student": student, "method": "kd",
                                   "temperature": float(temperature), "alpha": 0.5, "batch_size": batch,
                                   "epochs": 1, "augment": "crop:4,flip", "teacher_cache": "off",
                                   "val_fraction": 0.05, "precision": precision})
@@ -792,7 +792,6 @@ def memory_rows(results: list[tuple[str, dict, int]], fractional_result: dict | 
 
 def batched_vs_sequential(plan: Plan, deadline: float, log=print) -> list[dict]:
     from benchmarks import loops
-    from kdtune.config import TrialConfig
     from kdtune.models.refs import model_ref
     from kdtune.parts import StudyParts
 
@@ -808,7 +807,7 @@ def batched_vs_sequential(plan: Plan, deadline: float, log=print) -> list[dict]:
         for k in (4, 8):
             if time.monotonic() > deadline:
                 break
-            configs = [TrialConfig.from_flat({"dataset": dataset.name, "teacher": "digits_teacher",
+            configs = [trial_config({"dataset": dataset.name, "teacher": "digits_teacher",
                                               "student": "digits_student", "method": "kd", "temperature": float(t),
                                               "alpha": 0.5, "batch_size": 40, "epochs": 1, "augment": "none",
                                               "teacher_cache": "off", "val_fraction": 0.05})

@@ -22,6 +22,7 @@ from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.engine import pick_device, teacher_logits_for
 from kdtune.parts import teacher_network, trainer_for
+from kdtune.distill import trial_config
 
 VAL_FRACTION = 0.05
 
@@ -98,7 +99,7 @@ def vision_dataset(arrays, labels, mean, std, augment: bool):
 class KdtuneLoop:
     def __init__(self, dataset: Dataset, teacher_state: dict | None, nchw: bool = False, **config):
         base = {"val_fraction": VAL_FRACTION, "epochs": 1000, "lr_step_epochs": 1000}
-        self.config = TrialConfig.from_flat({"dataset": dataset.name, **base, **config})
+        self.config = trial_config({"dataset": dataset.name, **base, **config})
         logits = None
         if self.config.teacher_cache == "on":
             logits = teacher_logits_for(teacher_network(self.config.teacher, teacher_state, dataset), dataset, VAL_FRACTION)
@@ -124,7 +125,7 @@ def _kd_weights(config: TrialConfig) -> tuple[float, float, float]:
 
 class PlainLoop:
     def __init__(self, dataset: Dataset, teacher_state: dict | None, augment: bool, workers: int = 2, **config):
-        self.config = TrialConfig.from_flat({"dataset": dataset.name, "val_fraction": VAL_FRACTION, **config})
+        self.config = trial_config({"dataset": dataset.name, "val_fraction": VAL_FRACTION, **config})
         self.device = pick_device()
         arrays, labels, mean, std = train_split(dataset)
         self.loader = torch.utils.data.DataLoader(vision_dataset(arrays, labels, mean, std, augment),
@@ -184,7 +185,7 @@ class TorchdistillLoop:
         from torchdistill.core.distillation import get_distillation_box
 
         logging.getLogger("torchdistill").setLevel(logging.WARNING)
-        c = self.config = TrialConfig.from_flat({"dataset": dataset.name, "val_fraction": VAL_FRACTION, **config})
+        c = self.config = trial_config({"dataset": dataset.name, "val_fraction": VAL_FRACTION, **config})
         self.device = pick_device()
         arrays, labels, mean, std = train_split(dataset)
         teacher = models.build_model(c.teacher, dataset.num_classes, dataset.input_shape)

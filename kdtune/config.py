@@ -1,8 +1,12 @@
-"""Typed, validated trial configuration.
+"""Typed, validated trial configuration: the core layer (no torch, no Ray, no MLflow, no distillation import).
 
-Every value a user can set for one trial lives in `TrialConfig`. Ray Tune hands a trial a flat dict;
-`TrialConfig.from_flat` turns it into a checked config or raises `ConfigError` with one line that names
-the field, the value and what is allowed. Studies validate every trial's config before any trial starts.
+A trial's values are of two kinds. The fields every method shares (data, recipe, optimiser, precision, ...) are
+typed fields of `TrialConfig`. A method's own settings (temperature, alpha, beta, adv_weight, ...) are *declared
+by the method* (`Param`, in its class's `params`) and live in `TrialConfig.params`; from that one declaration
+kdtune derives their validation, `--set NAME=V`, the search space, the table label and the MLflow param.
+`TrialConfig.from_flat(flat, method)` turns a flat dict (a Tune config) into a checked config or raises
+`ConfigError` with one line that names the key, the value and what is allowed; it takes the method's class as
+an argument (kdtune/distill/registry.py finds it from its name), so this module never imports a method.
 
 Loss weights (the seed papers disagree, so every form is expressible):
   total = hard_weight * CE(y, p_S)                      "hard"
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -146,28 +150,131 @@ def format_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
 
 LINK_SPATIAL_MODES = ("refuse", "interpolate")
 AUGMENT_FROM_BOOL = {True: "crop:4,flip", False: "none"}  # the meaning augment=true/false had before recipes
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the student's optimiser (kdtune/engine.py builds it)
+PARAM_KINDS = ("float", "int", "str", "bool", "links", "pairs")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting a distillation method adds, declared once by the method; kdtune derives from it the
+    validation (one-line errors), `--set NAME=V`, the search space, the table label and the MLflow param.
+
+    kind     float | int | str | bool | links (a link set, config.parse_links) | pairs (config.parse_pairs)
+    default  the value when a trial does not set it (None with optional=True: "derive it", e.g. disc_lr = lr)
+    low, high, low_open, high_open  the allowed range of a number (None: unbounded)
+    choices  the allowed values of a str
+    search   what a search samples: (low, high) for a number (log=True: on a log scale), a tuple of values for
+             a str or bool, "link_sets" / "fsp_pairs" for values the model pair supplies, None: not searched
+    short    the name a table label uses (e.g. "T" for temperature); help: one line for `kdtune methods show`
+    """
+
+    name: str
+    default: Any
+    kind: str = "float"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    optional: bool = False
+    search: Any = None
+    log: bool = False
+    short: str = ""
+    help: str = ""
+
+    def __post_init__(self):
+        if self.kind not in PARAM_KINDS:
+            raise ConfigError(f"parameter {self.name!r}: kind={self.kind!r}: unknown; allowed: {', '.join(PARAM_KINDS)}")
+        if self.kind == "str" and not self.choices:
+            raise ConfigError(f"parameter {self.name!r}: a str parameter declares its choices")
+        if self.default is not None or not self.optional:
+            self.check(self.default, "its declaration")  # a method's own default must be allowed
+        if isinstance(self.search, tuple) and self.kind in ("float", "int"):
+            if len(self.search) != 2:
+                raise ConfigError(f"parameter {self.name!r}: search={self.search!r}: expected (low, high)")
+            for end in self.search:
+                self.check(end, "its search range")
+            if self.log and not self.search[0] > 0:
+                raise ConfigError(f"parameter {self.name!r}: a log-scale search range needs low > 0")
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("float", "int")
+
+    def allowed(self) -> str:
+        """What a value may be, in words (for errors and `kdtune methods show`), e.g. '> 0', 'in [0, 1]'."""
+        if self.kind == "str":
+            return "one of " + ", ".join(sorted(self.choices))
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind in ("links", "pairs"):
+            return "a link set such as '2,3'" if self.kind == "links" else "layer pairs such as '1-2,3-4'"
+        prefix = "a whole number " if self.kind == "int" else ""
+        if self.low is None and self.high is None:
+            return prefix.strip() or "a number"
+        if self.high is None:
+            return f"{prefix}{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{prefix}{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{prefix}in {left}{self.low:g}, {self.high:g}{right}"
+
+    def check(self, value: Any, owner: str = "") -> Any:
+        """The value converted to the parameter's type, or a ConfigError naming it and what is allowed."""
+        where = f" ({owner})" if owner else ""
+        if value is None:
+            if self.optional:
+                return None
+            raise ConfigError(f"{self.name}=None: a value is required{where}; allowed: {self.allowed()}")
+        if self.kind == "links":
+            return parse_links(value)
+        if self.kind == "pairs":
+            return parse_pairs(value)
+        converted = _convert(self.name, value, {"float": "float", "int": "int", "str": "str", "bool": "bool"}[self.kind])
+        if self.kind == "str" and converted not in self.choices:
+            raise ConfigError(f"{self.name}={value!r}: unknown; allowed: {', '.join(sorted(self.choices))}{where}")
+        if self.numeric:
+            too_low = self.low is not None and (converted <= self.low if self.low_open else converted < self.low)
+            too_high = self.high is not None and (converted >= self.high if self.high_open else converted > self.high)
+            if too_low or too_high:
+                raise ConfigError(f"{self.name}={converted!r}: must be {self.allowed()}{where}")
+        return converted
+
+    def formatted(self, value: Any) -> Any:
+        """The flat (MLflow, Tune, table) form of a value."""
+        if self.kind == "links":
+            return format_links(value)
+        if self.kind == "pairs":
+            return format_pairs(value)
+        return value
+
+
+# What a trial config needs to know of its method (kdtune/distill/base.py's Method is one): `name`, `params`
+# (a tuple of Param), `default_hard_weight(config)` and `check_config(config)`. config.py takes it as an
+# argument, so the core never imports the distillation layer.
 
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """One student distilled under one setting. Defaults follow seed 000 Table 2."""
+    """One student distilled under one setting: the fields every method shares, typed, and the method's own
+    declared parameters in `params` (read them as attributes: config.temperature). Defaults follow seed 000
+    Table 2."""
 
     dataset: str = "digits"
     teacher: str = "digits_teacher"
     student: str = "digits_student"
-    method: str = "kd"
-    temperature: float = 2.0
-    alpha: float = 0.5
-    hard_weight: float | None = None  # None: 1 - alpha
-    beta: float = 0.0
-    links: tuple[str, ...] = ()  # link numbers ("2") or module-path links ("layer2=features.6"); see parse_links
+    method: str = "kd"  # a built-in method's name or package.module:Class (kdtune/distill/registry.py)
+    hard_weight: float | None = None  # None: the method's default (1 - alpha for KD-like methods, else 1)
     link_spatial: str = "refuse"  # linked maps of different height/width: refuse, or interpolate the student's
     seed: int = 0
     epochs: int = 25
     batch_size: int = 40
+    optimizer: str = "sgd"  # sgd (momentum), adam or adamw (betas adam_beta1/adam_beta2)
     lr: float = 0.004
-    momentum: float = 0.9
-    weight_decay: float = 2e-5
+    momentum: float = 0.9  # sgd only
+    adam_beta1: float = 0.9  # adam / adamw only
+    adam_beta2: float = 0.999
+    weight_decay: float = 2e-5  # sgd/adam: L2 added to the gradient; adamw: decoupled decay
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
     precision: str = "fp32"
@@ -175,120 +282,123 @@ class TrialConfig:
     # None: the dataset's default (crop:4,flip for CIFAR, none for digits)
     val_fraction: float = 0.1
     teacher_cache: str = "auto"
-    soft_scale: str = "T2"  # soft term: "T2" = T^2 * KL (Hinton), "none" = KL as seeds 000/001/004 write it
     deterministic: bool = False  # deterministic algorithms only (module docstring); False: cudnn.benchmark on CUDA
     batched: str = "auto"  # fused trials: step members as one vmap computation (kdtune/fusion.py): auto = on CUDA
     # when the group allows it, on = whenever it allows it (CPU too), off = never; a group that does not allow it
     # runs its members one after the other
-    # ---- method-specific (see the module docstring and kdtune/distill/) ----
-    stage1_epochs: int = 0  # two-stage methods: epochs of the first stage, run before `epochs` main epochs
-    fsp_pairs: tuple[tuple[str, str], ...] = ()  # fsp: layer pairs of links, e.g. "1-2,3-4,5-6"
-    l1_weight: float = 1.0  # adversarial: weight of L_L1 (mean L1 distance of student and teacher logits)
-    adv_weight: float = 1.0  # adversarial: weight of L_GAN; adversarial_pretrained: beta of -beta * L_class
-    disc_hidden: int = 128  # adversarial methods: width of the discriminator's two hidden layers
-    disc_lr: float | None = None  # adversarial methods: discriminator SGD learning rate (None: lr)
-    disc_epochs: int = 10  # adversarial_pretrained: epochs fitting the discriminator before the adversarial stage
-    hint_loss: str = "mean"  # hints: "mean" = MSE, "sum" = FitNets' 1/2 * ||u - r(v)||^2 summed, batch mean
-    adv_loss: str = "paper"  # adversarial_pretrained: "paper" = -beta * L_class (unbounded), "nonsaturating" =
-    # beta * -log P_D(teacher | a_S) (>= 0)
+    params: tuple = ()  # the method's declared parameters: ((name, value), ...) in declaration order
+    method_class: Any = field(default=None, compare=False, repr=False)  # the method's declaration (not a field
+    # of the flat form: `method` names it)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+        """The keys every method shares (a method's own parameters come from its declaration)."""
+        return {f.name for f in dataclasses.fields(cls)} - {"params", "method_class"}
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> "TrialConfig":
-        """Build and validate from a flat dict (a Tune config). Unknown keys are an error."""
+    def from_flat(cls, flat: dict[str, Any], method, base: dict[str, Any] | None = None) -> "TrialConfig":
+        """Build and validate from a flat dict (a Tune config, a variant) for `method`, the method's declaration.
+
+        `base` (the study's shared values) may hold parameters of other methods: a trial takes from it only what
+        its method declares (a `--set temperature=4` reaches the KD trials, not the baseline); a key in `flat`
+        that is neither shared nor declared by the method is an error naming both lists."""
         known = cls.field_names()
-        unknown = sorted(k for k in flat if k not in known)
+        declared = {p.name: p for p in method.params}
+        unknown = sorted(k for k in flat if k not in known and k not in declared)
         if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
-        values = dict(flat)
-        if "links" in values:
-            values["links"] = parse_links(values["links"])
-        if "fsp_pairs" in values:
-            values["fsp_pairs"] = parse_pairs(values["fsp_pairs"])
+            mine = ", ".join(declared) or "none"
+            raise ConfigError(f"unknown config key {unknown[0]!r} for method {method.name!r}; its parameters: {mine}; "
+                              f"shared keys: {', '.join(sorted(known))}")
+        values = {k: v for k, v in (base or {}).items() if k in known or k in declared}
+        values.update(flat)
         if isinstance(values.get("augment"), bool):
             values["augment"] = AUGMENT_FROM_BOOL[values["augment"]]
         elif isinstance(values.get("augment"), str) and values["augment"].strip().lower() in ("true", "false"):
             values["augment"] = AUGMENT_FROM_BOOL[values["augment"].strip().lower() == "true"]
-        converted = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                converted[f.name] = _convert(f.name, values[f.name], f.type)
-        config = cls(**converted)
+        converted = {f.name: _convert(f.name, values[f.name], f.type)
+                     for f in dataclasses.fields(cls) if f.name in values and f.name in known}
+        owner = f"method {method.name!r}"
+        params = tuple((p.name, p.check(values[p.name] if p.name in values else p.default, owner))
+                       for p in method.params)
+        config = cls(**converted, params=params, method_class=method)
         config.validate()
         return config
 
-    def to_flat(self) -> dict[str, Any]:
-        """The flat, MLflow-friendly form (links as a string, hard_weight resolved)."""
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        flat["links"] = format_links(self.links)
-        flat["fsp_pairs"] = format_pairs(self.fsp_pairs)
-        flat["hard_weight"] = self.effective_hard_weight
+    def __getattr__(self, name: str) -> Any:
+        # a method's declared parameter, e.g. config.temperature (only reached when no field has the name)
+        params = self.__dict__.get("params", ())
+        for key, value in params:
+            if key == name:
+                return value
+        method = self.__dict__.get("method", "?")
+        raise AttributeError(f"TrialConfig of method {method!r} has no field or parameter {name!r}")
+
+    def param(self, name: str, default: Any = None) -> Any:
+        """A declared parameter's value, or `default` when the method does not declare it."""
+        return dict(self.params).get(name, default)
+
+    def own_flat(self) -> dict[str, Any]:
+        """The flat form with hard_weight as given (None stays None: a default follows alpha and the method)."""
+        shared = self.field_names()
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared}
+        declared = {p.name: p for p in self.method_class.params}
+        flat.update({k: declared[k].formatted(v) for k, v in self.params})
         return flat
 
+    def to_flat(self) -> dict[str, Any]:
+        """The flat, MLflow-friendly form (links as a string, hard_weight resolved)."""
+        return {**self.own_flat(), "hard_weight": self.effective_hard_weight}
+
     def replace(self, **changes) -> "TrialConfig":
-        flat = {k: v for k, v in self.to_flat().items()}
-        if "hard_weight" not in changes and self.hard_weight is None:
-            flat["hard_weight"] = None  # a default stays a default (it depends on alpha and the method)
+        """A copy with some values changed (validated again). Changing `method` takes `method_class` too."""
+        method = changes.pop("method_class", None)
+        if "method" in changes and method is None and changes["method"] != self.method:
+            raise ConfigError("replace(method=...) needs the new method's class: replace(method=..., method_class=...)")
+        flat = self.own_flat()
+        if method is not None:  # the other method's parameters do not carry over
+            flat = {k: v for k, v in flat.items() if k in self.field_names()}
         flat.update(changes)
-        return TrialConfig.from_flat(flat)
+        return TrialConfig.from_flat(flat, method or self.method_class)
 
     @property
     def effective_hard_weight(self) -> float:
         """hard_weight, or the method's default for it: 1 - alpha where there is a soft term, else 1."""
-        from kdtune import distill
-
         if self.hard_weight is not None:
             return self.hard_weight
-        return distill.method_class(self.method).default_hard_weight(self)
+        return self.method_class.default_hard_weight(self)
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        from kdtune import distill  # late: it imports torch
-
         # dataset, teacher and student are the texts of references the study resolved (and checked) once in the
         # driver; a trial receives the resolved objects, so nothing here looks them up again
-        for name in ("dataset", "teacher", "student"):
+        for name in ("dataset", "teacher", "student", "method"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name}='': a {name} is required")
-        _choice("method", self.method, distill.method_names())
         _choice("link_spatial", self.link_spatial, LINK_SPATIAL_MODES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("teacher_cache", self.teacher_cache, TEACHER_CACHE_MODES)
         _choice("batched", self.batched, BATCHED_MODES)
-        _choice("soft_scale", self.soft_scale, SOFT_SCALES)
-        _choice("hint_loss", self.hint_loss, HINT_LOSSES)
-        _choice("adv_loss", self.adv_loss, ADV_LOSSES)
-        _positive("temperature", self.temperature)
-        _at_least("alpha", self.alpha, 0.0)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.hard_weight is None and self.effective_hard_weight < 0:
             raise ConfigError(
-                f"alpha={self.alpha}: above 1 the default hard_weight (1 - alpha) would be negative; "
+                f"alpha={self.param('alpha')}: above 1 the default hard_weight (1 - alpha) would be negative; "
                 "set hard_weight explicitly (e.g. hard_weight=1 for hard + alpha*soft)"
             )
         if self.hard_weight is not None:
             _at_least("hard_weight", self.hard_weight, 0.0)
-        _at_least("beta", self.beta, 0.0)
         _whole_at_least("seed", self.seed, 0)
         _whole_at_least("epochs", self.epochs, 1)
         _whole_at_least("batch_size", self.batch_size, 1)
         _positive("lr", self.lr)
         _between("momentum", self.momentum, 0.0, 1.0, upper_open=True)
+        _between("adam_beta1", self.adam_beta1, 0.0, 1.0, upper_open=True)
+        _between("adam_beta2", self.adam_beta2, 0.0, 1.0, upper_open=True)
         _at_least("weight_decay", self.weight_decay, 0.0)
         _whole_at_least("lr_step_epochs", self.lr_step_epochs, 1)
         _between("lr_gamma", self.lr_gamma, 0.0, 1.0, lower_open=True)
         _between("val_fraction", self.val_fraction, 0.0, 0.5, lower_open=True)
-        _whole_at_least("stage1_epochs", self.stage1_epochs, 0)
-        _at_least("l1_weight", self.l1_weight, 0.0)
-        _at_least("adv_weight", self.adv_weight, 0.0)
-        _whole_at_least("disc_hidden", self.disc_hidden, 1)
-        if self.disc_lr is not None:
-            _positive("disc_lr", self.disc_lr)
-        _whole_at_least("disc_epochs", self.disc_epochs, 1)
-        distill.method_class(self.method).check_config(self)
+        self.method_class.check_config(self)
 
     def augment_recipe(self, default: str) -> str:
         """The augmentation recipe this trial uses, given its dataset's default ("" or "none": no augmentation)."""

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from kdtune import distill, models
+from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.augment import parse_augment
 from kdtune.data import Dataset, DeviceData, batch_source, test_source
@@ -83,7 +83,7 @@ class Trainer:
         if config.deterministic:  # before this trial's first CUDA work, where it can still take effect
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self._restore_backends = lambda: None
-        self.method = distill.method_class(config.method)(config)
+        self.method = config.method_class(config)
         torch.manual_seed(config.seed)
 
         train_idx, val_idx = dataset.split(config.val_fraction)

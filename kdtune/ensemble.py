@@ -49,18 +49,24 @@ def check_methods(configs, members: int) -> None:
     """One line, before anything is created, for a method that cannot distil from an ensemble."""
     if members < 2:
         return
+    for config in configs:
+        reason = ensemble_refusal(config, members)
+        if reason:
+            raise ConfigError(reason)
+
+
+def ensemble_refusal(config, members: int) -> str | None:
+    """Why `config`'s method cannot distil from an ensemble of `members` teachers, or None when it can."""
     from kdtune import distill
 
-    for config in configs:
-        method = distill.method_class(config.method)(config)
-        if method.needs_teacher and method.needs_teacher_features:
-            users = [m for m in distill.method_names()
-                     if distill.method_class(m).uses_fields & {"links", "fsp_pairs"}]
-            raise ConfigError(
-                f"method {config.method!r} reads teacher features, which an ensemble of {members} teachers "
-                f"(--teacher-source given {members} times) does not have; give one --teacher-source (the member to "
-                f"take features from) for {', '.join(users)}, or use a logits method (kd, adversarial, "
-                "adversarial_pretrained) with the ensemble")
+    method = config.method_class(config)
+    if members < 2 or not (method.needs_teacher and method.needs_teacher_features):
+        return None
+    logits_only = [m for m in distill.method_names()
+                   if distill.method_class(m).needs_teacher and distill.method_class(m).reads == {"logits"}]
+    return (f"method {config.method!r} reads teacher features, which an ensemble of {members} teachers "
+            f"(--teacher-source given {members} times) does not have; give one --teacher-source (the member to "
+            f"take features from), or use a logits method ({', '.join(logits_only)}) with the ensemble")
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from typing import Iterator
 
 import torch
 
-from kdtune.config import TrialConfig
+from kdtune.distill.registry import trial_config
 from kdtune.engine import teacher_pass
 from kdtune.errors import ConfigError, TrainingDiverged
 
@@ -77,8 +77,8 @@ def group_variants(variants: list[dict], base: dict, size: int) -> list[list[dic
     groups: dict[tuple, list[list[dict]]] = {}
     order: list[tuple] = []
     for variant in variants:
-        config = TrialConfig.from_flat({**base, **{k: v for k, v in variant.items() if k not in ("label", "point")}})
-        key = tuple(str(getattr(config, name)) for name in SHARED_FIELDS if name != "seed")
+        flat = trial_config({k: v for k, v in variant.items() if k not in ("label", "point")}, base).to_flat()
+        key = tuple(str(flat.get(name)) for name in SHARED_FIELDS if name != "seed")
         if key not in groups:
             groups[key] = [[]]
             order.append(key)

@@ -56,9 +56,8 @@ def plan_links(links, teacher_ref, student_ref) -> LinkPlan:
 
 
 def method_links(config: TrialConfig) -> tuple[str, ...]:
-    from kdtune import distill
 
-    return distill.method_class(config.method)(config).link_keys()
+    return config.method_class(config).link_keys()
 
 
 def probe_shapes(plan: LinkPlan, student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor,
@@ -90,9 +89,8 @@ def probe_shapes(plan: LinkPlan, student: nn.Module, teacher: nn.Module | None, 
 
 def check_method_on_models(config: TrialConfig, dataset, student_ref, teacher_ref) -> None:
     """Build both networks, probe the linked features and set the method up, as a trial would."""
-    from kdtune import distill
 
-    method = distill.method_class(config.method)(config)
+    method = config.method_class(config)
     links = method.link_keys()
     if not links and not method.needs_teacher:
         return

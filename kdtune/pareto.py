@@ -325,7 +325,7 @@ class ParetoRun:
 
     def _register(self, study, final: list, row: dict, name: str) -> str | None:
         from kdtune import registry
-        from kdtune.config import TrialConfig
+        from kdtune.distill.registry import trial_config
         from kdtune.records import OBJECTIVE
 
         candidates = [t for t in final if t.label == row["label"] and t.finished
@@ -350,7 +350,7 @@ class ParetoRun:
         }
         if row["baseline"] and row["baseline"]["n"]:
             tags["baseline_test_acc_mean"] = f"{row['baseline']['test_mean']:.6f}"
-        val_fraction = TrialConfig.from_flat({**study.base, **best.params}).val_fraction
+        val_fraction = trial_config(best.params, study.base).val_fraction
         decision = registry.register(
             study.client, _model_uri(study, best, self.refs[row["student"]]), name, tags,
             val_mean=summary["val_mean"], seeds=summary["n"], test_mean=summary["test_mean"],

@@ -54,11 +54,10 @@ class StudyParts:
         """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights);
         `teacher`: a function several trainers share (fused students) that builds the network once, else the
         teacher is built when the trial needs it."""
-        from kdtune import distill
         from kdtune.engine import Trainer
         from kdtune.linking import plan_links
 
-        method = distill.method_class(config.method)(config)
+        method = config.method_class(config)
         links = plan_links(method.link_keys(), self.teacher, self.student)
         if student is None:
             torch.manual_seed(config.seed)  # the student's initial weights depend on the trial's seed alone

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from kdtune import recipes
 from kdtune.config import TrialConfig
+from kdtune.distill.registry import trial_config
 from kdtune.data import Dataset
 from kdtune.errors import ConfigError
 from kdtune.sources import resolve_dataset
@@ -71,24 +72,28 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     base = {"dataset": dataset.name, "teacher": teacher.spec, "student": student.spec,
             **recipe["student_recipe"], **spec.overrides}
     variants = expand_tuning(spec.variants, spec.tune)
-    configs = [TrialConfig.from_flat({**base, **_without_label(v), "seed": seed})
+    configs = [trial_config({**_without_label(v), "seed": seed}, base)
                for v in variants for seed in range(spec.seeds)]
     for search in (spec.search, spec.baseline_search):
         if search is not None:
             configs += _sample_search_space(search, base)
+    _check_overrides(spec.overrides, configs)
     for config in configs:  # one teacher and one student per study (or a Pareto study's candidates)
         if config.teacher != teacher.spec or (config.student != student.spec and config.student not in students):
             raise ConfigError(f"a variant sets teacher={config.teacher!r}, student={config.student!r}; a study has "
                               f"one teacher ({teacher.spec}) and one student ({student.spec}): run one study per pair")
     _check_against_data(configs, dataset, student, teacher, students)
-    teacher_config = TrialConfig.from_flat({
+    teacher_config = trial_config({
         "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
         **recipe["teacher_recipe"], **spec.teacher_overrides})
     needs_teacher = any(_method(c).needs_teacher for c in configs)
     source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
     plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
+    from kdtune.distill import method_source
+
+    methods = {c.method for c in configs}
     modules = sorted({p for p in (shippable_path(student), shippable_path(teacher),
-                                  *map(shippable_path, students.values())) if p})
+                                  *map(shippable_path, students.values()), *map(method_source, methods)) if p})
     return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants, students)
 
 
@@ -187,10 +192,22 @@ def _is_trained_module(teacher) -> bool:
     return isinstance(teacher, nn.Module)
 
 
-def _method(config: TrialConfig):
-    from kdtune import distill
+def _check_overrides(overrides: dict, configs: list[TrialConfig]) -> None:
+    """A value set for every trial (--set) that is neither shared nor declared by any of the study's methods is a
+    mistake (a typo, or a parameter of a method the study does not run): one line naming what is allowed."""
+    shared = TrialConfig.field_names()
+    methods = sorted({c.method for c in configs})
+    declared = {p.name for c in configs for p in c.method_class.params}
+    for key in overrides:
+        if key not in shared and key not in declared:
+            raise ConfigError(f"--set {key}: neither a shared trial key nor a parameter of this study's methods "
+                              f"({', '.join(methods)}); their parameters: {', '.join(sorted(declared)) or 'none'}; "
+                              f"shared keys: {', '.join(sorted(shared))}")
 
-    return distill.method_class(config.method)(config)
+
+def _method(config: TrialConfig):
+
+    return config.method_class(config)
 
 
 def _without_label(variant: dict) -> dict:
@@ -239,10 +256,10 @@ def _sample_search_space(search, base: dict, samples: int = 48) -> list[TrialCon
         raise ConfigError(f"time_budget_s={search.time_budget_s}: must be > 0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
-    configs = [TrialConfig.from_flat({**base, **point}) for point in search.points_to_evaluate]
+    configs = [trial_config(point, base) for point in search.points_to_evaluate]
     for _ in range(samples):
         trial = study.ask()
         constants = search.suggest(trial) or {}
-        configs.append(TrialConfig.from_flat({**base, **trial.params, **constants}))
+        configs.append(trial_config({**trial.params, **constants}, base))
         study.tell(trial, 0.0)
     return configs

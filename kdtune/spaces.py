@@ -1,5 +1,5 @@
 """Define-by-run search spaces for Optuna, assembled from the methods: a parameter is sampled only where the
-chosen method declares it (`Method.search_parameters` in kdtune/distill/), with the method's default range
+chosen method declares it (`Method.params` with a `search`, kdtune/config.py Param), with the method's range
 unless the study overrides it.
 
 A space is a picklable object (Ray Tune checkpoints the Optuna searcher with pickle, which refuses closures).
@@ -35,42 +35,46 @@ class MethodSpace:
 
     def __post_init__(self):
         from kdtune import distill
-
-        for method in self.methods:
-            params = {p.name: p for p in distill.method_class(method).search_parameters}
-            if "links" in params and not self.link_sets:
-                raise ConfigError(f"method {method!r} in a search needs candidate link sets; these models share no "
-                                  "numbered links (give link sets with module paths, teacher.path=student.path)")
-            if "fsp_pairs" in params and not self.fsp_pairs:
-                raise ConfigError(f"method {method!r} in a search needs fsp_pairs (e.g. '1-2,3-4,5-6')")
         from kdtune.config import TrialConfig
 
+        for method in self.methods:
+            for param in distill.method_class(method).params:
+                if param.search == "link_sets" and not self.link_sets:
+                    raise ConfigError(f"method {method!r} in a search needs candidate link sets; these models share "
+                                      "no numbered links (give link sets with module paths, teacher.path=student.path)")
+                if param.search == "fsp_pairs" and not self.fsp_pairs:
+                    raise ConfigError(f"method {method!r} in a search needs fsp_pairs (e.g. '1-2,3-4,5-6')")
         for name, bounds in self.recipe.items():
             if name not in TrialConfig.field_names() or len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
                 raise ConfigError(f"recipe range {name}={bounds!r}: expected a config field and (low, high) with "
                                   "0 < low <= high")
-        known = {p.name for m in self.methods for p in distill.method_class(m).search_parameters}
-        unknown = sorted(set(self.ranges) - known)
-        if unknown:
-            raise ConfigError(f"ranges: {unknown[0]!r} is not a parameter of the searched methods; "
-                              f"allowed: {', '.join(sorted(known))}")
+        searched = {p.name: p for m in self.methods for p in distill.method_class(m).params
+                    if isinstance(p.search, tuple) and p.numeric}
+        for name, bounds in self.ranges.items():
+            if name not in searched:
+                raise ConfigError(f"ranges: {name!r} is not a searched parameter of the methods "
+                                  f"({', '.join(self.methods)}); allowed: {', '.join(sorted(searched)) or 'none'}")
+            for end in bounds:  # a range the method would refuse fails here, not in every trial
+                searched[name].check(end, "a search range")
 
     def __call__(self, trial) -> dict:
         from kdtune import distill
 
         method = trial.suggest_categorical("method", list(self.methods))
         constants = {}
-        for param in distill.method_class(method).search_parameters:
-            if param.choices == "link_sets":
+        for param in distill.method_class(method).params:
+            if param.search == "link_sets":
                 trial.suggest_categorical(param.name, list(self.link_sets))
-            elif param.choices == "fsp_pairs":
+            elif param.search == "fsp_pairs":
                 constants[param.name] = self.fsp_pairs
-            else:
-                low, high = self.ranges.get(param.name, (param.low, param.high))
-                if param.integer:
-                    trial.suggest_int(param.name, int(low), int(high))
+            elif isinstance(param.search, tuple) and param.numeric:
+                low, high = self.ranges.get(param.name, param.search)
+                if param.kind == "int":
+                    trial.suggest_int(param.name, int(low), int(high), log=param.log)
                 else:
-                    trial.suggest_float(param.name, low, high, log=param.log)
+                    trial.suggest_float(param.name, float(low), float(high), log=param.log)
+            elif isinstance(param.search, tuple):
+                trial.suggest_categorical(param.name, list(param.search))
         for name, (low, high) in self.recipe.items():
             trial.suggest_float(name, low, high, log=True)
         return constants

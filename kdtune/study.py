@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdtune import cluster, ensemble, registry, report, students, teachers, tracking, warmstart
-from kdtune.config import TrialConfig
+from kdtune.distill.registry import trial_config
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.parts import StudyParts
 from kdtune.fusion import group_size, group_variants
@@ -257,7 +257,7 @@ class _Study:
             "baseline_search": spec.baseline_search.num_samples if spec.baseline_search else 0,
             "train_samples": self.dataset.num_train, "test_samples": len(self.dataset.test_labels),
             # the validation split is carved from the training set, stratified by class (data.py)
-            "val_samples": len(self.dataset.split(TrialConfig.from_flat(self.base).val_fraction)[1]),
+            "val_samples": len(self.dataset.split(trial_config({}, self.base).val_fraction)[1]),
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
         return experiment_id, parent.info.run_id
@@ -302,7 +302,7 @@ class _Study:
         students' splits: logged to the parent run (kdtune/ensemble.py), listed by the report."""
         spec = self.spec
         sources = [m.source for m in teacher.members] if teacher.members else [teacher.source]
-        fraction = TrialConfig.from_flat(self.base).val_fraction
+        fraction = trial_config({}, self.base).val_fraction
         rows = cluster.run_like_a_trial(ensemble.teacher_accuracies, parts, fraction, sources,
                                         cpus=spec.cpus_per_trial, gpus=spec.gpus_per_trial)
         ensemble.log_teacher_accuracies(self.client, context.parent_run_id, rows, self.echo)
@@ -310,12 +310,11 @@ class _Study:
     def _teacher_logits_if_useful(self, parts: StudyParts):
         """Cache teacher logits when some trial can use them (a logits-only method, no augmentation, data in
         memory), where a trial would compute them (cluster.run_like_a_trial)."""
-        from kdtune import distill
 
         dataset = self.dataset
         usable = [c for c in self.configs if c.method != "none" and c.teacher_cache != "off"
                   and not c.augment_recipe(dataset.default_augment)
-                  and not distill.method_class(c.method)(c).needs_teacher_features]
+                  and not c.method_class(c).needs_teacher_features]
         fractions = {c.val_fraction for c in usable}
         if len(fractions) != 1:
             return None  # nothing can use it, or normalisation differs per split: trials run the teacher online
@@ -416,7 +415,7 @@ class _Study:
             **{f"hp.{k}": v for k, v in best.params.items()},
             **{k: f"{metrics[k]:.4f}" for k in ("latency_ms_batch1", "latency_ms_per_image") if k in metrics},
         }
-        val_fraction = TrialConfig.from_flat({**base, **best.params}).val_fraction
+        val_fraction = trial_config(best.params, base).val_fraction
         decision = registry.register(
             self.client, students.servable_model_uri(self.client, best.run_id, self.resolved.student, self.dataset),
             self.registered_name(), tags, val_mean=row["val_mean"],

@@ -287,7 +287,7 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan
         return Teacher([m.state_dict for m in members], " + ".join(m.source for m in members),
                        trained_now=any(m.trained_now for m in members), members=members)
     if plan.seed is not None:
-        config = TrialConfig.from_flat({**config.to_flat(), "seed": plan.seed})
+        config = config.replace(seed=plan.seed)
         log(f"teacher: training a new {ref.spec} with seed {plan.seed} as asked ({config.epochs} epochs)")
         return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, make_champion=False, key=key)
     if plan.state is not None:

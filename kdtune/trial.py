@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kdtune import students, tracking
-from kdtune.config import TrialConfig
+from kdtune.distill.registry import trial_config
 from kdtune.data import Dataset
 from kdtune.engine import pick_device
 from kdtune.errors import TrainingDiverged
@@ -52,9 +52,15 @@ def members_of(config: dict) -> list[Member]:
 
 
 def describe(overrides: dict) -> str:
-    """A short label for a sampled configuration, e.g. 'kd T=3.2 a=0.61'."""
-    short = {"temperature": "T", "alpha": "a", "beta": "b", "links": "L", "hard_weight": "h"}
-    parts = [str(overrides.get("method", ""))]
+    """A short label for a sampled configuration, e.g. 'kd T=3.2 a=0.61', with each parameter's declared short
+    name (kdtune/config.py, Param.short)."""
+    from kdtune import distill
+
+    method = overrides.get("method", "")
+    short = {"hard_weight": "h"}
+    if method:
+        short.update({p.name: p.short for p in distill.method_class(method).params if p.short})
+    parts = [str(method)]
     for key, value in overrides.items():
         if key == "method":
             continue
@@ -69,7 +75,7 @@ class _MemberRun:
     def __init__(self, member: Member, index: int, size: int, context, base: dict, trial_id: str, attempt: dict):
         self.member = member
         self.index = index  # its place in the trial's config: the same in every attempt
-        self.config = TrialConfig.from_flat({**base, **member.overrides, "seed": member.seed})
+        self.config = trial_config({**member.overrides, "seed": member.seed}, base)
         key = trial_id if size == 1 else f"{trial_id}/{index}"
         name = f"{member.label} {member.point} seed={member.seed}".replace("  ", " ")
         self.run = tracking.ChildRun(context, trial_key=key, run_name=name, params=self.config.to_flat(), tags={

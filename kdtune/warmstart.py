@@ -174,7 +174,7 @@ class _Probe:
 
 def fit(space, point: dict, base: dict) -> tuple[dict | None, str]:
     """(the point as this search would run it, "") or (None, why it does not fit the search's space)."""
-    from kdtune.config import TrialConfig
+    from kdtune.distill.registry import trial_config
 
     probe = _Probe(point)
     try:
@@ -196,7 +196,7 @@ def fit(space, point: dict, base: dict) -> tuple[dict | None, str]:
         return None, ", ".join(f"{k}={point[k]!r} differs from this search's {constants[k]!r}" for k in differing)
     taken = dict(probe.asked)
     try:
-        TrialConfig.from_flat({**base, **taken, **constants})
+        trial_config({**taken, **constants}, base)
     except ConfigError as error:
         return None, str(error)
     return taken, "; ".join(probe.moved)

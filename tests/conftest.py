@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kdtune.distill import trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,10 +47,9 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_digits_teacher(digits):
     """A digits teacher trained once with the engine (a few seconds)."""
-    from kdtune.config import TrialConfig
     from kdtune.parts import trainer_for
 
-    config = TrialConfig.from_flat(dict(student="digits_teacher", method="none", epochs=12, lr=0.05))
+    config = trial_config(dict(student="digits_teacher", method="none", epochs=12, lr=0.05))
     trainer = trainer_for(config, digits)
     for metrics in trainer.epochs():
         pass

@@ -11,6 +11,7 @@ from torch import nn
 from kdtune import models
 from kdtune.batched import BatchedStudents, MemberLoss, NotBatchable, check_batchable
 from kdtune.distill.losses import hard_loss, soft_loss
+from kdtune.distill import trial_config
 
 LOSSES = [  # a baseline and three distilled members, each with its own lr, momentum, weight decay and scale
     MemberLoss(alpha=0.0, hard_weight=1.0, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -146,12 +147,11 @@ def test_dropout_members_train_under_randomness_different():
 
 
 def test_member_loss_from_a_trial_config():
-    from kdtune.config import TrialConfig
 
-    kd = MemberLoss.from_config(TrialConfig.from_flat({"method": "kd", "temperature": 3.0, "alpha": 0.7, "lr": 0.02}))
+    kd = MemberLoss.from_config(trial_config({"method": "kd", "temperature": 3.0, "alpha": 0.7, "lr": 0.02}))
     assert (kd.temperature, kd.alpha, kd.lr) == (3.0, 0.7, 0.02)
     assert kd.hard_weight == pytest.approx(0.3)
-    none = MemberLoss.from_config(TrialConfig.from_flat({"method": "none"}))
+    none = MemberLoss.from_config(trial_config({"method": "none"}))
     assert (none.alpha, none.hard_weight) == (0.0, 1.0)
     with pytest.raises(NotBatchable, match="kd and none"):
         MemberLoss.from_config(SimpleNamespace(method="fsp"))  # any two-stage or feature method

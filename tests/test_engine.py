@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from kdtune.config import TrialConfig
 from kdtune.engine import teacher_logits_for
 from kdtune.parts import teacher_network, trainer_for
 from kdtune.errors import ConfigError, TrainingDiverged
+from kdtune.distill import trial_config
 
 from conftest import write_cifar10
 
@@ -22,7 +22,7 @@ def test_teacher_trains_to_high_accuracy_with_the_same_engine(trained_digits_tea
 
 
 def test_each_loss_term_is_reported_every_epoch(digits, trained_digits_teacher):
-    config = TrialConfig.from_flat({"method": "links", "links": "3,4", "beta": 0.5, "alpha": 0.5, "epochs": 2})
+    config = trial_config({"method": "links", "links": "3,4", "beta": 0.5, "alpha": 0.5, "epochs": 2})
     trainer = trainer_for(config, digits, trained_digits_teacher[0])
     epochs = list(trainer.epochs())
     assert [m["epoch"] for m in epochs] == [1, 2]
@@ -33,7 +33,7 @@ def test_each_loss_term_is_reported_every_epoch(digits, trained_digits_teacher):
 
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(digits, trained_digits_teacher, tmp_path):
-    config = TrialConfig.from_flat({"method": "kd", "temperature": 4, "epochs": 4, "lr_step_epochs": 2})
+    config = trial_config({"method": "kd", "temperature": 4, "epochs": 4, "lr_step_epochs": 2})
     uninterrupted = trainer_for(config, digits, trained_digits_teacher[0])
     straight = run(uninterrupted)
 
@@ -53,7 +53,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(digits, train
 
 
 def test_lr_is_the_rate_the_epoch_trained_with(digits):
-    config = TrialConfig.from_flat({"method": "none", "epochs": 3, "lr": 0.1, "lr_step_epochs": 1, "lr_gamma": 0.5})
+    config = trial_config({"method": "none", "epochs": 3, "lr": 0.1, "lr_step_epochs": 1, "lr_gamma": 0.5})
     trainer = trainer_for(config, digits)
     lrs = [m["lr"] for m in trainer.epochs()]
     assert lrs == pytest.approx([0.1, 0.05, 0.025])
@@ -65,7 +65,7 @@ def test_a_hint_stage_resumes_bit_for_bit_with_its_frozen_batchnorm(digits, tmp_
 
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10, (1, 8, 8)).state_dict()
-    config = TrialConfig.from_flat({"method": "hints", "teacher": "resnet8", "student": "resnet8", "links": "4",
+    config = trial_config({"method": "hints", "teacher": "resnet8", "student": "resnet8", "links": "4",
                                     "beta": 1, "stage1_epochs": 2, "epochs": 1, "lr": 0.02, "batch_size": 128})
     straight = trainer_for(config, digits, teacher)
     straight_epochs = list(straight.epochs())
@@ -88,7 +88,7 @@ def test_deterministic_trial_sets_and_restores_the_backends(digits, monkeypatch)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
-    config = TrialConfig.from_flat({"method": "none", "epochs": 1, "deterministic": True})
+    config = trial_config({"method": "none", "epochs": 1, "deterministic": True})
     trainer = trainer_for(config, digits)
     assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert cudnn.deterministic and not cudnn.benchmark
@@ -109,7 +109,7 @@ def test_deterministic_trial_sets_and_restores_the_backends(digits, monkeypatch)
 def test_cached_teacher_logits_equal_the_teacher_on_the_same_samples(digits, trained_digits_teacher):
     state = trained_digits_teacher[0]
     cache = teacher_logits_for(teacher_network("digits_teacher", state, digits), digits, 0.1)
-    config = TrialConfig.from_flat({"method": "kd", "epochs": 1})
+    config = trial_config({"method": "kd", "epochs": 1})
     online = trainer_for(config, digits, state)
     images, labels, index = next(online.train.batches(64, torch.Generator().manual_seed(0)))
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_cache_with_random_augmentation_is_refused(tmp_path, digits):
     from kdtune.models import build_model
 
     cifar = load_dataset("cifar10", tmp_path, download=False)
-    config = TrialConfig.from_flat({"dataset": "cifar10", "teacher": "vgg7", "student": "vgg7", "method": "kd",
+    config = trial_config({"dataset": "cifar10", "teacher": "vgg7", "student": "vgg7", "method": "kd",
                                     "teacher_cache": "on", "augment": False})
     logits = torch.zeros(len(cifar.train_labels), 10)
     teacher_state = build_model("vgg7", 10, (3, 32, 32)).state_dict()
@@ -146,7 +146,7 @@ def test_cifar_path_trains_vgg7_from_vgg16_end_to_end(tmp_path):
 
     cifar = load_dataset("cifar10", tmp_path, download=False)
     teacher = build_model("vgg16", 10, (3, 32, 32)).state_dict()
-    config = TrialConfig.from_flat({"dataset": "cifar10", "teacher": "vgg16", "student": "vgg7", "method": "links",
+    config = trial_config({"dataset": "cifar10", "teacher": "vgg16", "student": "vgg7", "method": "links",
                                     "links": "2,3,4,5", "beta": 10, "alpha": 0.6, "hard_weight": 0.05,
                                     "epochs": 1, "batch_size": 8})
     trainer = trainer_for(config, cifar, teacher)
@@ -157,6 +157,6 @@ def test_cifar_path_trains_vgg7_from_vgg16_end_to_end(tmp_path):
 
 
 def test_a_diverging_trial_stops_with_its_reason(digits):
-    config = TrialConfig.from_flat({"method": "none", "lr": 1e6, "epochs": 3})
+    config = trial_config({"method": "none", "lr": 1e6, "epochs": 3})
     with pytest.raises(TrainingDiverged, match="loss term 'hard' became nan in epoch 1"):
         run(trainer_for(config, digits))

@@ -20,6 +20,7 @@ from kdtune.models.refs import model_ref
 from kdtune.parts import StudyParts
 from kdtune.study import StudySpec, run_study
 from kdtune.tracking import client_for
+from kdtune.distill import trial_config
 
 T = 3.0
 
@@ -31,7 +32,7 @@ def two_teachers(digits):
 
     states = []
     for seed in (0, 1):
-        config = TrialConfig.from_flat(dict(student="digits_teacher", method="none", epochs=3, lr=0.05, seed=seed))
+        config = trial_config(dict(student="digits_teacher", method="none", epochs=3, lr=0.05, seed=seed))
         trainer = trainer_for(config, digits)
         for _ in trainer.epochs():
             pass
@@ -41,7 +42,7 @@ def two_teachers(digits):
 
 
 def kd_config(**extra) -> TrialConfig:
-    return TrialConfig.from_flat(dict(student="digits_student", teacher="digits_teacher", method="kd",
+    return trial_config(dict(student="digits_student", teacher="digits_teacher", method="kd",
                                       temperature=T, alpha=0.5, epochs=1, **extra))
 
 
@@ -64,7 +65,7 @@ def test_each_method_reads_the_ensemble_at_its_own_temperature():
     members = torch.randn(2, 8, 10) * 3
     kd = method_class("kd")(kd_config())
     assert torch.allclose(kd.teacher_view(members), ensemble_logits(members, T))
-    adversarial = method_class("adversarial")(TrialConfig.from_flat(dict(method="adversarial")))
+    adversarial = method_class("adversarial")(trial_config(dict(method="adversarial")))
     view = adversarial.teacher_view(members)  # no temperature: the ensemble's own prediction, T = 1
     assert torch.allclose(F.softmax(view, dim=1), F.softmax(members, dim=2).mean(0), atol=1e-6)
     one = members[0]

@@ -13,6 +13,7 @@ from kdtune.errors import ConfigError, TrainingDiverged
 from kdtune.fusion import fused_epochs, group_size, group_variants, parse_fuse
 from kdtune.models.refs import model_ref
 from kdtune.parts import StudyParts
+from kdtune.distill import trial_config
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def run_fused(parts, configs):
 def test_each_member_trains_exactly_what_its_unfused_twin_trains(parts):
     """Baseline, KD at two temperatures and two learning rates, and seed 003's adversarial method (its
     discriminator has dropout: each member keeps its own random stream)."""
-    configs = [TrialConfig.from_flat({"method": m, "temperature": t, "lr": lr, "epochs": 3, "teacher_cache": "off"})
+    configs = [trial_config({"method": m, "temperature": t, "lr": lr, "epochs": 3, "teacher_cache": "off"})
                for m, t, lr in (("none", 2.0, 0.03), ("kd", 2.0, 0.03), ("kd", 5.0, 0.01), ("adversarial", 2.0, 0.03))]
     fused = run_fused(parts, configs)
     for i, config in enumerate(configs):
@@ -73,7 +74,7 @@ def test_feature_members_share_one_teacher_forward_and_train_what_their_twins_tr
     """Two link sets, KD and the baseline in one trial: one teacher forward per batch serves them all, each
     link member's features caught by its own hooks on the shared teacher."""
     common = {"epochs": 2, "teacher_cache": "off", "lr": 0.03}
-    configs = [TrialConfig.from_flat({**common, **c}) for c in (
+    configs = [trial_config({**common, **c}) for c in (
         {"method": "links", "links": "1,2", "beta": 1.0}, {"method": "links", "links": "2", "beta": 3.0},
         {"method": "kd", "temperature": 4.0}, {"method": "none"})]
     fused, calls, batches = _fused_counting_teacher(parts, configs)
@@ -83,7 +84,7 @@ def test_feature_members_share_one_teacher_forward_and_train_what_their_twins_tr
 
 def test_hint_stages_on_different_links_share_a_teacher_forward_that_stops_after_the_last_link(parts):
     common = {"stage1_epochs": 1, "epochs": 1, "teacher_cache": "off", "alpha": 0.0}
-    configs = [TrialConfig.from_flat({**common, "method": "hints", "links": links, "beta": 1.0})
+    configs = [trial_config({**common, "method": "hints", "links": links, "beta": 1.0})
                for links in ("1", "2")]
     fused, calls, batches = _fused_counting_teacher(parts, configs)
     assert [[m["stage"] for m in fused[i]] for i in range(2)] == [["hint", "main"]] * 2
@@ -97,7 +98,7 @@ def common_batch(configs) -> int:
 
 
 def test_a_diverging_member_fails_alone(parts):
-    configs = [TrialConfig.from_flat({"method": "kd", "temperature": 4.0, "lr": lr, "epochs": 2})
+    configs = [trial_config({"method": "kd", "temperature": 4.0, "lr": lr, "epochs": 2})
                for lr in (0.01, 1e6, 0.03)]
     fused = run_fused(parts, configs)
     assert isinstance(fused[1][0], TrainingDiverged) and len(fused[1]) == 1
@@ -164,7 +165,7 @@ BATCHED_MEMBERS = (("kd", 2.0, 0.05), ("kd", 4.0, 0.03), ("none", 2.0, 0.02))
 
 def batched_configs(batched="on", members=BATCHED_MEMBERS, **extra):
     """kd at two temperatures and the baseline, each its own lr, under a step LR schedule that halves every epoch."""
-    return [TrialConfig.from_flat({"method": m, "temperature": t, "lr": lr, "epochs": 3, "lr_step_epochs": 1,
+    return [trial_config({"method": m, "temperature": t, "lr": lr, "epochs": 3, "lr_step_epochs": 1,
                                    "lr_gamma": 0.5, "batched": batched, **extra}) for m, t, lr in members]
 
 
@@ -341,9 +342,9 @@ def test_batched_auto_is_sequential_on_a_cpu_and_bad_values_are_refused(parts, b
     with caplog.at_level(logging.WARNING, logger="kdtune"):
         run_batched(parts, configs)
     assert batched_steps["steps"] == 0 and not caplog.records  # auto: batched on CUDA only, quietly
-    assert TrialConfig.from_flat({"batched": "off"}).batched == "off"
+    assert trial_config({"batched": "off"}).batched == "off"
     with pytest.raises(ConfigError, match=r"batched='maybe': unknown; allowed: auto, off, on"):
-        TrialConfig.from_flat({"batched": "maybe"})
+        trial_config({"batched": "maybe"})
     # members of one fused group agree on it
     base = {"dataset": "digits", "teacher": "digits_teacher", "student": "digits_student", "epochs": 3}
     groups = group_variants([{"label": "a", "method": "kd", "batched": "on"}, {"label": "b", "method": "kd"},

@@ -6,11 +6,11 @@ import torch
 
 from kdtune.errors import ConfigError
 
-from kdtune.config import TrialConfig
 from kdtune.distill import method_class
 from kdtune.distill.base import Outputs
 from kdtune.distill.links import make_adapter
 from kdtune.distill.losses import feature_mse, hard_loss, soft_loss
+from kdtune.distill import trial_config
 
 STUDENT = torch.tensor([[1.0, 2.0, 3.0]])
 TEACHER = torch.tensor([[3.0, 1.0, 0.0]])
@@ -40,20 +40,20 @@ def test_hard_loss_is_cross_entropy_at_t1():
 
 
 def test_kd_method_weights_each_term():
-    config = TrialConfig.from_flat({"method": "kd", "alpha": 0.6, "hard_weight": 0.05, "temperature": 2.0})
+    config = trial_config({"method": "kd", "alpha": 0.6, "hard_weight": 0.05, "temperature": 2.0})
     terms = method_class("kd")(config).losses(
         Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT, teacher_logits=TEACHER))
     assert terms["hard"].item() == pytest.approx(0.05 * 2.40760596444438, rel=1e-6)
     assert terms["soft"].item() == pytest.approx(0.6 * 2.0738163287413798, rel=1e-6)
     # the default hard weight is 1 - alpha
-    config = TrialConfig.from_flat({"method": "kd", "alpha": 0.75, "temperature": 1.0})
+    config = trial_config({"method": "kd", "alpha": 0.75, "temperature": 1.0})
     terms = method_class("kd")(config).losses(
         Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT, teacher_logits=TEACHER))
     assert terms["hard"].item() == pytest.approx(0.25 * 2.40760596444438, rel=1e-6)
 
 
 def test_intermediate_term_is_beta_times_sum_of_mse_over_links():
-    config = TrialConfig.from_flat({"method": "links", "links": "1,2", "beta": 10, "alpha": 0.0, "hard_weight": 0.0})
+    config = trial_config({"method": "links", "links": "1,2", "beta": 10, "alpha": 0.0, "hard_weight": 0.0})
     method = method_class("links")(config)
     student_features = {"1": torch.zeros(1, 2, 2, 2), "2": torch.ones(1, 3)}
     teacher_features = {"1": torch.full((1, 2, 2, 2), 2.0), "2": torch.full((1, 3), 4.0)}
@@ -145,8 +145,8 @@ def test_soft_loss_with_and_without_t_squared_at_t4():
 def test_kd_method_soft_scale_none_drops_the_t_squared():
     outputs = Outputs(labels=torch.tensor([0]), indices=torch.tensor([0]), student_logits=STUDENT,
                       teacher_logits=TEACHER)
-    plain = TrialConfig.from_flat({"method": "kd", "alpha": 0.5, "temperature": 4.0, "soft_scale": "none"})
-    hinton = TrialConfig.from_flat({"method": "kd", "alpha": 0.5, "temperature": 4.0})
+    plain = trial_config({"method": "kd", "alpha": 0.5, "temperature": 4.0, "soft_scale": "none"})
+    hinton = trial_config({"method": "kd", "alpha": 0.5, "temperature": 4.0})
     assert hinton.soft_scale == "T2"
     assert method_class("kd")(plain).losses(outputs)["soft"].item() == pytest.approx(0.5 * 0.13465882854241471,
                                                                                       rel=1e-6)

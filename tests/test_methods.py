@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from kdtune.config import TrialConfig
 from kdtune.distill import method_class
 from kdtune.distill.base import Outputs
 from kdtune.engine import teacher_logits_for
 from kdtune.parts import teacher_network, trainer_for
 from kdtune.errors import ConfigError
 from kdtune.models import build_model
+from kdtune.distill import trial_config
 
 LN3 = math.log(3)
 
@@ -40,7 +40,7 @@ def teacher_cache(digits, trained_digits_teacher):
 # ---- hints (seed 001 §2.4) ------------------------------------------------------------------------
 
 def test_hint_loss_by_hand():
-    config = TrialConfig.from_flat({"method": "hints", "links": "1", "beta": 2, "stage1_epochs": 1})
+    config = trial_config({"method": "hints", "links": "1", "beta": 2, "stage1_epochs": 1})
     method = method_class("hints")(config)
     student = {"1": torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])}  # (1, 2 channels, 1, 2)
     teacher = {"1": torch.tensor([[[[1.0, 1.0]]]])}  # (1, 1 channel, 1, 2)
@@ -58,7 +58,7 @@ def test_hint_loss_by_hand():
 
 
 def test_hint_loss_sum_is_fitnets_half_squared_norm():
-    config = TrialConfig.from_flat({"method": "hints", "links": "1", "beta": 2, "stage1_epochs": 1,
+    config = trial_config({"method": "hints", "links": "1", "beta": 2, "stage1_epochs": 1,
                                     "hint_loss": "sum"})
     method = method_class("hints")(config)
     student = {"1": torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]]])}  # (1, 1, 2, 2)
@@ -81,14 +81,14 @@ def test_hint_loss_sum_is_fitnets_half_squared_norm():
 
 
 def test_hint_adapter_is_there_even_when_widths_match():
-    config = TrialConfig.from_flat({"method": "hints", "links": "1", "beta": 1, "stage1_epochs": 1})
+    config = trial_config({"method": "hints", "links": "1", "beta": 1, "stage1_epochs": 1})
     method = method_class("hints")(config)
     method.setup({"1": torch.Size([1, 4, 2, 2])}, {"1": torch.Size([1, 4, 2, 2])})
     assert isinstance(method.adapters["1"], torch.nn.Conv2d)
 
 
 def test_hints_train_up_to_the_guided_layer_then_the_whole_student_with_kd(digits, trained_digits_teacher):
-    config = TrialConfig.from_flat({"method": "hints", "links": "2", "beta": 1, "stage1_epochs": 1, "epochs": 1,
+    config = trial_config({"method": "hints", "links": "2", "beta": 1, "stage1_epochs": 1, "epochs": 1,
                                     "alpha": 0.5, "temperature": 4, "lr": 0.01})
     trainer = trainer_for(config, digits, trained_digits_teacher[0])
     student, adapter = snapshot(trainer.student), snapshot(trainer.method.adapters)
@@ -118,7 +118,7 @@ def test_hint_stage_leaves_batchnorm_after_the_guided_layer_alone(digits):
     # classifier are not trained in the hint stage, so their BatchNorm statistics must not move
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10, (1, 8, 8)).state_dict()
-    config = TrialConfig.from_flat({"method": "hints", "teacher": "resnet8", "student": "resnet8", "links": "2",
+    config = trial_config({"method": "hints", "teacher": "resnet8", "student": "resnet8", "links": "2",
                                     "beta": 1, "stage1_epochs": 2, "epochs": 1, "lr": 0.02, "batch_size": 64})
     trainer = trainer_for(config, digits, teacher)
     before = bn_buffers(trainer.student)
@@ -143,7 +143,7 @@ def test_hint_stage_leaves_batchnorm_after_the_guided_layer_alone(digits):
 # ---- FSP (seed 002) -------------------------------------------------------------------------------
 
 def test_fsp_loss_by_hand():
-    config = TrialConfig.from_flat({"method": "fsp", "fsp_pairs": "1-2", "beta": 0.5, "stage1_epochs": 1,
+    config = trial_config({"method": "fsp", "fsp_pairs": "1-2", "beta": 0.5, "stage1_epochs": 1,
                                     "alpha": 0})
     method = method_class("fsp")(config)
     # two samples, one channel per layer, h=1, w=2
@@ -161,7 +161,7 @@ def test_fsp_loss_by_hand():
 
 
 def test_fsp_refuses_pairs_of_unequal_spatial_size_or_width(digits):
-    config = TrialConfig.from_flat({"method": "fsp", "fsp_pairs": "1-2", "beta": 1, "stage1_epochs": 1})
+    config = trial_config({"method": "fsp", "fsp_pairs": "1-2", "beta": 1, "stage1_epochs": 1})
     with pytest.raises(ConfigError, match=r"fsp_pairs=1-2: links 1 \(8, 8, 8\) and 2 \(16, 4, 4\) of digits_student "
                                           "differ in spatial size"):
         trainer_for(config, digits, build_model("digits_teacher", 10, (1, 8, 8)).state_dict())
@@ -177,7 +177,7 @@ def test_fsp_pretrains_the_flow_then_trains_the_main_task(digits):
     # The teacher is untrained here (its matrices are a valid target): this checks the mechanics, fast.
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10, (1, 8, 8)).state_dict()
-    config = TrialConfig.from_flat({"method": "fsp", "teacher": "resnet8", "student": "resnet8", "alpha": 0,
+    config = trial_config({"method": "fsp", "teacher": "resnet8", "student": "resnet8", "alpha": 0,
                                     "fsp_pairs": "1-2,3-4,5-6", "beta": 0.01, "stage1_epochs": 2, "epochs": 1,
                                     "lr": 0.01, "batch_size": 128})
     trainer = trainer_for(config, digits, teacher)
@@ -217,7 +217,7 @@ def adversarial_batch():
 
 
 def test_adversarial_student_terms_by_hand_and_the_way_l_gan_pushes():
-    config = TrialConfig.from_flat({"method": "adversarial", "hard_weight": 0.5, "l1_weight": 0.25,
+    config = trial_config({"method": "adversarial", "hard_weight": 0.5, "l1_weight": 0.25,
                                     "adv_weight": 2})
     method = method_class("adversarial")(config)
     method.setup({}, {}, num_classes=2)
@@ -240,7 +240,7 @@ def test_adversarial_student_terms_by_hand_and_the_way_l_gan_pushes():
 
 
 def test_adversarial_discriminator_step_by_hand_raises_its_objective_and_leaves_the_student():
-    config = TrialConfig.from_flat({"method": "adversarial"})
+    config = trial_config({"method": "adversarial"})
     method = method_class("adversarial")(config)
     method.setup({}, {}, num_classes=2)
     hand_discriminator(method)
@@ -263,7 +263,7 @@ def test_adversarial_discriminator_step_by_hand_raises_its_objective_and_leaves_
 
 @pytest.fixture(scope="module")
 def adversarial_config():
-    return TrialConfig.from_flat({"method": "adversarial", "epochs": 2, "lr": 0.01, "disc_lr": 0.01,
+    return trial_config({"method": "adversarial", "epochs": 2, "lr": 0.01, "disc_lr": 0.01,
                                   "batch_size": 128})
 
 
@@ -305,7 +305,7 @@ def test_adversarial_resumed_from_a_checkpoint_equals_the_uninterrupted_trial(
 # ---- adversarial KD with a pre-trained discriminator (seed 004) -----------------------------------
 
 def test_seed004_loss_by_hand_and_the_way_it_pushes():
-    config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "hard_weight": 0.5,
+    config = trial_config({"method": "adversarial_pretrained", "stage1_epochs": 1, "hard_weight": 0.5,
                                     "adv_weight": 2})
     method = method_class("adversarial_pretrained")(config)
     method.setup({}, {}, num_classes=2)
@@ -331,7 +331,7 @@ def test_seed004_loss_by_hand_and_the_way_it_pushes():
 
 
 def test_seed004_nonsaturating_loss_by_hand_is_bounded_and_pushes_the_same_way():
-    config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "hard_weight": 0.5,
+    config = trial_config({"method": "adversarial_pretrained", "stage1_epochs": 1, "hard_weight": 0.5,
                                     "adv_weight": 2, "adv_loss": "nonsaturating"})
     method = method_class("adversarial_pretrained")(config)
     method.setup({}, {}, num_classes=2)
@@ -355,7 +355,7 @@ def test_seed004_nonsaturating_loss_by_hand_is_bounded_and_pushes_the_same_way()
 def test_discriminator_starts_the_same_with_or_without_the_teacher_cache(method, digits, trained_digits_teacher,
                                                                          teacher_cache):
     # building the teacher online draws from the global generator; the method's set-up is seeded on its own
-    config = TrialConfig.from_flat({"method": method, "epochs": 1, "disc_hidden": 16,
+    config = trial_config({"method": method, "epochs": 1, "disc_hidden": 16,
                                     **({"stage1_epochs": 1} if method == "adversarial_pretrained" else {})})
     cached = trainer_for(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache)
     online = trainer_for(config.replace(teacher_cache="off"), digits, trained_digits_teacher[0],
@@ -370,7 +370,7 @@ def test_discriminator_starts_the_same_with_or_without_the_teacher_cache(method,
 
 
 def test_seed004_nonsaturating_trial_trains_with_a_term_bounded_below(digits, trained_digits_teacher, teacher_cache):
-    config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 1,
+    config = trial_config({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 1,
                                     "lr": 0.03, "disc_epochs": 2, "adv_weight": 1.0, "batch_size": 128,
                                     "adv_loss": "nonsaturating"})
     epochs = run(trainer_for(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache))
@@ -380,7 +380,7 @@ def test_seed004_nonsaturating_trial_trains_with_a_term_bounded_below(digits, tr
 
 def test_seed004_pretrains_fits_the_discriminator_once_and_resumes_exactly(
         digits, trained_digits_teacher, teacher_cache, tmp_path):
-    config = TrialConfig.from_flat({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 2,
+    config = trial_config({"method": "adversarial_pretrained", "stage1_epochs": 1, "epochs": 2,
                                     "lr": 0.03, "disc_epochs": 3, "adv_weight": 0.5, "batch_size": 128})
     straight = trainer_for(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache)
     epochs = run(straight)
@@ -406,7 +406,7 @@ def test_seed004_pretrains_fits_the_discriminator_once_and_resumes_exactly(
 
 def test_kd_trains_a_dense_student_from_a_conv_teacher(digits, trained_digits_teacher, teacher_cache):
     # nothing dense-specific: the conv teacher's logits (cached) are all KD needs from it
-    config = TrialConfig.from_flat({"method": "kd", "student": "dense_student", "epochs": 2, "lr": 0.05,
+    config = trial_config({"method": "kd", "student": "dense_student", "epochs": 2, "lr": 0.05,
                                     "temperature": 4})
     epochs = run(trainer_for(config, digits, trained_digits_teacher[0], teacher_logits=teacher_cache))
     assert {"loss_hard", "loss_soft"} <= set(epochs[-1])
@@ -416,63 +416,70 @@ def test_kd_trains_a_dense_student_from_a_conv_teacher(digits, trained_digits_te
 # ---- configuration --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("values, message", [
-    ({"method": "hints", "links": "2", "beta": 1}, "stage1_epochs=0: method 'hints' needs stage1_epochs >= 1 "
-                                                   "(the epochs of its 'hint' stage)"),
+    ({"method": "hints", "links": "2", "stage1_epochs": 0}, "stage1_epochs=0: must be a whole number >= 1 "
+                                                           "(method 'hints')"),
     ({"method": "hints", "stage1_epochs": 2, "beta": 1}, "links='': method 'hints' needs at least one"),
-    ({"method": "hints", "links": "2", "stage1_epochs": 2}, "beta=0.0: method 'hints' needs beta > 0"),
-    ({"method": "kd", "stage1_epochs": 3}, "stage1_epochs=3: method 'kd' has one stage; allowed only with "
-                                           "adversarial_pretrained, fsp, hints"),
-    ({"stage1_epochs": -1}, "stage1_epochs=-1: must be a whole number >= 0"),
+    ({"method": "hints", "links": "2", "beta": 0}, "beta=0.0: must be > 0 (method 'hints')"),
+    ({"method": "kd", "stage1_epochs": 3}, "unknown config key 'stage1_epochs' for method 'kd'"),
+    ({"method": "fsp", "stage1_epochs": -1}, "stage1_epochs=-1: must be a whole number >= 1"),
     ({"method": "fsp", "stage1_epochs": 1, "beta": 1}, "fsp_pairs='': method 'fsp' needs at least one layer pair"),
-    ({"method": "fsp", "fsp_pairs": "1-2", "stage1_epochs": 1}, "beta=0.0: method 'fsp' needs beta > 0"),
-    ({"fsp_pairs": "1-2"}, "fsp_pairs=1-2: method 'kd' uses no fsp_pairs; methods that do: fsp"),
+    ({"method": "fsp", "fsp_pairs": "1-2", "beta": -1}, "beta=-1.0: must be > 0 (method 'fsp')"),
+    ({"fsp_pairs": "1-2"}, "unknown config key 'fsp_pairs' for method 'kd'"),
     ({"method": "fsp", "fsp_pairs": "1-1"}, "fsp_pairs='1-1': pair 1-1 needs two different links"),
     ({"method": "fsp", "fsp_pairs": "1-2,3"}, "fsp_pairs='1-2,3': '3' is not a pair of links; expected e.g."),
     ({"method": "fsp", "fsp_pairs": "1-2,2-1"}, "fsp_pairs='1-2,2-1': pair 1-2 is listed twice"),
-    ({"method": "kd", "links": "2"}, "links=2: method 'kd' uses no links; methods that do: hints, links"),
+    ({"method": "kd", "links": "2"}, "unknown config key 'links' for method 'kd'"),
     ({"method": "adversarial", "hard_weight": 0, "l1_weight": 0, "adv_weight": 0},
      "hard_weight=0.0, l1_weight=0.0, adv_weight=0.0: method 'adversarial' needs a term of weight > 0"),
-    ({"l1_weight": -1}, "l1_weight=-1.0: must be >= 0"),
-    ({"adv_weight": "much"}, "adv_weight='much': expected a float"),
-    ({"disc_lr": 0}, "disc_lr=0.0: must be > 0"),
-    ({"disc_hidden": 0}, "disc_hidden=0: must be a whole number >= 1"),
-    ({"disc_epochs": 0}, "disc_epochs=0: must be a whole number >= 1"),
-    ({"method": "adversarial_pretrained"}, "stage1_epochs=0: method 'adversarial_pretrained' needs stage1_epochs >= 1"),
+    ({"method": "adversarial", "l1_weight": -1}, "l1_weight=-1.0: must be >= 0"),
+    ({"method": "adversarial", "adv_weight": "much"}, "adv_weight='much': expected a float"),
+    ({"method": "adversarial", "disc_lr": 0}, "disc_lr=0.0: must be > 0"),
+    ({"method": "adversarial", "disc_hidden": 0}, "disc_hidden=0: must be a whole number >= 1"),
+    ({"method": "adversarial_pretrained", "disc_epochs": 0}, "disc_epochs=0: must be a whole number >= 1"),
+    ({"method": "adversarial_pretrained", "stage1_epochs": 0},
+     "stage1_epochs=0: must be a whole number >= 1 (method 'adversarial_pretrained')"),
     ({"soft_scale": "T^2"}, "soft_scale='T^2': unknown; allowed: T2, none"),
-    ({"hint_loss": "l2"}, "hint_loss='l2': unknown; allowed: mean, sum"),
-    ({"adv_loss": "bounded"}, "adv_loss='bounded': unknown; allowed: nonsaturating, paper"),
+    ({"method": "hints", "links": "2", "hint_loss": "l2"}, "hint_loss='l2': unknown; allowed: mean, sum"),
+    ({"method": "adversarial_pretrained", "adv_loss": "bounded"},
+     "adv_loss='bounded': unknown; allowed: nonsaturating, paper"),
+    ({"method": "kd", "alpha": 0.5, "adv_weight": 1}, "unknown config key 'adv_weight' for method 'kd'"),
     ({"deterministic": "maybe"}, "deterministic='maybe': expected a bool"),
 ])
 def test_bad_method_settings_are_rejected_with_one_line(values, message):
     with pytest.raises(ConfigError) as error:
-        TrialConfig.from_flat(values)
+        trial_config(values)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
 
 def test_fsp_pairs_forms_and_round_trip():
-    config = TrialConfig.from_flat({"method": "fsp", "teacher": "resnet26", "student": "resnet8", "beta": 1,
+    config = trial_config({"method": "fsp", "teacher": "resnet26", "student": "resnet8", "beta": 1,
                                     "stage1_epochs": 1, "fsp_pairs": [(5, 6), [1, 2]]})
     assert config.fsp_pairs == (("1", "2"), ("5", "6"))
     assert config.to_flat()["fsp_pairs"] == "1-2,5-6"
-    assert TrialConfig.from_flat(config.to_flat()).to_flat() == config.to_flat()
-    assert TrialConfig.from_flat({**config.to_flat(), "fsp_pairs": "6-5,2-1"}).fsp_pairs == (("1", "2"), ("5", "6"))
+    assert trial_config(config.to_flat()).to_flat() == config.to_flat()
+    assert trial_config({**config.to_flat(), "fsp_pairs": "6-5,2-1"}).fsp_pairs == (("1", "2"), ("5", "6"))
 
 
 def test_the_seed_forms_are_settings_with_kdtunes_defaults():
-    config = TrialConfig.from_flat({})
-    assert (config.soft_scale, config.hint_loss, config.adv_loss, config.deterministic) == ("T2", "mean", "paper",
-                                                                                          False)
-    flat = TrialConfig.from_flat({"soft_scale": "none", "deterministic": "true", "method": "hints", "links": "2",
+    config = trial_config({})
+    assert (config.soft_scale, config.deterministic) == ("T2", False)
+    assert trial_config({"method": "hints", "links": "2"}).hint_loss == "mean"
+    assert trial_config({"method": "adversarial_pretrained"}).adv_loss == "paper"
+    flat = trial_config({"soft_scale": "none", "deterministic": "true", "method": "hints", "links": "2",
                                   "beta": 1, "stage1_epochs": 1, "hint_loss": "sum"}).to_flat()
     assert (flat["soft_scale"], flat["deterministic"], flat["hint_loss"]) == ("none", True, "sum")
-    assert TrialConfig.from_flat(flat).to_flat() == flat
+    assert trial_config(flat).to_flat() == flat
 
 
 def test_hard_weight_defaults_to_one_without_a_soft_term():
-    assert TrialConfig.from_flat({"method": "adversarial", "alpha": 0.7}).effective_hard_weight == 1.0
-    assert TrialConfig.from_flat({"method": "adversarial", "alpha": 0.7}).to_flat()["hard_weight"] == 1.0
-    assert TrialConfig.from_flat({"method": "kd", "alpha": 0.7}).effective_hard_weight == pytest.approx(0.3)
+    assert trial_config({"method": "adversarial"}).effective_hard_weight == 1.0
+    assert trial_config({"method": "adversarial"}).to_flat()["hard_weight"] == 1.0
+    assert trial_config({"method": "kd", "alpha": 0.7}).effective_hard_weight == pytest.approx(0.3)
+    # a study's shared values reach only the methods that declare them: alpha is kd's, not the adversarial's
+    assert trial_config({"method": "adversarial"}, base={"alpha": 0.7}).effective_hard_weight == 1.0
     # a default stays a default when the method changes
-    kd = TrialConfig.from_flat({"method": "kd", "alpha": 0.7})
-    assert kd.replace(method="adversarial").effective_hard_weight == 1.0
+    from kdtune.distill import method_class
+
+    kd = trial_config({"method": "kd", "alpha": 0.7})
+    assert kd.replace(method="adversarial", method_class=method_class("adversarial")).effective_hard_weight == 1.0

@@ -14,6 +14,7 @@ import torch
 
 from conftest import REPO
 from kdtune.tracking import client_for, use_tracking
+from kdtune.distill import trial_config
 
 pytestmark = pytest.mark.e2e
 
@@ -233,12 +234,11 @@ def test_pretrained_teacher_fine_tunes_from_the_weights_file_where_the_error_sai
 
 def test_streamed_folder_trains_like_the_in_memory_one(tmp_path):
     """Same data, same seed: the DataLoader path gives the in-memory path's accuracy (up to float order)."""
-    from kdtune.config import TrialConfig
     from kdtune.parts import trainer_for
     from kdtune.sources import resolve_dataset
 
     root = write_png_folder(tmp_path / "pets", per_class=(20, 6))
-    config = TrialConfig.from_flat({"dataset": "pets", "student": "digits_student", "teacher": "digits_teacher",
+    config = trial_config({"dataset": "pets", "student": "digits_student", "teacher": "digits_teacher",
                                     "method": "none", "epochs": 3, "batch_size": 16, "lr": 0.05,
                                     "augment": "crop:2,flip"})
     results = []

@@ -21,6 +21,7 @@ from kdtune.config import TrialConfig
 from kdtune.data import Dataset
 from kdtune.engine import cpu_has_native_bf16, teacher_logits_for
 from kdtune.parts import teacher_network, trainer_for
+from kdtune.distill import trial_config
 
 KD = {"method": "kd", "temperature": 3.0, "alpha": 0.7, "hard_weight": 0.3, "epochs": 1, "lr": 0.05,
       "momentum": 0.9, "weight_decay": 1e-3, "seed": 3}
@@ -83,7 +84,7 @@ def small_cifar():
 
 def test_online_teacher_step_on_device_augmented_batch_matches_the_reference(small_cifar):
     """VGG-16 -> VGG-7 on a crop+flip batch made on the device: same losses, same weights after the step."""
-    config = TrialConfig.from_flat({**KD, "dataset": "cifar10", "teacher": "vgg16", "student": "vgg7",
+    config = trial_config({**KD, "dataset": "cifar10", "teacher": "vgg16", "student": "vgg7",
                                     "batch_size": 64, "val_fraction": 0.05})
     assert config.augment_recipe(small_cifar.default_augment) == "crop:4,flip"
     torch.manual_seed(1)
@@ -121,7 +122,7 @@ def test_online_teacher_step_on_device_augmented_batch_matches_the_reference(sma
 def test_cached_teacher_logits_step_matches_the_online_reference(digits, trained_digits_teacher):
     """Seed 003's mode: teacher logits computed once on un-augmented images, looked up by sample index."""
     teacher_state = trained_digits_teacher[0]
-    config = TrialConfig.from_flat({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "on"})
+    config = trial_config({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "on"})
     cache = teacher_logits_for(teacher_network(config.teacher, teacher_state, digits), digits, config.val_fraction)
     trainer, seen = one_batch_trainer(config, digits, teacher_state, teacher_logits=cache)
     assert trainer.teacher is None and trainer.teacher_logits is not None  # no teacher forward in the step
@@ -136,7 +137,7 @@ def test_cached_teacher_logits_step_matches_the_online_reference(digits, trained
 
 def test_online_teacher_on_digits_matches_the_reference(digits, trained_digits_teacher):
     teacher_state = trained_digits_teacher[0]
-    config = TrialConfig.from_flat({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "off"})
+    config = trial_config({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "off"})
     trainer, seen = one_batch_trainer(config, digits, teacher_state)
     initial = copy.deepcopy(trainer.student.state_dict())
     metrics = next(trainer.epochs())
@@ -149,7 +150,7 @@ def test_online_teacher_on_digits_matches_the_reference(digits, trained_digits_t
 
 def test_bf16_step_stays_within_bf16_rounding_of_the_fp32_reference(digits, trained_digits_teacher):
     teacher_state = trained_digits_teacher[0]
-    config = TrialConfig.from_flat({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "off",
+    config = trial_config({**KD, "dataset": "digits", "batch_size": 2048, "teacher_cache": "off",
                                     "precision": "bf16"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # bf16 emulated on this CPU: slow, still correct
@@ -165,6 +166,6 @@ def test_bf16_step_stays_within_bf16_rounding_of_the_fp32_reference(digits, trai
 
 @pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16 (AMX or AVX512-BF16)")
 def test_bf16_on_a_cpu_without_native_bf16_says_it_will_be_slow(digits):
-    config = TrialConfig.from_flat({"dataset": "digits", "method": "none", "epochs": 1, "precision": "bf16"})
+    config = trial_config({"dataset": "digits", "method": "none", "epochs": 1, "precision": "bf16"})
     with pytest.warns(RuntimeWarning, match="without AMX or AVX512-BF16.*use precision='fp32'"):
         trainer_for(config, digits, device=torch.device("cpu")).close()

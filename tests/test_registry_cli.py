@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from kdtune import cli, registry
-from kdtune.config import TrialConfig
 from kdtune.parts import trainer_for
 from kdtune.models import build_model
 from kdtune.tracking import ChildRun, ServableModel, TrackingContext, client_for, get_or_create_experiment
+from kdtune.distill import trial_config
 
 NAME = "test-gate-student"
 
 
 def train_and_log(context, digits, teacher_state, label, **config):
-    trainer = trainer_for(TrialConfig.from_flat({"epochs": 3, **config}), digits, teacher_state)
+    trainer = trainer_for(trial_config({"epochs": 3, **config}), digits, teacher_state)
     for metrics in trainer.epochs():
         pass
     trainer.close()

@@ -1,4 +1,5 @@
-"""Distillation methods by name. Each module adds one method; the engine treats them all alike."""
+"""Distillation methods. Each module adds one method; the engine treats them all alike. A user's own method is
+a subclass of `Method` named as `package.module:Class` (kdtune/distill/registry.py)."""
 from __future__ import annotations
 
 from kdtune.distill.adversarial import ConditionalAdversarial
@@ -8,26 +9,12 @@ from kdtune.distill.fsp import FlowOfSolution
 from kdtune.distill.hints import Hints
 from kdtune.distill.kd import KnowledgeDistillation
 from kdtune.distill.links import MultiLayerLinks
-from kdtune.errors import ConfigError
+from kdtune.distill.registry import (declared_by, method_class, method_names, method_source, register_method,
+                                     trial_config)
 
-_METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    NoDistillation, KnowledgeDistillation, MultiLayerLinks, Hints, FlowOfSolution, ConditionalAdversarial,
-    PretrainedDiscriminator,
-)}
+for _method in (NoDistillation, KnowledgeDistillation, MultiLayerLinks, Hints, FlowOfSolution,
+                ConditionalAdversarial, PretrainedDiscriminator):
+    register_method(_method)
 
-
-def register_method(cls: type[Method]) -> None:
-    _METHODS[cls.name] = cls
-
-
-def method_names() -> list[str]:
-    return sorted(_METHODS)
-
-
-def method_class(name: str) -> type[Method]:
-    if name not in _METHODS:
-        raise ConfigError(f"method={name!r}: unknown; allowed: {', '.join(method_names())}")
-    return _METHODS[name]
-
-
-__all__ = ["Method", "Outputs", "Stage", "method_class", "method_names", "register_method"]
+__all__ = ["Method", "Outputs", "Stage", "declared_by", "method_class", "method_names", "method_source",
+           "register_method", "trial_config"]

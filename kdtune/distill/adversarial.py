@@ -19,17 +19,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdtune.config import TrialConfig
-from kdtune.distill.base import Method, Outputs, Param, Stage
-from kdtune.distill.discriminator import ADV_WEIGHT, DISC_LR, LogitDiscriminator, discriminator_optimizer
+from kdtune.config import Param, TrialConfig
+from kdtune.distill.base import READS_LOGITS, Method, Outputs, Stage
+from kdtune.distill.discriminator import (ADV_WEIGHT, DISC_HIDDEN, DISC_LR, LogitDiscriminator,
+                                          discriminator_optimizer)
 from kdtune.distill.losses import FAKE, REAL, adversarial_log_likelihoods, hard_loss, l1_alignment
 from kdtune.errors import ConfigError
 
 
 class ConditionalAdversarial(Method):
+    """Seed 003: a conditional discriminator on logits (C+2 outputs) plus L1 logit alignment."""
+
     name = "adversarial"
     needs_teacher = True
-    search_parameters = (ADV_WEIGHT, DISC_LR, Param("l1_weight", 0.01, 10.0, log=True))
+    reads = frozenset({READS_LOGITS})
+    params = (ADV_WEIGHT, DISC_LR, Param("l1_weight", 1.0, low=0.0, search=(0.01, 10.0), log=True, short="l1",
+                                         help="weight of L_L1, the mean L1 distance of student and teacher logits"),
+              DISC_HIDDEN)
+    paper = "Xu et al., conditional adversarial networks for KD (seed 003)"
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdtune.config import TrialConfig
-from kdtune.distill.base import Method, Outputs, Stage
-from kdtune.distill.discriminator import ADV_WEIGHT, DISC_LR, LogitDiscriminator, discriminator_optimizer
+from kdtune.config import ADV_LOSSES, Param, TrialConfig
+from kdtune.distill.base import READS_LOGITS, Method, Outputs, Stage
+from kdtune.distill.discriminator import (ADV_WEIGHT, DISC_HIDDEN, DISC_LR, LogitDiscriminator,
+                                          discriminator_optimizer)
 from kdtune.distill.kd import STAGE1_EPOCHS
 from kdtune.distill.losses import hard_loss, seed004_adversarial_loss
 from kdtune.errors import ConfigError
@@ -40,10 +41,18 @@ FIT_BATCH = 128  # the fit is a small, separate problem: its batch need not be t
 
 
 class PretrainedDiscriminator(Method):
+    """Seed 004: pre-train the student, fit a discriminator on teacher vs student logits, then fool it."""
+
     name = "adversarial_pretrained"
     needs_teacher = True
-    first_stage = "pretrain"
-    search_parameters = (STAGE1_EPOCHS, ADV_WEIGHT, DISC_LR)
+    reads = frozenset({READS_LOGITS})
+    params = (STAGE1_EPOCHS, ADV_WEIGHT, DISC_LR, DISC_HIDDEN,
+              Param("disc_epochs", 10, kind="int", low=1,
+                    help="epochs fitting the discriminator before the adversarial stage"),
+              Param("adv_loss", "paper", kind="str", choices=ADV_LOSSES,
+                    help="paper: -beta * L_class as seed 004 writes it (unbounded); nonsaturating: "
+                         "beta * -log P_D(teacher | a_S) (>= 0)"))
+    paper = "seed 004: KD and adversarial KD with a pre-trained discriminator (MLPs on MNIST)"
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdtune.config import TrialConfig, format_links, format_pairs
+from kdtune.config import Param, TrialConfig
 from kdtune.distill.losses import ensemble_logits, hard_loss
-from kdtune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -48,21 +47,6 @@ class Stage:
     uses_teacher: bool = True
 
 
-@dataclass(frozen=True)
-class Param:
-    """A setting a method adds, and its default search range (kdtune/spaces.py samples it only for that method).
-
-    `choices` names values the model pair supplies instead of a range: "link_sets" (sampled from the pair's
-    candidate link sets) or "fsp_pairs" (one value, the pair's sections, used as a constant)."""
-
-    name: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    integer: bool = False
-    choices: str | None = None
-
-
 @dataclass
 class Outputs:
     """One batch as the method sees it."""
@@ -75,16 +59,22 @@ class Outputs:
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# Optional fields that only some methods read: a value set for another method is a mistake worth a message.
-_STRUCTURAL_FIELDS = {"links": format_links, "fsp_pairs": format_pairs}
+# What a method reads, declared so the logit cache, fusion and ensembles decide by themselves whether they apply:
+READS_LOGITS = "logits"      # the teacher's logits only: cached logits and ensembles serve it
+READS_FEATURES = "features"  # the teacher's intermediate features (links, embeddings): the teacher runs online
+READS_MEMORY = "memory"      # a memory of past embeddings keyed by sample index (CRD): needs the sample indices
 
 
 class Method(nn.Module):
+    """A distillation method. Subclass it, give it a `name` and its `params` (a tuple of kdtune.config.Param),
+    return its weighted loss terms from `losses`, and name it in a study as `package.module:Class` (see
+    kdtune/distill/registry.py and README "Your own method")."""
+
     name = "none"
     needs_teacher = False
-    uses_fields: frozenset[str] = frozenset()  # which of _STRUCTURAL_FIELDS the method reads
-    first_stage: str | None = None  # two-stage methods: the name of the stage run for stage1_epochs
-    search_parameters: tuple[Param, ...] = ()  # what a search samples for this method, in this order
+    reads: frozenset[str] = frozenset()  # READS_*: what of the teacher (and of past batches) the method reads
+    params: tuple[Param, ...] = ()  # the method's own settings, declared once (kdtune/config.py, Param)
+    paper: str = ""  # the source: authors, venue, year
 
     def __init__(self, config: TrialConfig):
         super().__init__()
@@ -93,20 +83,12 @@ class Method(nn.Module):
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
-        from kdtune.distill import method_class, method_names
+        """Checks across the method's parameters (each one alone is checked by its Param)."""
 
-        for name, formatted in _STRUCTURAL_FIELDS.items():
-            if getattr(config, name) and name not in cls.uses_fields:
-                users = [m for m in method_names() if name in method_class(m).uses_fields]
-                raise ConfigError(f"{name}={formatted(getattr(config, name))}: method {cls.name!r} uses no "
-                                  f"{name}; methods that do: {', '.join(users)} (or leave {name} empty)")
-        two_stage = [m for m in method_names() if method_class(m).first_stage]
-        if cls.first_stage is None and config.stage1_epochs:
-            raise ConfigError(f"stage1_epochs={config.stage1_epochs}: method {cls.name!r} has one stage; "
-                              f"allowed only with {', '.join(two_stage)} (or leave it 0)")
-        if cls.first_stage is not None and config.stage1_epochs < 1:
-            raise ConfigError(f"stage1_epochs={config.stage1_epochs}: method {cls.name!r} needs stage1_epochs >= 1 "
-                              f"(the epochs of its {cls.first_stage!r} stage)")
+    @classmethod
+    def describe(cls) -> str:
+        """The first line of the class docstring (`kdtune methods list`)."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     @classmethod
     def default_hard_weight(cls, config: TrialConfig) -> float:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdtune.distill.base import Param
-
-from kdtune.config import TrialConfig
+from kdtune.config import Param, TrialConfig
 
 DROPOUT = 0.3  # seed 003 §3, for the discriminator
 
@@ -35,5 +33,8 @@ def discriminator_optimizer(discriminator: nn.Module, config: TrialConfig) -> to
                            weight_decay=config.weight_decay)
 
 
-ADV_WEIGHT = Param("adv_weight", 0.01, 10.0, log=True)
-DISC_LR = Param("disc_lr", 1e-4, 1e-1, log=True)
+ADV_WEIGHT = Param("adv_weight", 1.0, low=0.0, search=(0.01, 10.0), log=True, short="adv",
+                   help="seed 003: weight of L_GAN; seed 004: beta of -beta * L_class")
+DISC_LR = Param("disc_lr", None, low=0.0, low_open=True, optional=True, search=(1e-4, 1e-1), log=True,
+                help="the discriminator's SGD learning rate (default: the student's lr)")
+DISC_HIDDEN = Param("disc_hidden", 128, kind="int", low=1, help="width of the discriminator's two hidden layers")

@@ -17,28 +17,30 @@ from __future__ import annotations
 
 import torch
 
-from kdtune.config import TrialConfig, format_pairs
-from kdtune.distill.base import Outputs, Stage
-from kdtune.distill.base import Param
+from kdtune.config import Param, TrialConfig, format_pairs
+from kdtune.distill.base import READS_FEATURES, READS_LOGITS, Outputs, Stage
 from kdtune.distill.kd import BETA, STAGE1_EPOCHS, KnowledgeDistillation
 from kdtune.distill.losses import fsp_distance, fsp_matrix
 from kdtune.errors import ConfigError
 
 
+FSP_PAIRS = Param("fsp_pairs", (), kind="pairs", search="fsp_pairs",
+                  help="layer pairs of links of equal spatial size, e.g. 1-2,3-4,5-6")
+
+
 class FlowOfSolution(KnowledgeDistillation):
+    """FSP matrices (seed 002): an FSP stage matching G = F1^T F2 / (h*w), then normal training."""
+
     name = "fsp"
-    uses_fields = frozenset({"fsp_pairs"})
-    first_stage = "fsp"
-    search_parameters = KnowledgeDistillation.search_parameters + (
-        BETA, Param("fsp_pairs", choices="fsp_pairs"), STAGE1_EPOCHS)
+    reads = frozenset({READS_LOGITS, READS_FEATURES})
+    params = KnowledgeDistillation.params + (BETA, FSP_PAIRS, STAGE1_EPOCHS)
+    paper = "Yim et al., A Gift from Knowledge Distillation, CVPR 2017 (seed 002)"
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
         super().check_config(config)
         if not config.fsp_pairs:
             raise ConfigError("fsp_pairs='': method 'fsp' needs at least one layer pair, e.g. fsp_pairs='1-2,3-4,5-6'")
-        if config.beta <= 0:
-            raise ConfigError(f"beta={config.beta}: method 'fsp' needs beta > 0 (the FSP loss weight lambda)")
         if config.alpha <= 0 and config.effective_hard_weight <= 0:
             raise ConfigError(f"alpha={config.alpha}, hard_weight={config.effective_hard_weight}: method 'fsp' "
                               "needs a main stage with a term of weight > 0")

@@ -22,26 +22,31 @@ import torch
 from torch import nn
 
 from kdtune.config import TrialConfig
-from kdtune.distill.base import Outputs, Stage
-from kdtune.distill.kd import BETA, LINK_SETS, STAGE1_EPOCHS, KnowledgeDistillation
+from kdtune.distill.base import READS_FEATURES, READS_LOGITS, Outputs, Stage
+from kdtune.config import HINT_LOSSES, Param
+from kdtune.distill.kd import BETA, LINKS, STAGE1_EPOCHS, KnowledgeDistillation
 from kdtune.distill.links import adapter_key, make_adapter
 from kdtune.distill.losses import hint_distance
 from kdtune.errors import ConfigError
 
 
+HINT_LOSS = Param("hint_loss", "mean", kind="str", choices=HINT_LOSSES,
+                  help="mean: MSE; sum: FitNets' 1/2 * ||u - r(v)||^2 summed per sample")
+
+
 class Hints(KnowledgeDistillation):
+    """FitNets hints (seed 001): a hint stage through a 1x1 adapter, then KD."""
+
     name = "hints"
-    uses_fields = frozenset({"links"})
-    first_stage = "hint"
-    search_parameters = KnowledgeDistillation.search_parameters + (BETA, LINK_SETS, STAGE1_EPOCHS)
+    reads = frozenset({READS_LOGITS, READS_FEATURES})
+    params = KnowledgeDistillation.params + (BETA, LINKS, STAGE1_EPOCHS, HINT_LOSS)
+    paper = "Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015 (seed 001)"
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
         super().check_config(config)
         if not config.links:
             raise ConfigError("links='': method 'hints' needs at least one hint/guided link, e.g. links='2'")
-        if config.beta <= 0:
-            raise ConfigError(f"beta={config.beta}: method 'hints' needs beta > 0 (the weight of the hint loss)")
         if config.alpha <= 0 and config.effective_hard_weight <= 0:
             raise ConfigError(f"alpha={config.alpha}, hard_weight={config.effective_hard_weight}: method 'hints' "
                               "needs a KD stage with a term of weight > 0")

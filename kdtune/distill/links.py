@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from kdtune.config import TrialConfig
-from kdtune.distill.kd import BETA, LINK_SETS, KnowledgeDistillation
+from kdtune.distill.kd import BETA, LINKS, KnowledgeDistillation
 from kdtune.distill.losses import feature_mse
-from kdtune.distill.base import Outputs
+from kdtune.distill.base import READS_FEATURES, READS_LOGITS, Outputs
 from kdtune.errors import ConfigError
 
 
@@ -28,14 +28,16 @@ def adapter_key(link: str) -> str:
 
 
 class Resize(nn.Module):
-    """Bilinear resize of a feature map to the teacher's height and width (link_spatial='interpolate')."""
+    """Resize of a feature map to the teacher's height and width (bilinear) or a signal to its length (linear),
+    for link_spatial='interpolate'."""
 
-    def __init__(self, size: tuple[int, int]):
+    def __init__(self, size: tuple[int, ...]):
         super().__init__()
         self.size = tuple(size)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return nn.functional.interpolate(feature, size=self.size, mode="bilinear", align_corners=False)
+        mode = "bilinear" if len(self.size) == 2 else "linear"
+        return nn.functional.interpolate(feature, size=self.size, mode=mode, align_corners=False)
 
 
 def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: str, always: bool = False,
@@ -53,25 +55,36 @@ def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: str
         raise ConfigError(
             f"link {link}: student feature {student} and teacher feature {teacher} differ in height/width; "
             "set link_spatial=interpolate to resize the student's map, or link layers of equal spatial size")
+    if len(student) == 2 and len(teacher) == 2:  # C x L signal maps (1-D convolutions)
+        widths = nn.Conv1d(student[0], teacher[0], kernel_size=1) if student[0] != teacher[0] or always else None
+        if student[1:] == teacher[1:]:
+            return widths
+        if spatial == "interpolate":
+            return nn.Sequential(Resize(teacher[1:]), *([widths] if widths is not None else []))
+        raise ConfigError(
+            f"link {link}: student feature {student} and teacher feature {teacher} differ in length; "
+            "set link_spatial=interpolate to resize the student's signal, or link layers of equal length")
     if len(student) == 1 and len(teacher) == 1:
         return nn.Linear(student[0], teacher[0])
     raise ConfigError(
         f"link {link}: student feature {student} and teacher feature {teacher} cannot be joined by an adapter "
-        "(a 1x1 convolution joins two C x H x W maps, a linear layer two vectors); link layers of the same kind")
+        "(a 1x1 convolution joins two C x H x W or two C x L maps, a linear layer two vectors); link layers of the "
+        "same kind")
 
 
 class MultiLayerLinks(KnowledgeDistillation):
+    """Seed 000's multi-layer transfer: KD + beta * sum of MSE over linked layers (1x1 adapters where widths differ)."""
+
     name = "links"
-    uses_fields = frozenset({"links"})
-    search_parameters = KnowledgeDistillation.search_parameters + (BETA, LINK_SETS)
+    reads = frozenset({READS_LOGITS, READS_FEATURES})
+    params = KnowledgeDistillation.params + (BETA, LINKS)
+    paper = "seed 000: multi-layer knowledge transfer (VGG-16 -> VGG-7, CIFAR-10)"
 
     @classmethod
     def check_config(cls, config: TrialConfig) -> None:
         super().check_config(config)
         if not config.links:
             raise ConfigError("links='': method 'links' needs at least one link, e.g. links='2,3,4,5'")
-        if config.beta <= 0:
-            raise ConfigError(f"beta={config.beta}: method 'links' needs beta > 0 (the intermediate weight)")
 
     def link_keys(self) -> tuple[str, ...]:
         return self.config.links

@@ -1,0 +1,100 @@
+"""Methods by name: the built-in ones, and a user's own as `package.module:Class`.
+
+    method_class("dkd")                          # a built-in
+    method_class("mylab.methods:LogitMSE")       # a subclass of kdtune.distill.Method, imported once
+    trial_config({"method": "dkd", "beta": 8})   # a validated TrialConfig (kdtune/config.py)
+
+A user's method is imported in the driver, where the study is resolved and every trial config checked; trials
+import it again by the same reference from the user's code the study ships to every node (Ray's runtime_env,
+as for a user's own models: kdtune/models/refs.py, shippable_path).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdtune.config import TrialConfig
+from kdtune.distill.base import Method
+from kdtune.errors import ConfigError
+
+_BUILTIN: dict[str, type[Method]] = {}
+_IMPORTED: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add a built-in method (kdtune/distill/__init__.py does, for each one it ships)."""
+    _BUILTIN[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    """The built-in methods' names."""
+    return sorted(_BUILTIN)
+
+
+def is_reference(text: str) -> bool:
+    return ":" in str(text)
+
+
+def method_class(ref: str) -> type[Method]:
+    """A built-in method by name, or a user's Method subclass by `package.module:Class`."""
+    ref = str(ref).strip()
+    if ref in _BUILTIN:
+        return _BUILTIN[ref]
+    if not is_reference(ref):
+        raise ConfigError(f"method={ref!r}: unknown; allowed: {', '.join(method_names())}, or your own "
+                          "method as package.module:Class (a subclass of kdtune.distill.Method)")
+    if ref not in _IMPORTED:
+        _IMPORTED[ref] = _import_method(ref)
+    return _IMPORTED[ref]
+
+
+def _import_method(ref: str) -> type[Method]:
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"method={ref!r}: cannot import {module_name!r} ({error}); put its package on "
+                          "PYTHONPATH (or install it)") from None
+    cls = getattr(module, attr, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Method)):
+        raise ConfigError(f"method={ref!r}: {module_name} has no Method subclass named {attr!r}")
+    if cls.name in _BUILTIN or cls.name == Method.name:
+        raise ConfigError(f"method={ref!r}: its name {cls.name!r} is a built-in method's; give the class a "
+                          "name of its own (class attribute `name`)")
+    for param in cls.params:
+        if param.name in TrialConfig.field_names():
+            raise ConfigError(f"method={ref!r}: parameter {param.name!r} is a shared trial field; give it "
+                              "another name")
+    return cls
+
+
+def method_source(ref: str) -> str | None:
+    """The folder holding a user method's top-level package (shipped to every node), None for a built-in."""
+    if not is_reference(ref):
+        return None
+    cls = method_class(ref)
+    module = sys.modules[cls.__module__]
+    top = cls.__module__.split(".")[0]
+    path = Path(module.__file__).resolve()
+    for _ in cls.__module__.split(".")[1:]:
+        path = path.parent
+    return str(path if path.name != "__init__.py" else path.parent) if top else None
+
+
+def trial_config(flat: dict[str, Any], base: dict[str, Any] | None = None) -> TrialConfig:
+    """A validated TrialConfig from a flat dict on top of a study's `base` (kdtune/config.py, from_flat)."""
+    method = (flat.get("method") or (base or {}).get("method") or TrialConfig.method)
+    return TrialConfig.from_flat({**flat, "method": method}, method_class(method), base=base)
+
+
+def declared_by(methods) -> dict[str, list[str]]:
+    """parameter name -> the methods (of `methods`) that declare it."""
+    owners: dict[str, list[str]] = {}
+    for ref in methods:
+        for param in method_class(ref).params:
+            owners.setdefault(param.name, []).append(ref)
+    return owners
