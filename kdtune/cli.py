@@ -236,6 +236,9 @@ def cmd_models_promote(args, client, uri) -> int:
 
 
 def cmd_models_export(args, client, uri) -> int:
+    if args.format != "weights":  # onnx | pt2: a runnable file, checked against the registered model
+        from kdtune import export
+        return export.command(args, client, uri)
     import mlflow
     import torch
 
@@ -290,6 +293,8 @@ def _tracking_options(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdtune.export import add_options as export_options
+
     parser = argparse.ArgumentParser(prog="kdtune", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = parser.add_subparsers(dest="group", required=True, metavar="{mlflow,teacher,study,models}")
@@ -372,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--margin", type=float, default=0.0)
     promote.add_argument("--force", action="store_true", help="skip the gate")
     promote.set_defaults(func=cmd_models_promote)
-    export = models.add_parser("export", help="save a registered model's weights to a .pt file")
+    export = models.add_parser("export", help="save a registered model: its weights (.pt), or an ONNX or pt2 file")
     export.add_argument("model", help="name@alias or name/version, e.g. kdtune-digits-digits_student@champion")
-    export.add_argument("--out", required=True, help="the .pt file to write")
+    export.add_argument("--out", required=True, help="the file to write")
+    export_options(export)  # --format weights|onnx|pt2, --tolerance (kdtune/export.py)
     export.set_defaults(func=cmd_models_export)
     front = models.add_parser("pareto", help="the Pareto front a study registered: members, costs, accuracies")
     front.add_argument("name", help="the registered model, e.g. kdtune-digits-pareto")

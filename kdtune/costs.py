@@ -8,11 +8,18 @@
                                            `batch`, after `warmup` calls, over `repeats` timed calls each
     measure(refs, ...)                     all of it for every architecture, one model at a time, the repeats
                                            spread over 3 rounds through all the models
+    onnxruntime_latency(model, shape)      the same two figures for the model exported to ONNX and run by
+                                           onnxruntime (CPU execution provider, the same thread count):
+                                           measure(..., runtime="onnxruntime"), --latency-runtime onnxruntime
 
 A study measures latency once per architecture in one process (a Ray task with a trial's resources, or the
 driver), before any trial trains, so no other trial shares the device while it runs; the device and the
 thread count are recorded with every number. Latency depends on the architecture, not on trained weights, so
 one measurement serves every trial of that architecture.
+
+The runtime (torch: eager PyTorch under inference_mode; onnxruntime: the ONNX file `kdtune models export
+--format onnx` writes, on the CPU) is recorded with the device: a latency is a fact about a model on a device
+in a runtime, and a budget compares figures of one kind only. onnxruntime needs the extra `export`.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import torch
 from torch import nn
 
 COST_KEYS = ("latency_ms_batch1", "latency_ms_per_image", "params", "flops")
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -35,9 +43,34 @@ class Costs:
     latency_ms_per_image: float
     device: str
     threads: int
+    runtime: str = "torch"
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def latency_tags(costs: dict) -> dict[str, str]:
+    """A Costs dict (as_dict) as the tags a registered version carries: the two latencies and what they were
+    measured on (device, threads, runtime)."""
+    return {"latency_ms_batch1": f"{costs['latency_ms_batch1']:.4f}",
+            "latency_ms_per_image": f"{costs['latency_ms_per_image']:.5f}",
+            "latency_device": str(costs["device"]), "latency_threads": str(costs["threads"]),
+            "latency_runtime": str(costs.get("runtime", "torch"))}
+
+
+def check_runtime(runtime: str) -> None:
+    """A latency runtime kdtune can measure here, or one line saying what is allowed or what to install."""
+    from kdtune.errors import ConfigError
+
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--latency-runtime {runtime!r}: allowed: {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        from kdtune.export import ExportError, require_extra
+
+        try:
+            require_extra("onnx")
+        except ExportError as error:
+            raise ConfigError(f"--latency-runtime onnxruntime needs {str(error).split(' needs ', 1)[1]}") from None
 
 
 def parameters(model: nn.Module) -> int:
@@ -86,6 +119,52 @@ def timings(model: nn.Module, input_shape, device: torch.device, size: int, warm
     return samples
 
 
+def onnx_session(model: nn.Module, input_shape, folder: str, threads: int | None = None):
+    """`model` exported to ONNX (batch dimension dynamic, as `kdtune models export` writes it) in `folder`, and
+    an onnxruntime CPU session over it with `threads` intra-op threads (default: torch's thread count)."""
+    from pathlib import Path
+
+    from kdtune.export import export_file
+    from kdtune.export import onnx_session as session_for
+
+    was_training = model.training
+    model = model.cpu().eval()
+    try:
+        path = Path(folder) / f"model-{id(model)}.onnx"
+        export_file(model, "onnx", torch.zeros(2, *input_shape), path, {})
+    finally:
+        model.train(was_training)
+    return session_for(path, threads or torch.get_num_threads())
+
+
+def onnxruntime_timings(session, input_shape, size: int, warmup: int, repeats: int) -> list[float]:
+    """ms of each of `repeats` timed runs of an onnxruntime session on a batch of `size`, after `warmup`."""
+    import numpy as np
+
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+        (size, *input_shape)).astype(np.float32)}
+    samples = []
+    for index in range(warmup + repeats):
+        started = time.perf_counter()
+        session.run(None, feed)
+        if index >= warmup:
+            samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def onnxruntime_latency(model: nn.Module, input_shape, batch: int = 256, warmup: int = 5, repeats: int = 21,
+                        threads: int | None = None) -> tuple[float, float]:
+    """`latency()`'s two figures for `model` exported to ONNX and run by onnxruntime on the CPU."""
+    import tempfile
+
+    shape = tuple(int(d) for d in input_shape)
+    with tempfile.TemporaryDirectory() as folder:
+        session = onnx_session(model, shape, folder, threads)
+        one = statistics.median(onnxruntime_timings(session, shape, 1, warmup, repeats))
+        per_image = statistics.median(onnxruntime_timings(session, shape, batch, warmup, repeats)) / batch
+    return one, per_image
+
+
 def device_name(device: torch.device) -> str:
     """e.g. 'cuda:0 (NVIDIA A10G)' or 'cpu (x86_64, 2 threads)'."""
     if device.type == "cuda":
@@ -106,14 +185,21 @@ def cpu_model() -> str | None:
 
 
 def measure(refs: dict, num_classes: int, input_shape, device: torch.device | None = None, threads: int = 1,
-            batch: int = 256, warmup: int = 5, repeats: int = 21, rounds: int = 3) -> dict[str, dict]:
+            batch: int = 256, warmup: int = 5, repeats: int = 21, rounds: int = 3,
+            runtime: str = "torch") -> dict[str, dict]:
     """spec -> Costs (as a dict) for every reference in `refs` (spec -> ModelRef), one model at a time. The
     repeats are spread over `rounds` passes through all the models (each pass warms its model up again), so a
-    burst of outside load on a shared machine lands on every architecture alike rather than on one."""
+    burst of outside load on a shared machine lands on every architecture alike rather than on one.
+
+    runtime "onnxruntime": each model exported to ONNX once and timed in onnxruntime on the CPU with the same
+    thread count, whatever `device` is (kdtune installs onnxruntime's CPU package); the CPU is recorded."""
+    import tempfile
+
     from kdtune.engine import pick_device
 
+    check_runtime(runtime)
     torch.set_num_threads(max(1, int(threads)))
-    device = device or pick_device()
+    device = torch.device("cpu") if runtime == "onnxruntime" else (device or pick_device())
     shape = tuple(int(d) for d in input_shape)
     models, counts = {}, {}
     for spec, ref in refs.items():
@@ -123,20 +209,26 @@ def measure(refs: dict, num_classes: int, input_shape, device: torch.device | No
     rounds = max(1, min(rounds, repeats))
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
     samples = {spec: ([], []) for spec in refs}
-    for count in per_round:
-        for spec, model in models.items():
-            one, many = samples[spec]
-            one += timings(model, shape, device, 1, warmup, count)
-            many += [t / batch for t in timings(model, shape, device, batch, warmup, count)]
+    with tempfile.TemporaryDirectory() as folder:
+        if runtime == "onnxruntime":
+            sessions = {spec: onnx_session(model, shape, folder) for spec, model in models.items()}
+            time_it = lambda spec, size, count: onnxruntime_timings(sessions[spec], shape, size, warmup, count)  # noqa: E731
+        else:
+            time_it = lambda spec, size, count: timings(models[spec], shape, device, size, warmup, count)  # noqa: E731
+        for count in per_round:
+            for spec in models:
+                one, many = samples[spec]
+                one += time_it(spec, 1, count)
+                many += [t / batch for t in time_it(spec, batch, count)]
     name = device_name(device)
     return {spec: Costs(*counts[spec], statistics.median(samples[spec][0]), statistics.median(samples[spec][1]),
-                        name, torch.get_num_threads()).as_dict() for spec in refs}
+                        name, torch.get_num_threads(), runtime).as_dict() for spec in refs}
 
 
 def measure_task(refs: dict, num_classes: int, input_shape, threads: int, device: str | None = None,
                  **timing) -> tuple[dict, float]:
     """The Ray task body: (costs table, seconds it took); `device`: None for the one Ray assigned (or the CPU);
-    `timing`: batch, warmup, repeats."""
+    `timing`: batch, warmup, repeats, runtime."""
     started = time.perf_counter()
     table = measure(refs, num_classes, input_shape, device=torch.device(device) if device else None,
                     threads=threads, **timing)

@@ -68,6 +68,17 @@ def _add_samples(digest, dataset: Dataset, split: str, indices: torch.Tensor | N
         digest.update("\n".join(files if indices is None else [files[i] for i in indices.tolist()]).encode())
 
 
+def latency_provenance(client, run_id: str, metrics: dict) -> dict[str, str]:
+    """What a trial's own latency figures were measured on, as version tags beside them: `latency_device` (the
+    trial run's `kdtune.device` tag) and `latency_runtime` (torch: a trial times its student in eager PyTorch,
+    kdtune/trial.py); {} when the trial measured no latency. A Pareto study's members carry the same two tags
+    from its cost pass (kdtune/costs.py `latency_tags`)."""
+    if not any(key in metrics for key in ("latency_ms_batch1", "latency_ms_per_image")):
+        return {}
+    tags = client.get_run(run_id).data.tags
+    return {"latency_device": tags.get("kdtune.device", "unknown"), "latency_runtime": "torch"}
+
+
 def current_champion(client, name: str):
     import mlflow
 

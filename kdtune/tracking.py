@@ -549,20 +549,39 @@ class ChildRun:
 
 
 def log_model(client, run_id: str, model: nn.Module, input_example: torch.Tensor, name: str = "student") -> str:
-    """Log a servable model into run `run_id` (its status unchanged); return its model URI."""
+    """Log a servable model into run `run_id` (its status unchanged) with its input example (real samples) and
+    the signature inferred from the model's outputs on them; return its model URI."""
     import mlflow
 
+    signature = model_signature(model, input_example)
     status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # torch.export's pt2 packaging warns that weights are not on a GPU: they are on the CPU on purpose
         warnings.filterwarnings("ignore", message="No complete tensor found")
         info = mlflow.pytorch.log_model(
-            model, name=name, input_example=input_example.numpy(),
+            model, name=name, input_example=input_example.numpy(), signature=signature,
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "kdtune"],
         )
     if status != "FINISHED":  # start_run's context marks the run FINISHED on exit
         client.update_run(run_id, status=status)
     return info.model_uri
+
+
+def model_signature(model: nn.Module, batch: torch.Tensor):
+    """The MLflow signature of `model` on a real batch: float32 samples in, logits out, the batch dimension
+    variable (-1). Inferred from what the model returns, not left to MLflow's best effort, which logs no
+    signature (only a warning) when its own inference fails."""
+    from mlflow.models import infer_signature
+
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(batch.to(device))
+    finally:
+        model.train(was_training)
+    return infer_signature(batch.cpu().numpy(), outputs.detach().cpu().numpy())
 
 
 def log_params(client, run_id: str, params: dict) -> None:
@@ -578,6 +597,56 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> No
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+
+DATASET_CONTEXTS = ("training", "validation", "testing")
+
+
+def log_dataset(client, run_id: str, dataset, val_fraction: float) -> dict[str, str]:
+    """The study's dataset as inputs of its (parent) run, as `mlflow.log_input` logs them: one input per split,
+    named after the dataset, with context training (the training set as given, validation included: what a
+    registered teacher is matched on), validation (carved from it, what selection and the registry gate use)
+    and testing. Each digest is the hash part of kdtune's fingerprint of that split (kdtune/registry.py), the
+    same value a registered version's `val_set`/`test_set` tag holds, so a registered student leads back to
+    the study run and the exact samples it was chosen on. Tags: kdtune.samples (the split's size; for training:
+    the samples trials train on, validation left out), kdtune.fingerprint. Returns context -> fingerprint."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from kdtune import registry
+
+    _, val_idx = dataset.split(val_fraction)
+    n_val, n_test = len(val_idx), len(dataset.test_labels)
+    fingerprints = {"training": registry.train_set_fingerprint(dataset),
+                    "validation": registry.validation_fingerprint(dataset, val_fraction),
+                    "testing": registry.test_set_fingerprint(dataset)}
+    sizes = {"training": dataset.num_train - n_val, "validation": n_val, "testing": n_test}
+    rows = {"training": dataset.num_train, "validation": n_val, "testing": n_test}
+    shape = [int(d) for d in dataset.input_shape]
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape), "samples"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "labels")])
+    source = CodeDatasetSource({"kdtune.dataset": dataset.name, "num_classes": int(dataset.num_classes),
+                                "stored": "memory" if dataset.in_memory else "files",
+                                "val_fraction": float(val_fraction)})
+    inputs = []
+    for context in DATASET_CONTEXTS:
+        meta = MetaDataset(source, name=dataset.name, digest=fingerprints[context].rsplit(":", 1)[1], schema=schema)
+        profile = {"num_rows": rows[context], "samples_used": sizes[context], "num_classes": int(dataset.num_classes),
+                   "sample_shape": shape}
+        entity = DatasetEntity(**{**meta.to_dict(), "profile": json.dumps(profile)})
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("kdtune.samples", str(sizes[context])),
+                InputTag("kdtune.fingerprint", fingerprints[context])]
+        if context == "training":
+            tags.append(InputTag("kdtune.validation_held_out", str(n_val)))
+        inputs.append(DatasetInput(entity, tags))
+    retrying(lambda: client.log_inputs(run_id, datasets=inputs), "log the study's dataset", client.tracking_uri)
+    return fingerprints
 
 
 # ---- models -------------------------------------------------------------------------------------
