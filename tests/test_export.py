@@ -237,3 +237,28 @@ def test_a_trials_latency_tags_say_where_it_was_measured(store):
     assert registry.latency_provenance(store.client, run, {"latency_ms_batch1": 0.1}) == {
         "latency_device": "cuda:0", "latency_runtime": "torch"}
     assert registry.latency_provenance(store.client, run, {"val_acc": 0.9}) == {}
+
+
+def test_an_int8_student_calibrated_on_training_samples_keeps_its_accuracy(store, digits, tmp_path):
+    import onnx
+    from onnx import TensorProto
+
+    from kdtune import quantize
+    from kdtune.errors import ConfigError
+
+    samples, chosen = quantize.calibration_samples(digits, 128, val_fraction=0.1)
+    _, val_idx = digits.split(0.1)
+    assert len(samples) == 128 and not set(chosen.tolist()) & set(val_idx.tolist())  # never validation
+    assert np.array_equal(samples, (digits.train_images[chosen].float() * digits.scale).numpy())
+    fp32, int8 = quantize.int8_onnx(store.student, digits, tmp_path, n=128)
+    graph = onnx.load(str(int8)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == TensorProto.INT8 for t in graph.initializer)  # int8 weights
+    test = (digits.test_images.float() * digits.scale).numpy()
+    result = quantize.compare(fp32, int8, test, digits.test_labels.numpy())
+    assert result.accuracy_fp32 > 0.8
+    assert result.accuracy_int8 >= result.accuracy_fp32 - 0.03 and result.agreement >= 0.95
+    assert result.bytes_int8 < result.bytes_fp32
+    with pytest.raises(ConfigError, match=r"^calibration samples=0: must be a whole number >= 1$"):
+        quantize.calibration_samples(digits, 0)
