@@ -81,10 +81,15 @@ class MemberLoss:
         """From a TrialConfig of method 'kd' or 'none' (the single-stage, logits-only methods)."""
         if config.method not in ("kd", "none"):
             raise NotBatchable(f"method {config.method!r}: the batched step computes kd and none losses only")
+        if config.optimizer != "sgd":
+            raise NotBatchable(f"optimizer={config.optimizer!r}: the batched step is SGD with momentum only")
+        if config.param("logit_standardize", False):
+            raise NotBatchable("logit_standardize=true: the batched step computes the plain KD soft term only")
         kd = config.method == "kd"
         # 'none' trains on CE with weight 1 whatever hard_weight says (kdtune/distill/base.py, NoDistillation)
         return cls(temperature=float(config.temperature) if kd else 1.0, alpha=float(config.alpha) if kd else 0.0,
-                   hard_weight=float(config.effective_hard_weight) if kd else 1.0, soft_scale=config.soft_scale,
+                   hard_weight=float(config.effective_hard_weight) if kd else 1.0,
+                   soft_scale=config.soft_scale if kd else "T2",
                    lr=float(config.lr), momentum=float(config.momentum), weight_decay=float(config.weight_decay))
 
 

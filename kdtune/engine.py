@@ -172,6 +172,7 @@ class Trainer:
         # generator, a cached-logit trial does not. Seeded with config.seed, the state a cached trial has always
         # had here (nothing before draws from it), so cached-logit results are what they were.
         torch.manual_seed(self.config.seed)
+        self.method.bind_data(self.train.indices)
         self.method.setup(student_shapes, teacher_shapes, num_classes=self.num_classes)
 
     def _build_optimizer(self, index: int) -> None:
@@ -192,9 +193,8 @@ class Trainer:
             self._stop_at = ([student_modules[name] for name in plan.student.values()],
                              [teacher_modules[name] for name in plan.teacher.values()] if teacher_modules else [])
         parameters = student + list(self.method.student_side_parameters(stage))
+        self.optimizer = build_optimizer(parameters, self.config)
         config = self.config
-        self.optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step_epochs,
                                                          gamma=config.lr_gamma)
         self.optimizer_stage = index
@@ -257,6 +257,7 @@ class Trainer:
         if self.stage_started < index:
             self.stage_metrics.update(self.method.start_stage(self._stage, self))
             self.stage_started = index
+        self.method.begin_epoch(self.epoch + 1, self.total_epochs)
         self._lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         self.student.train()
         for module in self._frozen_modules:  # not trained in this stage: leave BatchNorm statistics, no dropout
@@ -523,6 +524,16 @@ def run_until(model: nn.Module, images: torch.Tensor, stop_at: list[nn.Module]) 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def build_optimizer(parameters, config: TrialConfig) -> torch.optim.Optimizer:
+    """The student's optimiser (config.optimizer): SGD with momentum (the seeds' recipes), Adam, or AdamW
+    (decoupled weight decay), each at config.lr; StepLR schedules all three."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                weight_decay=config.weight_decay)
 
 
 def configure_backends(config: TrialConfig, device: torch.device):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdtune.config import TrialConfig, is_numbered
+from kdtune.config import EMBEDDING, TrialConfig, is_numbered
 from kdtune.errors import ConfigError
 
 
@@ -37,9 +37,13 @@ class LinkPlan:
 
 def plan_links(links, teacher_ref, student_ref) -> LinkPlan:
     """Module paths for each link; a number must be a link point of both models."""
+    from kdtune.models import EMBEDDING_PATH
+
     teacher, student = {}, {}
     for link in links:
-        if is_numbered(link):
+        if link == EMBEDDING:
+            teacher[link], student[link] = EMBEDDING_PATH, EMBEDDING_PATH
+        elif is_numbered(link):
             number = int(link)
             t_points = teacher_ref.link_points if teacher_ref is not None else {}
             s_points = student_ref.link_points

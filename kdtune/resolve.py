@@ -234,7 +234,7 @@ def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, t
                 "teacher_cache='on' with a dataset streamed from disk: kdtune caches teacher logits only for "
                 "in-memory data; set teacher_cache='auto' (the teacher then runs on every batch) or give a "
                 "larger memory budget")
-        key = (config.method, config.links, config.fsp_pairs, config.link_spatial, config.student)
+        key = (config.method, config.params, config.link_spatial, config.student)
         if key not in seen_links:
             seen_links.add(key)
             try:

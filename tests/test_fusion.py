@@ -37,7 +37,7 @@ def run_fused(parts, configs):
 def test_each_member_trains_exactly_what_its_unfused_twin_trains(parts):
     """Baseline, KD at two temperatures and two learning rates, and seed 003's adversarial method (its
     discriminator has dropout: each member keeps its own random stream)."""
-    configs = [trial_config({"method": m, "temperature": t, "lr": lr, "epochs": 3, "teacher_cache": "off"})
+    configs = [trial_config({"method": m, "lr": lr, "epochs": 3, "teacher_cache": "off"}, base={"temperature": t})
                for m, t, lr in (("none", 2.0, 0.03), ("kd", 2.0, 0.03), ("kd", 5.0, 0.01), ("adversarial", 2.0, 0.03))]
     fused = run_fused(parts, configs)
     for i, config in enumerate(configs):
@@ -165,8 +165,8 @@ BATCHED_MEMBERS = (("kd", 2.0, 0.05), ("kd", 4.0, 0.03), ("none", 2.0, 0.02))
 
 def batched_configs(batched="on", members=BATCHED_MEMBERS, **extra):
     """kd at two temperatures and the baseline, each its own lr, under a step LR schedule that halves every epoch."""
-    return [trial_config({"method": m, "temperature": t, "lr": lr, "epochs": 3, "lr_step_epochs": 1,
-                                   "lr_gamma": 0.5, "batched": batched, **extra}) for m, t, lr in members]
+    return [trial_config({"method": m, "lr": lr, "epochs": 3, "lr_step_epochs": 1, "lr_gamma": 0.5, "batched": batched,
+                          **extra}, base={"temperature": t}) for m, t, lr in members]
 
 
 @pytest.fixture

@@ -3,6 +3,12 @@ a subclass of `Method` named as `package.module:Class` (kdtune/distill/registry.
 from __future__ import annotations
 
 from kdtune.distill.adversarial import ConditionalAdversarial
+from kdtune.distill.at import AttentionTransfer
+from kdtune.distill.crd import ContrastiveRD
+from kdtune.distill.ctkd import CurriculumTemperatureKD
+from kdtune.distill.dist import DISTMethod
+from kdtune.distill.dkd import DecoupledKD
+from kdtune.distill.rkd import RelationalKD
 from kdtune.distill.adversarial_pretrained import PretrainedDiscriminator
 from kdtune.distill.base import Method, NoDistillation, Outputs, Stage
 from kdtune.distill.fsp import FlowOfSolution
@@ -13,7 +19,8 @@ from kdtune.distill.registry import (declared_by, method_class, method_names, me
                                      trial_config)
 
 for _method in (NoDistillation, KnowledgeDistillation, MultiLayerLinks, Hints, FlowOfSolution,
-                ConditionalAdversarial, PretrainedDiscriminator):
+                ConditionalAdversarial, PretrainedDiscriminator, AttentionTransfer, RelationalKD, ContrastiveRD,
+                DecoupledKD, DISTMethod, CurriculumTemperatureKD):
     register_method(_method)
 
 __all__ = ["Method", "Outputs", "Stage", "declared_by", "method_class", "method_names", "method_source",

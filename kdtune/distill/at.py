@@ -88,3 +88,43 @@ def attention_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
     student_map = attention_map(_pool_to(_floating(student_feature), size), p)
     teacher_map = attention_map(_pool_to(_floating(teacher_feature), size), p)
     return (student_map - teacher_map.to(student_map.dtype)).pow(2).mean()
+
+
+# ---- the method ---------------------------------------------------------------------------------
+from kdtune.config import Param  # noqa: E402
+from kdtune.distill.base import READS_FEATURES, READS_LOGITS, Method, Outputs  # noqa: E402
+from kdtune.distill.kd import LINKS  # noqa: E402
+from kdtune.errors import ConfigError  # noqa: E402
+
+
+class AttentionTransfer(Method):
+    """Attention transfer: hard_weight * CE + beta * sum over links of the attention-map loss."""
+
+    name = "at"
+    needs_teacher = True
+    reads = frozenset({READS_LOGITS, READS_FEATURES})
+    params = (Param("beta", PAPER_BETA, low=0.0, low_open=True, search=(0.1, 5000.0), log=True, short="b",
+                    help="weight of the attention term, summed over the links (the authors' code: 1000)"),
+              LINKS,
+              Param("p", 2.0, low=0.0, low_open=True, help="the power of |A_c| averaged over channels (paper: 2)"))
+    paper = "Zagoruyko & Komodakis, Paying More Attention to Attention, ICLR 2017"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if not config.links:
+            raise ConfigError("links='': method 'at' needs at least one linked pair of feature maps, e.g. links='1,2,3'")
+
+    def link_keys(self) -> tuple[str, ...]:
+        return self.config.links
+
+    def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
+        for link in self.config.links:
+            if len(student_shapes[link]) not in (3, 4) or len(teacher_shapes[link]) not in (3, 4):
+                raise ConfigError(f"link {link}: method 'at' needs feature maps (C x H x W or C x L), got student "
+                                  f"{tuple(student_shapes[link][1:])} and teacher {tuple(teacher_shapes[link][1:])}")
+
+    def losses(self, out: Outputs) -> dict:
+        terms = super().losses(out)
+        terms["attention"] = self.config.beta * sum(
+            attention_loss(out.student_features[k], out.teacher_features[k], self.config.p) for k in self.config.links)
+        return terms

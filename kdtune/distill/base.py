@@ -115,6 +115,14 @@ class Method(nn.Module):
         ensemble's member logits (M, N, C), online or cached alike: the one place member logits become a target."""
         return None if teacher_logits is None else ensemble_logits(teacher_logits, self.teacher_temperature)
 
+    def bind_data(self, train_indices: torch.Tensor) -> None:
+        """The training split's sample indices (what `Outputs.indices` holds), before `setup`: a method keeping a
+        memory per training sample (CRD) sizes and keys it by them."""
+
+    def begin_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Before each epoch, counted from 1 across stages (also after a resume): for weights that follow the
+        epoch (DKD's warm-up, CTKD's curriculum)."""
+
     def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size],
               num_classes: int | None = None) -> None:
         """Create extra modules once the feature shapes are known (called before the optimiser is built)."""

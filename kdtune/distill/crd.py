@@ -238,3 +238,49 @@ class CRDCriterion(nn.Module):
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, idx: torch.Tensor,
                 contrast_idx: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
         return crd_loss(self.memory, self.embed_s(f_s), self.embed_t(f_t.detach()), idx, contrast_idx, update)
+
+
+# ---- the method ---------------------------------------------------------------------------------
+from kdtune.config import Param  # noqa: E402
+from kdtune.distill.base import READS_FEATURES, READS_MEMORY, Method, Outputs  # noqa: E402
+from kdtune.config import EMBEDDING  # noqa: E402
+
+
+class ContrastiveRD(Method):
+    """CRD: hard_weight * CE + beta * the NCE contrastive loss of the embeddings against a memory of the others."""
+
+    name = "crd"
+    needs_teacher = True
+    reads = frozenset({READS_FEATURES, READS_MEMORY})
+    params = (Param("beta", CRD_WEIGHT, low=0.0, low_open=True, search=(0.1, 5.0), log=True, short="b",
+                    help="weight of the contrastive term (the authors' CIFAR runs: 0.8)"),
+              Param("nce_t", NCE_T, low=0.0, low_open=True, search=(0.02, 0.5), log=True, short="t",
+                    help="temperature of the critic exp(<v, m> / t) (paper: 0.07)"),
+              Param("nce_k", NCE_K, kind="int", low=1,
+                    help="negatives per sample (paper: 16384; at most the training samples - 1)"),
+              Param("feat_dim", FEAT_DIM, kind="int", low=1, help="dimension of the embedding heads (paper: 128)"),
+              Param("nce_m", NCE_M, low=0.0, high=1.0, high_open=True, help="momentum of the memory update (0.5)"))
+    paper = "Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020"
+
+    def link_keys(self) -> tuple[str, ...]:
+        return (EMBEDDING,)
+
+    def bind_data(self, train_indices: torch.Tensor) -> None:
+        # the memory holds one row per training sample: a sample index -> its row (validation samples have none)
+        indices = train_indices.cpu()
+        position = torch.full((int(indices.max()) + 1,), -1, dtype=torch.int64)
+        position[indices] = torch.arange(len(indices))
+        self.register_buffer("position", position, persistent=False)
+
+    def setup(self, student_shapes, teacher_shapes, num_classes=None) -> None:
+        c = self.config
+        self.criterion = CRDCriterion(student_shapes[EMBEDDING][1], teacher_shapes[EMBEDDING][1],
+                                      n_data=int((self.position >= 0).sum()), feat_dim=c.feat_dim, nce_k=c.nce_k,
+                                      nce_t=c.nce_t, nce_m=c.nce_m, seed=c.seed)
+
+    def losses(self, out: Outputs) -> dict:
+        terms = super().losses(out)
+        rows = self.position[out.indices]
+        terms["contrast"] = self.config.beta * self.criterion(out.student_features[EMBEDDING],
+                                                              out.teacher_features[EMBEDDING], rows)
+        return terms

@@ -128,3 +128,53 @@ def ctkd_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     t = teacher_logits.to(s.dtype)
     tau = temperature.to(s.dtype)
     return F.kl_div(F.log_softmax(s / tau, dim=1), F.softmax(t / tau, dim=1), reduction="batchmean") * tau * tau
+
+
+# ---- the method ---------------------------------------------------------------------------------
+from kdtune.config import Param  # noqa: E402
+from kdtune.distill.base import READS_LOGITS, Method, Outputs  # noqa: E402
+from kdtune.distill.kd import LOGIT_STANDARDIZE, logit_pair  # noqa: E402
+
+
+class CurriculumTemperatureKD(Method):
+    """CTKD: KD whose temperature is learnt adversarially (a reversed gradient), its strength on a cosine curriculum."""
+
+    name = "ctkd"
+    needs_teacher = True
+    reads = frozenset({READS_LOGITS})
+    params = (Param("alpha", KD_WEIGHT, low=0.0, search=(0.05, 1.0), short="a",
+                    help="weight of the KD term; hard_weight defaults to 1 - alpha (the authors' CIFAR run: 0.9)"),
+              Param("t_start", T_START, low=0.0, low_open=True, help="lowest temperature: T = t_start + t_range * sigmoid(w)"),
+              Param("t_range", T_RANGE, low=0.0, low_open=True, help="temperature range above t_start (authors: 20)"),
+              Param("lambda_max", LAMBDA_MAX, low=0.0, search=(0.1, 2.0), log=True, short="lam",
+                    help="the reversal strength the curriculum reaches"),
+              Param("decay_epochs", DECAY_EPOCHS, kind="int", low=1,
+                    help="epochs of the cosine curriculum from lambda 0 to lambda_max (authors: 10)"),
+              LOGIT_STANDARDIZE)
+    paper = "Li et al., Curriculum Temperature for Knowledge Distillation, AAAI 2023"
+
+    @classmethod
+    def default_hard_weight(cls, config) -> float:
+        return 1.0 - config.alpha
+
+    @property
+    def hard_weight(self) -> float:
+        return self.config.effective_hard_weight
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.temperature = GlobalTemperature(config.t_start, config.t_range)
+        self.lam = 0.0
+
+    def begin_epoch(self, epoch: int, total_epochs: int) -> None:
+        self.lam = cosine_lambda(epoch, LAMBDA_MIN, self.config.lambda_max, self.config.decay_epochs)
+
+    def before_student_step(self, out: Outputs) -> dict:
+        return {"ctkd_temperature": self.temperature(0.0).detach()}
+
+    def losses(self, out: Outputs) -> dict:
+        terms = super().losses(out) if self.hard_weight > 0 else {}
+        if self.config.alpha > 0:
+            student, teacher = logit_pair(self.config, out.student_logits, out.teacher_logits)
+            terms["soft"] = self.config.alpha * ctkd_kd_loss(student, teacher, self.temperature(self.lam))
+        return terms

@@ -81,3 +81,37 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: f
     p_t = torch.softmax(_floating(teacher_logits.detach()) / tau, dim=1).to(p_s.dtype)
     return {"inter": tau**2 * beta * inter_class_loss(p_s, p_t),
             "intra": tau**2 * gamma * intra_class_loss(p_s, p_t)}
+
+
+# ---- the method ---------------------------------------------------------------------------------
+from kdtune.config import Param  # noqa: E402
+from kdtune.distill.base import READS_LOGITS, Method, Outputs  # noqa: E402
+from kdtune.distill.kd import LOGIT_STANDARDIZE, logit_pair  # noqa: E402
+
+
+class DISTMethod(Method):
+    """DIST: hard_weight * CE + beta * inter-class + gamma * intra-class Pearson relations of p = softmax(z/tau)."""
+
+    name = "dist"
+    needs_teacher = True
+    reads = frozenset({READS_LOGITS})
+    params = (Param("temperature", TAU_CIFAR, low=0.0, low_open=True, search=(1.0, 8.0), log=True, short="T",
+                    help="tau of p = softmax(z / tau) (CIFAR: 4, ImageNet: 1)"),
+              Param("beta", LOSS_WEIGHT, low=0.0, search=(0.1, 10.0), log=True, short="b",
+                    help="weight of the inter-class relation (the authors' configs: 2 = 1 x loss weight 2)"),
+              Param("gamma", LOSS_WEIGHT, low=0.0, search=(0.1, 10.0), log=True, short="g",
+                    help="weight of the intra-class relation (the authors' configs: 2)"),
+              LOGIT_STANDARDIZE)
+    paper = "Huang, You, Wang, Qian & Xu, Knowledge Distillation from A Stronger Teacher, NeurIPS 2022"
+
+    @property
+    def teacher_temperature(self) -> float:
+        return self.config.temperature
+
+    def losses(self, out: Outputs) -> dict:
+        terms = super().losses(out)
+        student, teacher = logit_pair(self.config, out.student_logits, out.teacher_logits)
+        relations = dist_loss(student, teacher, self.config.temperature, self.config.beta, self.config.gamma)
+        terms.update({name: value for name, value in relations.items()
+                      if (self.config.beta if name == "inter" else self.config.gamma) > 0})
+        return terms

@@ -108,3 +108,34 @@ def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torc
         teacher_cosines = _cosines(teacher)
     student_cosines = _cosines(student)
     return F.smooth_l1_loss(student_cosines, teacher_cosines.to(student_cosines.dtype), reduction="mean")
+
+
+# ---- the method ---------------------------------------------------------------------------------
+from kdtune.config import Param  # noqa: E402
+from kdtune.distill.base import READS_FEATURES, Method, Outputs  # noqa: E402
+from kdtune.config import EMBEDDING  # noqa: E402
+
+
+class RelationalKD(Method):
+    """Relational KD: hard_weight * CE + distance and angle relations of the penultimate embeddings."""
+
+    name = "rkd"
+    needs_teacher = True
+    reads = frozenset({READS_FEATURES})
+    params = (Param("distance_weight", DISTANCE_WEIGHT, low=0.0, search=(1.0, 100.0), log=True, short="wd",
+                    help="weight of the distance-wise term (paper: 25)"),
+              Param("angle_weight", ANGLE_WEIGHT, low=0.0, search=(1.0, 200.0), log=True, short="wa",
+                    help="weight of the angle-wise term (paper: 50)"))
+    paper = "Park, Kim, Lu & Cho, Relational Knowledge Distillation, CVPR 2019"
+
+    def link_keys(self) -> tuple[str, ...]:
+        return (EMBEDDING,)
+
+    def losses(self, out: Outputs) -> dict:
+        terms = super().losses(out)
+        student, teacher = out.student_features[EMBEDDING], out.teacher_features[EMBEDDING]
+        if self.config.distance_weight > 0:
+            terms["distance"] = self.config.distance_weight * rkd_distance_loss(student, teacher)
+        if self.config.angle_weight > 0:
+            terms["angle"] = self.config.angle_weight * rkd_angle_loss(student, teacher)
+        return terms

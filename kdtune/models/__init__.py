@@ -177,14 +177,31 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+EMBEDDING_PATH = "@embedding"  # not a module: the (N, D) input of the model's last nn.Linear, its classifier
+
+
+def classifier_path(model: nn.Module) -> str:
+    """The module path of the model's last nn.Linear (whose input is the penultimate embedding RKD/CRD read)."""
+    linear = [path for path, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linear:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier, so it has no embedding to read "
+                          "(methods rkd and crd read the input of the last linear layer)")
+    return linear[-1]
+
+
 class FeatureTap:
-    """Captures the outputs of named modules on every forward pass (via forward hooks)."""
+    """Captures the outputs of named modules on every forward pass (via forward hooks); EMBEDDING_PATH captures
+    the input of the model's classifier, flattened to (N, D)."""
 
     def __init__(self, model: nn.Module, module_names: dict[int, str]):
         modules = dict(model.named_modules())
         self.features: dict[int, torch.Tensor] = {}
         self._handles = []
         for key, name in module_names.items():
+            if name == EMBEDDING_PATH:
+                classifier = modules[classifier_path(model)]
+                self._handles.append(classifier.register_forward_pre_hook(self._input_hook(key)))
+                continue
             if name not in modules:
                 raise ConfigError(f"link point {key}: module {name!r} not found in {type(model).__name__}")
             self._handles.append(modules[name].register_forward_hook(self._hook(key)))
@@ -192,6 +209,12 @@ class FeatureTap:
     def _hook(self, key: int):
         def store(_module, _inputs, output):
             self.features[key] = output
+
+        return store
+
+    def _input_hook(self, key):
+        def store(_module, inputs):
+            self.features[key] = inputs[0].flatten(1)
 
         return store
 
