@@ -6,6 +6,7 @@
     kdtune models list|promote|export           registered students; move 'champion' through the gate; export weights
     kdtune models pareto NAME                   the Pareto front a study registered, cheapest first, with its costs
     kdtune models links MODEL --dataset D       a model's module paths and output shapes, to link layers by path
+    kdtune methods list|show NAME               distillation methods: parameters, allowed values, ranges, papers
 
 Every command but `mlflow serve` takes --tracking-uri (default: the server already serving --store, else an
 embedded one started for the command). Errors are one line and exit status 2.
@@ -292,12 +293,32 @@ def _tracking_options(parser) -> None:
     parser.add_argument("--store", default=".kdtune", help="the local kdtune store (mlflow.db, artifacts/)")
 
 
+def cmd_methods_list(args) -> int:
+    from kdtune.distill.catalog import method_list
+
+    print(method_list())
+    return 0
+
+
+def cmd_methods_show(args) -> int:
+    from kdtune.distill.catalog import method_show
+
+    print(method_show(args.name))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdtune.export import add_options as export_options
 
     parser = argparse.ArgumentParser(prog="kdtune", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{mlflow,teacher,study,models}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{mlflow,teacher,study,models,methods}")
+    methods = groups.add_parser("methods", help="distillation methods: parameters, ranges, papers").add_subparsers(
+        dest="command", required=True)
+    methods.add_parser("list", help="every built-in method").set_defaults(func=cmd_methods_list, needs_client=False)
+    show = methods.add_parser("show", help="one method's parameters, allowed values, search ranges and paper")
+    show.add_argument("name", help="a built-in method or package.module:Class")
+    show.set_defaults(func=cmd_methods_show, needs_client=False)
 
     mlflow = groups.add_parser("mlflow", help="the embedded MLflow tracking server").add_subparsers(
         dest="command", required=True)
