@@ -102,4 +102,5 @@ def check_method_on_models(config: TrialConfig, dataset, student_ref, teacher_re
     student = student_ref.build(dataset.num_classes, dataset.input_shape)
     teacher = teacher_ref.build(dataset.num_classes, dataset.input_shape) if links else None
     student_shapes, teacher_shapes = probe_shapes(plan, student, teacher, dataset.example(2), student_ref, teacher_ref)
+    method.bind_data(torch.as_tensor(dataset.split(config.val_fraction)[0], dtype=torch.int64))
     method.setup(student_shapes, teacher_shapes, num_classes=dataset.num_classes)

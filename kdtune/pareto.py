@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from kdtune.costs import COST_KEYS
+from kdtune.costs import COST_KEYS, RUNTIMES, check_runtime, latency_tags
 from kdtune.errors import ConfigError
 
 COSTS = {"latency": "latency_ms_batch1", "latency_per_image": "latency_ms_per_image", "params": "params",
@@ -61,6 +61,7 @@ class Pareto:
     latency_batch: int = 256
     warmup: int = 5
     repeats: int = 21
+    latency_runtime: str = "torch"  # torch | onnxruntime (kdtune/costs.py): where latency is timed
     _refs: dict = field(default_factory=dict, repr=False)
 
     def check(self, spec=None) -> None:
@@ -83,6 +84,7 @@ class Pareto:
                 raise ConfigError(f"{name}={value!r}: must be a whole number >= 1")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup!r}: must be a whole number >= 0")
+        check_runtime(self.latency_runtime)
         if spec is not None:
             for name in ("search", "baseline_search"):
                 search = getattr(spec, name)
@@ -221,7 +223,8 @@ class ParetoRun:
         refs = {s: resolved.students[s] for s in plan.refs()}
         threads = max(1, int(spec.cpus_per_trial))
         arguments = dict(refs=refs, num_classes=dataset.num_classes, input_shape=tuple(dataset.input_shape),
-                         threads=threads, batch=plan.latency_batch, warmup=plan.warmup, repeats=plan.repeats)
+                         threads=threads, batch=plan.latency_batch, warmup=plan.warmup, repeats=plan.repeats,
+                         runtime=plan.latency_runtime)
         # where a trial would run, on a whole device: nothing else runs on it while it is timed
         table, seconds = cluster.run_like_a_trial(costs_module.measure_task, **arguments, cpus=spec.cpus_per_trial,
                                                   gpus=math.ceil(spec.gpus_per_trial))
@@ -343,9 +346,7 @@ class ParetoRun:
             "test_acc_per_seed": ",".join(f"{a:.4f}" for a in summary["test"]),
             **{f"hp.{k}": v for k, v in best.params.items()},
             "parameters": costs["params"], "flops": costs["flops"],
-            "latency_ms_batch1": f"{costs['latency_ms_batch1']:.4f}",
-            "latency_ms_per_image": f"{costs['latency_ms_per_image']:.5f}",
-            "latency_device": costs["device"], "latency_threads": costs["threads"],
+            **latency_tags(costs),
             FRONT_STUDY_TAG: self.parent_id, "pareto_cost": self.plan.cost_key,
         }
         if row["baseline"] and row["baseline"]["n"]:
@@ -395,8 +396,10 @@ class ParetoRun:
             problem = None
             try:
                 if self.plan.latency_budget_ms is not None:
-                    if tags.get("latency_device") != self.device:
-                        problem = f"its latency was measured on {tags.get('latency_device', 'no device')}, not {self.device}"
+                    measured = (tags.get("latency_device"), tags.get("latency_runtime", "torch"))
+                    if measured != (self.device, self.plan.latency_runtime):
+                        problem = (f"its latency was measured on {measured[0] or 'no device'} in {measured[1]}, not "
+                                   f"{self.device} in {self.plan.latency_runtime}")
                     elif float(tags["latency_ms_batch1"]) > self.plan.latency_budget_ms:
                         problem = f"its latency is {float(tags['latency_ms_batch1']):.4f} ms"
                 if problem is None and self.plan.max_params is not None and int(tags["parameters"]) > self.plan.max_params:
@@ -652,6 +655,9 @@ def add_options(parser) -> None:
                        help="early stopping with ASHA on validation accuracy alone (it takes one metric); off by "
                             "default: it stops small students first, which the front needs")
     group.add_argument("--latency-warmup", type=int, default=5, help="untimed forward passes before timing")
+    group.add_argument("--latency-runtime", choices=list(RUNTIMES), default="torch",
+                       help="time candidates in eager PyTorch on the trial's device, or as ONNX in onnxruntime on the "
+                            "CPU (pip install 'kdtune[export]')")
     group.add_argument("--latency-repeats", type=int, default=21, help="timed forward passes; the median is kept")
     group.add_argument("--latency-batch", type=int, default=256, help="the batch of the per-image latency")
 
@@ -686,7 +692,8 @@ def plan_from_args(args, default_student: str) -> Pareto:
         students = expand_family(*DEFAULT_FAMILIES[default_student])
     plan = Pareto(students=students, cost=args.cost, latency_budget_ms=args.latency_budget_ms,
                   max_params=args.max_params, early_stopping=args.asha, sampler=args.sampler,
-                  latency_batch=args.latency_batch, warmup=args.latency_warmup, repeats=args.latency_repeats)
+                  latency_batch=args.latency_batch, warmup=args.latency_warmup, repeats=args.latency_repeats,
+                  latency_runtime=args.latency_runtime)
     plan.check()
     plan.refs()
     return plan

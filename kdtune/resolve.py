@@ -37,6 +37,8 @@ class ResolvedStudy:
     user_modules: list[str]  # folders/files of the user's own code to ship to every node
     variants: list[dict]  # the grid: every variant at every tuned point (`tune`), labels kept
     students: dict = field(default_factory=dict)  # a Pareto study's candidate students: spec -> ModelRef
+    searches: dict = field(default_factory=dict)  # label -> Search that will run ("" for a study's one search)
+    skipped: dict = field(default_factory=dict)  # label -> why the pair cannot run that search's method
 
     @property
     def needs_teacher(self) -> bool:
@@ -50,7 +52,7 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     pareto = getattr(spec, "pareto", None)
     if pareto is not None:
         pareto.check(spec)  # a bad cost, budget or sampler: before the dataset is even loaded
-    if spec.search is None and not spec.variants:
+    if spec.search is None and not spec.variants and not spec.searches:
         raise ConfigError(f"study {spec.name!r}: no variants and no search to run")
     labels = [v.get("label") for v in spec.variants]
     if len(set(labels)) != len(labels) or None in labels:
@@ -77,8 +79,9 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     for search in (spec.search, spec.baseline_search):
         if search is not None:
             configs += _sample_search_space(search, base)
-    _check_overrides(spec.overrides, configs)
-    for config in configs:  # one teacher and one student per study (or a Pareto study's candidates)
+    labelled = {label: _sample_search_space(search, base) for label, search in spec.searches.items()}
+    _check_overrides(spec.overrides, configs + [c for sampled in labelled.values() for c in sampled])
+    for config in configs + [c for sampled in labelled.values() for c in sampled]:  # one teacher and one student
         if config.teacher != teacher.spec or (config.student != student.spec and config.student not in students):
             raise ConfigError(f"a variant sets teacher={config.teacher!r}, student={config.student!r}; a study has "
                               f"one teacher ({teacher.spec}) and one student ({student.spec}): run one study per pair")
@@ -86,15 +89,44 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     teacher_config = trial_config({
         "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
         **recipe["teacher_recipe"], **spec.teacher_overrides})
-    needs_teacher = any(_method(c).needs_teacher for c in configs)
+    needs_teacher = any(_method(c).needs_teacher for c in configs + [c for s in labelled.values() for c in s])
     source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
     plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
-    from kdtune.distill import method_source
+    searches = {"": spec.search} if spec.search is not None else {}
+    skipped = {}
+    for label, sampled in labelled.items():  # a method the pair cannot run is skipped, with the reason
+        reason = _cannot_run(sampled, dataset, student, teacher, plan.members if plan else 1)
+        if reason:
+            skipped[label] = reason
+            echo(f"skipped {label}: {reason}")
+        else:
+            searches[label] = spec.searches[label]
+            configs += sampled
+    if labelled and not any(label in searches for label in labelled):
+        raise ConfigError("every search was skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    from kdtune.distill import user_module
+    from kdtune.models.refs import shippable_module
 
-    methods = {c.method for c in configs}
+    methods = {user_module(c.method) for c in configs}
     modules = sorted({p for p in (shippable_path(student), shippable_path(teacher),
-                                  *map(shippable_path, students.values()), *map(method_source, methods)) if p})
-    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants, students)
+                                  *map(shippable_path, students.values()), *map(shippable_module, methods)) if p})
+    return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants, students,
+                         searches, skipped)
+
+
+def _cannot_run(configs: list[TrialConfig], dataset: Dataset, student, teacher, members: int) -> str | None:
+    """Why this model pair (and teacher ensemble) cannot run these configs' method, or None when it can."""
+    from kdtune.ensemble import ensemble_refusal
+
+    for config in configs:
+        reason = ensemble_refusal(config, members)
+        if reason:
+            return reason
+    try:
+        _check_against_data(configs, dataset, student, teacher)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def expand_tuning(variants: list[dict], tune: dict) -> list[dict]:
@@ -162,6 +194,22 @@ def _load_dataset(spec, keep: bool = False) -> Dataset:
 def common_links(teacher, student) -> list[int]:
     """The numbered links both models declare."""
     return sorted(set(teacher.link_points) & set(student.link_points))
+
+
+def feature_map_links(spec) -> list[int]:
+    """The numbered links both models declare whose features are maps (C x H x W or C x L) in both: what
+    attention transfer can link (one probe forward of each network on two samples)."""
+    from kdtune.linking import plan_links, probe_shapes
+
+    teacher, student = models_of(spec)
+    dataset = _load_dataset(spec, keep=True)
+    links = [str(k) for k in common_links(teacher, student)]
+    if not links:
+        return []
+    plan = plan_links(links, teacher, student)
+    shapes = probe_shapes(plan, student.build(dataset.num_classes, dataset.input_shape),
+                          teacher.build(dataset.num_classes, dataset.input_shape), dataset.example(2), student, teacher)
+    return [int(k) for k in links if len(shapes[0][k]) in (3, 4) and len(shapes[1][k]) in (3, 4)]
 
 
 def _check_resources(spec) -> None:

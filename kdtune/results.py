@@ -50,6 +50,14 @@ def summarise(trials: list[TrialRecord], order: list[str] | None = None, allow_f
     return summary
 
 
+def skipped_row(label: str, reason: str) -> dict:
+    """A table row for a setting the study could not run (e.g. a feature method with an ensemble teacher)."""
+    nan = math.nan
+    return {"label": label, "point": "", "params": {}, "n": 0, "failed": 0, "stopped": 0, "total": 0,
+            "failures": [], "val": [], "test": [], "val_mean": nan, "test_mean": nan, "test_std": 0.0,
+            "test_median": nan, "gain": nan, "gain_low": nan, "gain_high": nan, "skipped": reason}
+
+
 def choose_point(candidates: list[dict], allow_failed: bool = False) -> dict:
     """A setting's tuned point: the best mean validation accuracy among the points whose every seed finished
     (a point with a failed seed is chosen only when no clean one exists, or `allow_failed`)."""
@@ -175,7 +183,8 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
         point = f"  {row.get('point', ''):>{point_width}}" if tuned else ""
         done = f"{row['n']}/{row['total']}" + ("!" if row["failed"] else "")
         if not row["n"]:
-            note = f"{row['failed']} failed" if row["failed"] else f"{row['stopped']} stopped early"
+            note = (f"skipped: {row['skipped']}" if row.get("skipped") else
+                    f"{row['failed']} failed" if row["failed"] else f"{row['stopped']} stopped early")
             median = f"  {'-':>7}" if show_median else ""
             lines.append(f"{row['label']:>{width}}{point}  {'-':>8}  {'-':>17}{median}  {'':>26}  {done:>5}  ({note})")
             continue

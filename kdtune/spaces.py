@@ -32,6 +32,7 @@ class MethodSpace:
     fsp_pairs: str = ""
     ranges: dict[str, tuple] = field(default_factory=dict)
     recipe: dict[str, tuple] = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)  # parameters held at one value (e.g. logit_standardize=True)
 
     def __post_init__(self):
         from kdtune import distill
@@ -77,4 +78,16 @@ class MethodSpace:
                 trial.suggest_categorical(param.name, list(param.search))
         for name, (low, high) in self.recipe.items():
             trial.suggest_float(name, low, high, log=True)
-        return constants
+        return {**constants, **self.fixed}
+
+    def default_point(self, method: str, recipe: dict | None = None) -> dict:
+        """The method's own defaults (its paper's setting) for the parameters this space searches, as a first
+        point to evaluate, so a search never does worse than the published setting it could have tried."""
+        from kdtune import distill
+
+        point = {"method": method, **(recipe or {})}
+        for param in distill.method_class(method).params:
+            bounds = self.ranges.get(param.name, param.search)
+            if param.numeric and isinstance(bounds, tuple) and bounds[0] <= param.default <= bounds[1]:
+                point[param.name] = param.default
+        return point

@@ -35,7 +35,7 @@ from kdtune.fusion import group_size, group_variants
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
 from kdtune.storage import Location, check_storage
-from kdtune.results import BASELINE_LABEL, format_table, pick_best, summarise
+from kdtune.results import BASELINE_LABEL, format_table, pick_best, skipped_row, summarise
 from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, distill_trial, members_of
 
 STUDY_FILE = "kdtune_study.json"
@@ -74,6 +74,9 @@ class StudySpec:
     variants: list[dict] = field(default_factory=list)  # grid: each {"label": ..., <TrialConfig fields>}
     search: Search | None = None
     baseline_search: Search | None = None  # a search: the baseline's own search, same budget (else untuned)
+    # several searches, each under its label (the methods study: one per method, the same budget); each one's best
+    # point joins the confirm phase as its own row; a label the model pair cannot run is listed as skipped
+    searches: dict = field(default_factory=dict)
     pareto: Any = None  # a search over students and a cost (kdtune.pareto.Pareto): the front, not one best
     tune: dict = field(default_factory=dict)  # grid: recipe values tried for every setting, e.g. {"lr": [...]}
     allow_failed_best: bool = False  # may a setting with failed seeds be chosen as best?
@@ -181,14 +184,26 @@ class _Study:
                                      self.echo)
             phases: dict[str, list[TrialRecord]] = {}
             confirm: list[dict] = []
-            if spec.search is None:
+            searches = self.resolved.searches
+            if not searches:
                 phases["grid"] = self._run_phase("grid", trainable, study_dir, context,
                                                  self._grid_space(self.resolved.variants))
             else:
-                phases["search"] = self._run_phase("search", trainable, study_dir, context, None, spec.search)
-                best = _best_search_trial(phases["search"])
-                if best is None:
-                    raise KdtuneError("the search finished no trial; see the failures above")
+                bests = []
+                for label, search in searches.items():
+                    phase = f"search_{label}" if label else "search"
+                    phases[phase] = self._run_phase(phase, trainable, study_dir, context, None, search)
+                    best = _best_search_trial(phases[phase])
+                    if best is None and not label:
+                        raise KdtuneError("the search finished no trial; see the failures above")
+                    if best is None:
+                        self.resolved.skipped[label] = "its search finished no trial (see the failures above)"
+                        continue
+                    # the chosen setting in the method's own short names, without the method (the row's label)
+                    chosen = describe(best.params).partition(" ")[2] if label else ""
+                    bests.append({"label": label or f"best: {best.label}", "point": chosen, **best.params})
+                if not bests:
+                    raise KdtuneError("no search finished a trial; see the failures above")
                 baseline = {"label": BASELINE_LABEL, "method": "none"}
                 if spec.baseline_search is not None:
                     # the same budget over the baseline's own hyperparameters, so the comparison is fair
@@ -199,14 +214,15 @@ class _Study:
                         raise KdtuneError("the baseline search finished no trial; see the failures above")
                     point = describe({k: v for k, v in tuned.params.items() if k != "method"})
                     baseline = {**tuned.params, "label": BASELINE_LABEL, "point": point}
-                confirm = [baseline, {"label": f"best: {best.label}", **best.params}]
+                confirm = [baseline, *bests]
                 if self.pareto is not None:  # each front member and the same student without distillation
                     confirm = self.pareto.confirm_variants(phases)
                 phases["confirm"] = self._run_phase("confirm", trainable, study_dir, context,
                                                     self._grid_space(confirm))
             final = phases.get("confirm") or phases["grid"]
-            order = [v["label"] for v in (confirm if spec.search else spec.variants)]
+            order = [v["label"] for v in (confirm if searches else spec.variants)]
             summary = summarise(final, order=order, allow_failed=spec.allow_failed_best)
+            summary += [skipped_row(label, reason) for label, reason in self.resolved.skipped.items()]
             best_label = pick_best(summary, allow_failed=spec.allow_failed_best)
             if self.pareto is not None:  # every front member registered; the champion chosen within the budget
                 best_label, champion = self.pareto.finish(self, phases, final, summary, parent_id)
@@ -250,8 +266,9 @@ class _Study:
                                         tags={"kdtune.role": "study", "kdtune.study": spec.name})
         tracking.log_params(self.client, parent.info.run_id, {
             "dataset": self.dataset.name, "teacher": self.teacher_cfg.student, "student": self.base["student"],
-            "seeds": spec.seeds, "variants": len(spec.variants), "search": spec.search is not None,
-            "search.num_samples": spec.search.num_samples if spec.search else 0,
+            "seeds": spec.seeds, "variants": len(spec.variants), "search": bool(self.resolved.searches),
+            "search.num_samples": sum(s.num_samples for s in self.resolved.searches.values()),
+            "searches": ",".join(self.resolved.searches) if spec.searches else "-",
             "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
             "tune": json.dumps(spec.tune) if spec.tune else "-",
             "baseline_search": spec.baseline_search.num_samples if spec.baseline_search else 0,
@@ -260,6 +277,8 @@ class _Study:
             "val_samples": len(self.dataset.split(trial_config({}, self.base).val_fraction)[1]),
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
+        # lineage: the splits as MLflow dataset inputs, their digests kdtune's fingerprints (kdtune/tracking.py)
+        tracking.log_dataset(self.client, parent.info.run_id, self.dataset, trial_config({}, self.base).val_fraction)
         return experiment_id, parent.info.run_id
 
     def _study_dir(self) -> Location:
@@ -414,6 +433,7 @@ class _Study:
             "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]), "parameters": count_parameters(student),
             **{f"hp.{k}": v for k, v in best.params.items()},
             **{k: f"{metrics[k]:.4f}" for k in ("latency_ms_batch1", "latency_ms_per_image") if k in metrics},
+            **registry.latency_provenance(self.client, best.run_id, metrics),
         }
         val_fraction = trial_config(best.params, base).val_fraction
         decision = registry.register(
@@ -437,7 +457,7 @@ def _status_table(phase: str):
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see _run_config
     # only keys every trial has: the reporter looks each one up in the best trial's config (a search's
     # conditional parameters, e.g. beta for a kd trial, would raise KeyError there)
-    parameters = {"method": "method"} if phase.endswith("search") else {"seed": "seed"}
+    parameters = {"method": "method"} if "search" in phase else {"seed": "seed"}
     return CLIReporter(parameter_columns=parameters, max_report_frequency=20, print_intermediate_tables=True,
                        metric_columns={"members_label": "setting", "epoch": "epoch", "val_acc": "val acc", "best_val_acc": "best val",
                                        "train_loss": "train loss", "test_acc": "test acc"},

@@ -152,10 +152,15 @@ class Method(nn.Module):
 
     @property
     def hard_weight(self) -> float:
-        return 1.0
+        """The hard term's weight: hard_weight, or the method's default for it (default_hard_weight)."""
+        return self.config.effective_hard_weight
 
 
 class NoDistillation(Method):
     """The baseline student: hard labels only, weight 1."""
 
     name = "none"
+
+    @property
+    def hard_weight(self) -> float:
+        return 1.0  # the baseline is the student trained alone, whatever hard_weight a study sets

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
-from pathlib import Path
 from typing import Any
 
 from kdtune.config import TrialConfig
@@ -72,17 +70,9 @@ def _import_method(ref: str) -> type[Method]:
     return cls
 
 
-def method_source(ref: str) -> str | None:
-    """The folder holding a user method's top-level package (shipped to every node), None for a built-in."""
-    if not is_reference(ref):
-        return None
-    cls = method_class(ref)
-    module = sys.modules[cls.__module__]
-    top = cls.__module__.split(".")[0]
-    path = Path(module.__file__).resolve()
-    for _ in cls.__module__.split(".")[1:]:
-        path = path.parent
-    return str(path if path.name != "__init__.py" else path.parent) if top else None
+def user_module(ref: str) -> str | None:
+    """The top-level package of a user's method (for Ray to ship to every node), None for a built-in."""
+    return str(ref).partition(":")[0].split(".")[0] if is_reference(ref) else None
 
 
 def trial_config(flat: dict[str, Any], base: dict[str, Any] | None = None) -> TrialConfig:

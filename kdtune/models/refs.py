@@ -369,7 +369,12 @@ def shippable_path(ref) -> str | None:
     """
     if isinstance(ref, str):
         ref = model_ref(ref)
-    top = getattr(ref, "user_module", None)
+    return shippable_module(getattr(ref, "user_module", None))
+
+
+def shippable_module(top: str | None) -> str | None:
+    """The folder (or file) of the user's top-level package/module `top` for Ray to ship to every node; None
+    when it is installed or part of the standard library (every worker has it) or not found."""
     if not top:
         return None
     try:
