@@ -246,7 +246,11 @@ def _check_overrides(overrides: dict, configs: list[TrialConfig]) -> None:
     shared = TrialConfig.field_names()
     methods = sorted({c.method for c in configs})
     declared = {p.name for c in configs for p in c.method_class.params}
-    for key in overrides:
+    for key, value in overrides.items():
+        for cls in {c.method_class for c in configs}:  # a bad value is refused even where a search would set it
+            for param in cls.params:
+                if param.name == key:
+                    param.check(value, f"method {cls.name!r}")
         if key not in shared and key not in declared:
             raise ConfigError(f"--set {key}: neither a shared trial key nor a parameter of this study's methods "
                               f"({', '.join(methods)}); their parameters: {', '.join(sorted(declared)) or 'none'}; "

@@ -32,7 +32,8 @@ class MethodSpace:
     fsp_pairs: str = ""
     ranges: dict[str, tuple] = field(default_factory=dict)
     recipe: dict[str, tuple] = field(default_factory=dict)
-    fixed: dict = field(default_factory=dict)  # parameters held at one value (e.g. logit_standardize=True)
+    fixed: dict = field(default_factory=dict)  # parameters held at one value, not searched (logit_standardize=True,
+    # or what a study sets with --set): each trial gets those its method declares
 
     def __post_init__(self):
         from kdtune import distill
@@ -62,8 +63,11 @@ class MethodSpace:
         from kdtune import distill
 
         method = trial.suggest_categorical("method", list(self.methods))
-        constants = {}
-        for param in distill.method_class(method).params:
+        declared = distill.method_class(method).params
+        constants = {p.name: self.fixed[p.name] for p in declared if p.name in self.fixed}
+        for param in declared:
+            if param.name in self.fixed:
+                continue
             if param.search == "link_sets":
                 trial.suggest_categorical(param.name, list(self.link_sets))
             elif param.search == "fsp_pairs":
@@ -78,7 +82,7 @@ class MethodSpace:
                 trial.suggest_categorical(param.name, list(param.search))
         for name, (low, high) in self.recipe.items():
             trial.suggest_float(name, low, high, log=True)
-        return {**constants, **self.fixed}
+        return constants
 
     def default_point(self, method: str, recipe: dict | None = None) -> dict:
         """The method's own defaults (its paper's setting) for the parameters this space searches, as a first
@@ -88,6 +92,8 @@ class MethodSpace:
         point = {"method": method, **(recipe or {})}
         for param in distill.method_class(method).params:
             bounds = self.ranges.get(param.name, param.search)
+            if param.name in self.fixed:
+                continue
             if param.numeric and isinstance(bounds, tuple) and bounds[0] <= param.default <= bounds[1]:
                 point[param.name] = param.default
         return point

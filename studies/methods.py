@@ -73,7 +73,7 @@ def method_searches(spec, args) -> tuple[dict, Search]:
                               "methods that do: " + ", ".join(m for m in distill.method_names() if "logit_standardize"
                                                               in {p.name for p in distill.method_class(m).params}))
         space = MethodSpace((method,), maps if method == "at" else links, recipe={"lr": lr_range},
-                            fixed={"logit_standardize": True} if standardize else {})
+                            fixed={**spec.overrides, **({"logit_standardize": True} if standardize else {})})
         first = {**space.default_point(method), "lr": float(lr)}
         if "links" in declared and space.link_sets:
             first["links"] = space.link_sets[-1]  # every shared link (the last candidate)

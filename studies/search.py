@@ -56,7 +56,8 @@ def main() -> int:
         lr = plain.overrides.get("lr") or defaults["student_recipe"]["lr"]
         recipe = _lr_range(args, lr)
         space = MethodSpace(tuple(args.methods), tuple(candidate_link_sets(common_links(teacher, student))),
-                            fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "", recipe=recipe)
+                            fsp_pairs=args.fsp_pairs if "fsp" in args.methods else "", recipe=recipe,
+                            fixed=plain.overrides)  # what --set fixes is not searched
     budget = dict(num_samples=args.num_samples, time_budget_s=args.time_budget_s, grace_period=args.grace_period,
                   reduction_factor=args.reduction_factor, seed=args.searcher_seed)
     known_good = [{**p, **({"lr": lr} if recipe else {})}
