@@ -273,8 +273,7 @@ class ParetoRun:
         for member in self.front:
             student = self.student_of(member)
             variants.append({**member.params, "student": student, "label": FRONT_PREFIX + student})
-            tuned = OBJECTIVE.best([t for t in baselines if self.student_of(t) == student],
-                                   lambda t: t.metrics[OBJECTIVE.metric])
+            tuned = OBJECTIVE.best_trial(t for t in baselines if self.student_of(t) == student)
             self.baseline_tuned[student] = tuned is not None
             if tuned is not None:
                 params = dict(tuned.params)
@@ -333,7 +332,7 @@ class ParetoRun:
 
         candidates = [t for t in final if t.label == row["label"] and t.finished
                       and "weights_uri" in t.metrics]
-        best = OBJECTIVE.best(candidates, lambda t: t.metrics[OBJECTIVE.metric])
+        best = OBJECTIVE.best_trial(candidates)
         summary = row["front"]
         if best is None or not summary or not summary["n"]:
             return None

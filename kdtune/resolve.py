@@ -86,6 +86,7 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
             raise ConfigError(f"a variant sets teacher={config.teacher!r}, student={config.student!r}; a study has "
                               f"one teacher ({teacher.spec}) and one student ({student.spec}): run one study per pair")
     _check_against_data(configs, dataset, student, teacher, students)
+    _warn_small_validation(dataset, {c.val_fraction for c in configs}, echo)
     teacher_config = trial_config({
         "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
         **recipe["teacher_recipe"], **spec.teacher_overrides})
@@ -112,6 +113,25 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
                                   *map(shippable_path, students.values()), *map(shippable_module, methods)) if p})
     return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants, students,
                          searches, skipped)
+
+
+SMALL_VALIDATION = 50  # below this many samples one sample moves validation accuracy by more than 2 points
+
+
+def _warn_small_validation(dataset: Dataset, fractions: set[float], echo) -> None:
+    """Say before the study runs when its validation split is too small to tell settings apart, and what helps."""
+    for fraction in sorted(fractions):
+        samples = len(dataset.split(fraction)[1])
+        if samples >= SMALL_VALIDATION:
+            continue
+        larger = min(0.5, round(SMALL_VALIDATION / max(dataset.num_train, 1), 2))
+        bigger = len(dataset.split(larger)[1]) if larger > fraction else samples
+        echo(f"warning: the validation split has {samples} samples (val_fraction {fraction:g} of "
+             f"{dataset.num_train}): one sample is {100 / samples:.1f} pt of validation accuracy, so settings will "
+             f"often tie on it (ties are broken by the lowest validation loss, and the table says so); "
+             + (f"--set val_fraction={larger:g} gives {bigger} samples" if bigger > samples else
+                "this dataset is too small for a larger split")
+             + ", and more --seeds average out the training noise of each setting")
 
 
 def _cannot_run(configs: list[TrialConfig], dataset: Dataset, student, teacher, members: int) -> str | None:

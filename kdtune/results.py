@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from kdtune.records import TrialRecord
+from kdtune.records import OBJECTIVE, TrialRecord
 
 BASELINE_LABEL = "baseline"
 
@@ -21,7 +21,7 @@ def point_rows(trials: list[TrialRecord], order: list[str] | None = None) -> lis
     for trial in sorted(trials, key=lambda t: (rank.get(t.label, len(rank)), t.seed)):
         row = rows.setdefault((trial.label, trial.point), {
             "label": trial.label, "point": trial.point, "params": trial.params, "val": [], "test": [],
-            "failed": 0, "stopped": 0, "failures": []})
+            "val_loss": [], "failed": 0, "stopped": 0, "failures": []})
         if trial.failed:
             row["failed"] += 1
             row["failures"].append(f"seed {trial.seed}: {trial.error}")
@@ -30,6 +30,8 @@ def point_rows(trials: list[TrialRecord], order: list[str] | None = None) -> lis
         else:
             row["val"].append(trial.metrics["val_acc"])
             row["test"].append(trial.metrics["test_acc"])
+            if OBJECTIVE.tie_metric in trial.metrics:
+                row["val_loss"].append(trial.metrics[OBJECTIVE.tie_metric])
     return [_statistics(row) for row in rows.values()]
 
 
@@ -60,11 +62,19 @@ def skipped_row(label: str, reason: str) -> dict:
 
 def choose_point(candidates: list[dict], allow_failed: bool = False) -> dict:
     """A setting's tuned point: the best mean validation accuracy among the points whose every seed finished
-    (a point with a failed seed is chosen only when no clean one exists, or `allow_failed`)."""
+    (a point with a failed seed is chosen only when no clean one exists, or `allow_failed`). Points that tie on
+    it are told apart by the lowest mean validation loss (OBJECTIVE's stated rule); `tied` counts them."""
     finished = [c for c in candidates if c["n"]]
     clean = [c for c in finished if not c["failed"]]
     pool = finished if allow_failed or not clean else clean
-    return max(pool, key=lambda c: c["val_mean"]) if pool else candidates[0]
+    if not pool:
+        return candidates[0]
+    chosen = _best_row(pool)
+    return {**chosen, "tied": sum(1 for c in pool if c["val_mean"] == chosen["val_mean"])}
+
+
+def _best_row(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: OBJECTIVE.rank(r["val_mean"], r.get("val_loss_mean")))
 
 
 def _statistics(row: dict) -> dict:
@@ -74,6 +84,7 @@ def _statistics(row: dict) -> dict:
         "stopped": row["stopped"], "total": n + row["failed"] + row["stopped"], "failures": row["failures"],
         "val": row["val"], "test": row["test"],
         "val_mean": statistics.fmean(row["val"]) if n else math.nan,
+        "val_loss_mean": statistics.fmean(row["val_loss"]) if row["val_loss"] else math.nan,
         "test_mean": statistics.fmean(row["test"]) if n else math.nan,
         "test_std": statistics.stdev(row["test"]) if n > 1 else 0.0,
         "test_median": statistics.median(row["test"]) if n else math.nan,
@@ -103,7 +114,17 @@ def pick_best(summary: list[dict], include_baseline: bool = True, allow_failed: 
     mean covers only the seeds that survived) unless `allow_failed`."""
     finished = [r for r in summary if r["n"] and (include_baseline or r["label"] != BASELINE_LABEL)
                 and (allow_failed or not r["failed"])]
-    return max(finished, key=lambda r: r["val_mean"])["label"] if finished else None
+    return _best_row(finished)["label"] if finished else None
+
+
+def tied_with(summary: list[dict], label: str, include_baseline: bool = True) -> list[str]:
+    """The other settings whose mean validation accuracy equals `label`'s: selection told them apart only by
+    the tie rule (OBJECTIVE.TIE_RULE)."""
+    chosen = next((r for r in summary if r["label"] == label), None)
+    if chosen is None or not chosen["n"]:
+        return []
+    return [r["label"] for r in summary if r["label"] != label and r["n"] and r["val_mean"] == chosen["val_mean"]
+            and (include_baseline or r["label"] != BASELINE_LABEL)]
 
 
 def baseline_tuning(tune: dict, baseline_search_samples: int = 0) -> str | None:
@@ -120,7 +141,18 @@ def baseline_tuning(tune: dict, baseline_search_samples: int = 0) -> str | None:
 def verdict(summary: list[dict], baseline_tuning: str | None = None) -> str:
     """One sentence on what the table shows: does the best distilled setting (chosen on validation) beat the
     baseline on test, by its 95% interval? It says how the baseline was tuned (`baseline_tuning`: the same
-    grid or search the students had; None: untuned) and when the evidence is thin."""
+    grid or search the students had; None: untuned), when the evidence is thin, and when the best setting tied
+    others on validation (then it was chosen by the tie rule, not by accuracy)."""
+    sentence = _verdict(summary, baseline_tuning)
+    best_label = pick_best(summary, include_baseline=False)
+    tied = tied_with(summary, best_label, include_baseline=False) if best_label else []
+    if tied:
+        sentence += (f"; note: on validation {best_label} ties with {', '.join(tied)} (the same accuracy), chosen "
+                     f"by {OBJECTIVE.TIE_RULE}: the validation split cannot tell them apart")
+    return sentence
+
+
+def _verdict(summary: list[dict], baseline_tuning: str | None) -> str:
     baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
     best_label = pick_best(summary, include_baseline=False)
     if baseline is None or best_label is None:
@@ -174,13 +206,16 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
     finished/total seeds. A setting with failed seeds is flagged with '!'."""
     tuned = any(row.get("point") for row in summary)
     width = max([18, len(label_header)] + [len(row["label"]) for row in summary])
-    point_width = max([15] + [len(row.get("point", "")) for row in summary])
+    point_width = max([15] + [len(row.get("point", "")) + (len(f" (tie of {row['tied']})")
+                                                              if row.get("tied", 1) > 1 else 0) for row in summary])
     point_header = f"  {'chosen (on val)':>{point_width}}" if tuned else ""
     median_header = f"  {'median':>7}" if show_median else ""
     lines = [f"{label_header:>{width}}{point_header}  {'val acc':>8}  {'test acc':>17}{median_header}  "
              f"{'vs baseline [95% CI]':>26}  {'done':>5}"]
+    tie_note = any(row.get("tied", 1) > 1 for row in summary)
     for row in summary:
-        point = f"  {row.get('point', ''):>{point_width}}" if tuned else ""
+        shown = row.get("point", "") + (f" (tie of {row['tied']})" if row.get("tied", 1) > 1 else "")
+        point = f"  {shown:>{point_width}}" if tuned else ""
         done = f"{row['n']}/{row['total']}" + ("!" if row["failed"] else "")
         if not row["n"]:
             note = (f"skipped: {row['skipped']}" if row.get("skipped") else
@@ -193,6 +228,9 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
         lines.append(f"{row['label']:>{width}}{point}  {percent(row['val_mean']):>7}%  {test:>17}{median}  "
                      f"{format_gain(row):>26}  {done:>5}" + (f"  ({notes})" if notes else ""))
+    if tie_note:
+        lines.append(f"(tie of N): N tuned points reached the same validation accuracy; the one shown has "
+                     f"{OBJECTIVE.TIE_RULE}")
     return "\n".join(lines)
 
 

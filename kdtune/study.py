@@ -420,7 +420,7 @@ class _Study:
         row = next(r for r in summary if r["label"] == best_label)
         candidates = [t for t in trials if t.label == best_label and t.point == row["point"] and t.finished
                       and "weights_uri" in t.metrics]
-        best = OBJECTIVE.best(candidates, lambda t: t.metrics[OBJECTIVE.metric])
+        best = OBJECTIVE.best_trial(candidates)
         if best is None:
             return None
         spec, base, metrics = self.spec, self.base, best.metrics
@@ -501,7 +501,7 @@ def _collect(phase: str, grid) -> list[TrialRecord]:
 
 def _best_search_trial(trials: list[TrialRecord]) -> TrialRecord | None:
     """The search trial with the best objective among those that ran to the end."""
-    return OBJECTIVE.best([t for t in trials if t.finished], lambda t: t.metrics[OBJECTIVE.metric])
+    return OBJECTIVE.best_trial(t for t in trials if t.finished)
 
 
 def _write_study_file(study_dir: Location, content: dict) -> None:

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from kdtune.records import TrialRecord
-from kdtune.results import format_table, pick_best, summarise
+from kdtune.results import format_table, pick_best, summarise, verdict
 
 
 def trial(label, seed, val=None, test=None, error=None):
@@ -71,3 +71,59 @@ def test_the_table_shows_spread_only_where_there_are_several_seeds():
     several = format_table(summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86])), "T").splitlines()
     assert "92.00 ± 2.00 %" in several[2]
     assert "+6.00 pt [+1.84, +10.16]" in several[2]
+
+
+# ---- ties on a small validation split (issue 19) ----------------------------------------------------------
+
+def tuned(label, point, val, val_loss, test, seed=0):
+    return TrialRecord("grid", label, {}, seed, "finished", {"val_acc": val, "val_loss": val_loss,
+                                                            "test_acc": test}, point=point)
+
+
+def test_tied_points_are_shown_as_a_tie_and_broken_by_the_lowest_validation_loss():
+    """6 validation samples: every lr reaches 5/6; the lowest lr came first and used to be chosen silently."""
+    trials = [tuned("baseline", "lr=0.00333", 5 / 6, 0.61, 0.918), tuned("baseline", "lr=0.01", 5 / 6, 0.48, 0.95),
+              tuned("baseline", "lr=0.03", 5 / 6, 0.35, 0.969)]
+    (row,) = summarise(trials)
+    assert row["point"] == "lr=0.03" and row["tied"] == 3
+    table = format_table([row], "setting")
+    assert "lr=0.03 (tie of 3)" in table
+    assert "the one shown has the lowest validation loss (cross-entropy)" in table
+
+
+def test_a_point_that_wins_on_accuracy_is_no_tie():
+    trials = [tuned("baseline", "lr=0.01", 0.9, 0.2, 0.9), tuned("baseline", "lr=0.03", 0.95, 0.9, 0.9)]
+    (row,) = summarise(trials)
+    assert row["point"] == "lr=0.03" and row["tied"] == 1
+    assert "tie" not in format_table([row], "setting")
+
+
+def test_the_verdict_says_when_the_best_setting_ties_others_on_validation():
+    trials = [tuned("baseline", "", 0.8, 0.5, 0.9, s) for s in (0, 1)] + \
+             [tuned("T=2", "", 1.0, 0.30, 0.92, s) for s in (0, 1)] + [tuned("T=4", "", 1.0, 0.20, 0.95, s) for s in (0, 1)]
+    summary = summarise(trials)
+    assert pick_best(summary, include_baseline=False) == "T=4"  # the lower validation loss
+    sentence = verdict(summary, "lr tuned")
+    assert "T=4 ties with T=2" in sentence and "lowest validation loss" in sentence
+
+
+def test_a_small_validation_split_is_named_before_the_study_runs():
+    import numpy as np
+
+    from kdtune.data import from_arrays
+    from kdtune.resolve import _warn_small_validation
+
+    rng = np.random.default_rng(0)
+    tiny = from_arrays(rng.random((67, 1, 8, 8), dtype=np.float32), rng.integers(0, 2, 67),
+                       rng.random((20, 1, 8, 8), dtype=np.float32), rng.integers(0, 2, 20))
+    said = []
+    _warn_small_validation(tiny, {0.1}, said.append)
+    (line,) = said
+    samples = len(tiny.split(0.1)[1])
+    assert line.startswith(f"warning: the validation split has {samples} samples (val_fraction 0.1 of 67)")
+    assert "--set val_fraction=0.5 gives" in line
+    said.clear()
+    from kdtune.data import load_dataset
+
+    _warn_small_validation(load_dataset("digits"), {0.1}, said.append)  # 180 samples: nothing to say
+    assert said == []
