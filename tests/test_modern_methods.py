@@ -165,3 +165,26 @@ def test_bad_settings_of_the_new_methods_are_refused_in_one_line(values, message
     with pytest.raises(ConfigError) as error:
         trial_config(values)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_methods_study_lists_a_method_the_pair_cannot_run_as_skipped_with_the_reason():
+    """An MLP pair has no feature maps: attention transfer cannot link it; the other methods still run."""
+    import numpy as np
+
+    from kdtune.data import from_arrays
+    from kdtune.resolve import resolve_study
+    from kdtune.spaces import MethodSpace
+    from kdtune.study import Search, StudySpec
+
+    rng = np.random.default_rng(0)
+    vectors = from_arrays(rng.random((200, 12), dtype=np.float32), rng.integers(0, 3, 200),
+                          rng.random((30, 12), dtype=np.float32), rng.integers(0, 3, 30), name="vectors")
+    searches = {"at": Search(MethodSpace(("at",), link_sets=("1",)), num_samples=2),
+                "dkd": Search(MethodSpace(("dkd",)), num_samples=2)}
+    said = []
+    resolved = resolve_study(StudySpec(name="methods", dataset=vectors, searches=searches), echo=said.append)
+    assert list(resolved.searches) == ["dkd"]
+    assert "needs feature maps" in resolved.skipped["at"] or "cannot be" in resolved.skipped["at"], resolved.skipped
+    assert any(line.startswith("skipped at: ") for line in said)
+    with pytest.raises(ConfigError, match="every search was skipped: at: "):
+        resolve_study(StudySpec(name="methods", dataset=vectors, searches={"at": searches["at"]}), echo=said.append)
