@@ -59,11 +59,6 @@ def plan_links(links, teacher_ref, student_ref) -> LinkPlan:
     return LinkPlan(teacher, student)
 
 
-def method_links(config: TrialConfig) -> tuple[str, ...]:
-
-    return config.method_class(config).link_keys()
-
-
 def probe_shapes(plan: LinkPlan, student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor,
                  student_ref=None, teacher_ref=None) -> tuple[dict, dict]:
     """Feature shapes at every link from one forward pass in eval mode (modes restored afterwards)."""

@@ -15,7 +15,7 @@ from kdtune.distill.fsp import FlowOfSolution
 from kdtune.distill.hints import Hints
 from kdtune.distill.kd import KnowledgeDistillation
 from kdtune.distill.links import MultiLayerLinks
-from kdtune.distill.registry import (declared_by, method_class, method_names, register_method, user_module,
+from kdtune.distill.registry import (method_class, method_names, register_method, user_module,
                                      trial_config)
 
 for _method in (NoDistillation, KnowledgeDistillation, MultiLayerLinks, Hints, FlowOfSolution,
@@ -23,5 +23,5 @@ for _method in (NoDistillation, KnowledgeDistillation, MultiLayerLinks, Hints, F
                 DecoupledKD, DISTMethod, CurriculumTemperatureKD):
     register_method(_method)
 
-__all__ = ["Method", "Outputs", "Stage", "declared_by", "method_class", "method_names", "register_method",
+__all__ = ["Method", "Outputs", "Stage", "method_class", "method_names", "register_method",
            "trial_config", "user_module"]

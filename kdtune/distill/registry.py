@@ -79,12 +79,3 @@ def trial_config(flat: dict[str, Any], base: dict[str, Any] | None = None) -> Tr
     """A validated TrialConfig from a flat dict on top of a study's `base` (kdtune/config.py, from_flat)."""
     method = (flat.get("method") or (base or {}).get("method") or TrialConfig.method)
     return TrialConfig.from_flat({**flat, "method": method}, method_class(method), base=base)
-
-
-def declared_by(methods) -> dict[str, list[str]]:
-    """parameter name -> the methods (of `methods`) that declare it."""
-    owners: dict[str, list[str]] = {}
-    for ref in methods:
-        for param in method_class(ref).params:
-            owners.setdefault(param.name, []).append(ref)
-    return owners
