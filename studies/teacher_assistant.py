@@ -7,12 +7,17 @@ Three studies on one MLflow server and one Ray: (1) the assistant distilled from
 (its own runs; the version it registers, not whichever is @champion, becomes the next teacher), (2) the student's baseline and direct KD from the
 teacher, (3) the student distilled from the assistant. Each step has its own T and alpha.
 """
+from kdtune.distill import method_class
 from kdtune.errors import KdtuneError
-from kdtune.options import finish, shared_tracking, spec_from_args, study_parser
+from kdtune.options import finish, shared_tracking, spec_from_args, study_parser, user_errors
 from kdtune.results import BASELINE_LABEL, format_table, summarise
 from kdtune.study import run_study
 
 DIGITS_CHAIN = {"assistant": "digits_assistant", "student": "digits_student"}
+
+
+def _declared(values: dict, declared: set) -> dict:
+    return {k: v for k, v in values.items() if k in declared}
 
 
 def main() -> int:
@@ -28,14 +33,17 @@ def main() -> int:
     args.student = args.student or (DIGITS_CHAIN["student"] if args.dataset == "digits" else None)
     if not assistant or not args.student:
         parser.error("--assistant and --student are required for datasets other than digits")
-    step = {"method": args.method, "temperature": args.temperature, "alpha": args.alpha}
+    with user_errors():  # T and alpha apply where the method declares them (kdtune methods show NAME)
+        declared = {p.name for p in method_class(args.method).params}
+    step = {"method": args.method, **_declared({"temperature": args.temperature, "alpha": args.alpha}, declared)}
+    assistant_step = {"method": args.method, **_declared({"temperature": args.assistant_temperature,
+                                                          "alpha": args.assistant_alpha}, declared)}
 
     with shared_tracking(args):
         assistant_args = dict(vars(args), student=assistant)
         assistant_spec = spec_from_args(
             _namespace(assistant_args), name="teacher_assistant.assistant", label_header="assistant",
-            variants=[{"label": "assistant", "method": args.method, "temperature": args.assistant_temperature,
-                       "alpha": args.assistant_alpha}],
+            variants=[{"label": "assistant", **assistant_step}],
             register_as=f"kdtune-{args.dataset}-{assistant}-assistant")
         spec_direct = spec_from_args(args, name="teacher_assistant.direct", label_header="student",
                                      variants=[{"label": BASELINE_LABEL, "method": "none"},
