@@ -13,7 +13,8 @@ The Python API is the same mechanism as the study scripts: objects or reference 
 __version__ = "0.1.0"
 
 _API = {"StudySpec": "kdtune.study", "Search": "kdtune.study", "run_study": "kdtune.study",
-        "ModelRef": "kdtune.models.refs", "model_ref": "kdtune.models.refs", "Dataset": "kdtune.data"}
+        "ModelRef": "kdtune.models.refs", "model_ref": "kdtune.models.refs", "Dataset": "kdtune.data",
+        "load_student": "kdtune.serving"}
 
 
 def __getattr__(name):

@@ -294,8 +294,22 @@ def server_answers(uri: str) -> bool:
     return uri.startswith(("http://", "https://")) and _healthy(uri, timeout_s=2.0)
 
 
+def local_tracking_uri(uri: str) -> str:
+    """A SQLite tracking URI with its path made absolute: trials run with their trial folder as working directory,
+    where `sqlite:///m.db` would name another database. Other URIs unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
+    return uri
+
+
 def check_tracking_uri(uri: str) -> None:
-    """Fail early, with one line, if the tracking URI cannot be used."""
+    """Fail early, with one line, if the tracking URI cannot be used.
+
+    http(s): an MLflow server, which every trial talks to. sqlite:///PATH: the trials of a one-machine study open
+    the database file themselves (kdtune/metric_writer.py retries while another holds its lock); its artifacts go
+    next to it (`artifact_location`). A database server or MLflow's file store: refused, with what to do."""
     if uri.startswith(("http://", "https://")):
         if not _healthy(uri, timeout_s=5.0):
             raise TrackingError(
@@ -303,8 +317,12 @@ def check_tracking_uri(uri: str) -> None:
                 "(`kdtune mlflow serve`) or leave out --tracking-uri to use kdtune's embedded one"
             )
         mlflow_auth.check_access(uri)  # a server with authentication: the credentials, before anything starts
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    elif uri.startswith("sqlite:"):
+        path = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:" or "mode=memory" in uri:
+            raise TrackingError(f"tracking URI {uri}: an in-memory database lives in one process, and every trial is "
+                                "a process of its own; name a file, sqlite:///PATH.db")
+        folder = Path(path).parent
         if not folder.is_dir():
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
     elif "://" in uri and uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mssql"):
@@ -312,7 +330,8 @@ def check_tracking_uri(uri: str) -> None:
                             "this database (`kdtune mlflow serve --backend-store-uri URI`) and pass its "
                             "http://host:port")
     else:
-        raise TrackingError(f"tracking URI {uri!r}: use http(s)://host:port (an MLflow server) or sqlite:///path.db")
+        raise TrackingError(f"tracking URI {uri!r}: use http(s)://host:port (an MLflow server) or sqlite:///path.db "
+                            "(MLflow's file store, a folder or file:, is deprecated and not supported)")
 
 
 @contextlib.contextmanager
@@ -322,6 +341,7 @@ def tracking_server(uri: str | None, store_dir: str | Path, echo=print, meanwhil
     server starts: the two start-ups, each seconds long, overlap."""
     meanwhile = meanwhile or (lambda: None)
     if uri:
+        uri = local_tracking_uri(uri)
         check_tracking_uri(uri)
         meanwhile()
         yield uri
@@ -345,6 +365,9 @@ def tracking_server(uri: str | None, store_dir: str | Path, echo=print, meanwhil
 
 
 def ui_link(uri: str, experiment_id: str) -> str:
+    if not uri.startswith(("http://", "https://")):  # a database: no UI until a server serves it
+        return (f"{uri} (browse it with `mlflow ui --backend-store-uri {redact(uri)}` and open "
+                f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs{UI_SUFFIX})")
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_SUFFIX}"
 
 
@@ -383,10 +406,27 @@ def client_for(uri: str):
     return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: the server decides over HTTP (None); beside a SQLite database
+    (`<dir>/<db name>-artifacts/<experiment>`), never MLflow's default ./mlruns of whichever process created it."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    import re
+
+    database = Path(uri[len("sqlite:///"):].partition("?")[0])
+    folder = re.sub(r"[^\w.-]+", "_", experiment).strip(".") or "_"
+    return str(database.parent / f"{database.stem}-artifacts" / folder)
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    uri = str(getattr(client, "tracking_uri", "") or "")
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    if experiment.artifact_location.startswith("mlflow-artifacts:") and not uri.startswith(("http://", "https://")):
+        raise TrackingError(f"experiment {name!r} in {redact(uri)} keeps its artifacts behind an MLflow server "
+                            f"({experiment.artifact_location}); serve that store (kdtune mlflow serve "
+                            "--backend-store-uri URI) and pass its http:// URI as --tracking-uri")
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
@@ -438,14 +478,14 @@ def _failure_kind(error: Exception):
 
     if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return "transient"
-    if not isinstance(error, MlflowException):
-        return None
+    if not isinstance(error, MlflowException):  # e.g. SQLite's OperationalError opening a locked store
+        return "transient" if metric_writer.transient_text(str(error)) else None
     code, text = str(getattr(error, "error_code", "")), str(error)
     if code == "UNAUTHENTICATED" or "error code 401" in text:
         return 401
     if code == "PERMISSION_DENIED" or "error code 403" in text:
         return 403
-    if code in metric_writer.TRANSIENT or "QueuePool limit" in text or "Max retries exceeded" in text:
+    if code in metric_writer.TRANSIENT or metric_writer.transient_text(text) or "Max retries exceeded" in text:
         return "transient"
     return None
 
