@@ -98,10 +98,11 @@ def cmd_teacher_train(args, client, uri) -> int:
         raise ConfigError(f"--teacher-source {plan.source}: `kdtune teacher train` trains from scratch or from "
                           "'pretrained' weights; a teacher from a file or models:/ needs no training")
     config = resolved.teacher_config
+    cluster.init_ray(args.address, resolved.user_modules)  # an unreachable cluster or missing resources: before
+    cluster.check_resources(args.cpus, args.gpus, options={"CPU": "--cpus", "GPU": "--gpus"})  # the run exists
     experiment_id = tracking.get_or_create_experiment(client, "teachers")
     parent = client.create_run(experiment_id, run_name=f"teacher {resolved.dataset.name} {config.student}",
                                tags={"kdtune.role": "study", "kdtune.study": "teachers"})
-    cluster.init_ray(args.address, resolved.user_modules)
     status = "FAILED"
     try:
         context = tracking.TrackingContext(uri, experiment_id, parent.info.run_id)

@@ -356,7 +356,8 @@ def trial_slots(cpus_per_trial: float, gpus_per_trial: float, max_concurrent: in
 RESOURCE_OPTIONS = {"CPU": "--cpus-per-trial", "GPU": "--gpus-per-trial"}
 
 
-def check_resources(cpus: float, gpus: float, extra: dict[str, float] | None = None) -> None:
+def check_resources(cpus: float, gpus: float, extra: dict[str, float] | None = None,
+                    options: dict[str, str] | None = None) -> None:
     """Raise ConfigError (one line) unless some node of the cluster can run one trial asking for `cpus` CPUs,
     `gpus` GPUs and `extra` custom resources ({"TPU": 1}, {"accelerator_type:A100": 0.01}, ...).
 
@@ -377,7 +378,8 @@ def check_resources(cpus: float, gpus: float, extra: dict[str, float] | None = N
         return
     lacking = sorted({k for k in asked if not any(node.get(k, 0) >= asked[k] for node in nodes + (types or []))}) \
         or sorted(asked)  # each is on some node, but never all of them on one
-    request = ", ".join(f"{RESOURCE_OPTIONS.get(k, 'resource ' + k)} {asked[k]:g}" for k in sorted(asked))
+    names = {**RESOURCE_OPTIONS, **(options or {})}  # the command's own option names (kdtune teacher train: --cpus)
+    request = ", ".join(f"{names.get(k, 'resource ' + k)} {asked[k]:g}" for k in sorted(asked))
     shapes = _shapes(nodes, sorted({*asked, "CPU", "GPU"}))
     also = f"; the autoscaler launches {_shapes(types, sorted({*asked, 'CPU', 'GPU'}))}" if types else ""
     raise ConfigError(f"{request}: no node of the Ray cluster has {' and '.join(_amount(asked, k) for k in lacking)} "

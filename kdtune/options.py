@@ -233,6 +233,8 @@ def where_results_are(result) -> str:
     """The study's place in MLflow: a link while its server still answers, else how to browse it (the embedded
     server stopped with the study, so its URL would be a dead link)."""
     ids = f"experiment {result.experiment_id}, study run {result.parent_run_id}"
+    if not result.tracking_uri.startswith(("http://", "https://")):  # a database store: no server to link to
+        return f"mlflow: {ids} in {tracking.ui_link(result.tracking_uri, result.experiment_id)}"
     if tracking.server_answers(result.tracking_uri):
         return f"mlflow: {tracking.ui_link(result.tracking_uri, result.experiment_id)} ({ids})"
     return f"mlflow: {ids}; browse them with: kdtune mlflow serve --store {result.spec.store_dir}"

@@ -158,6 +158,7 @@ class _Study:
     def run(self, started: float) -> StudyResult:
         spec = self.spec
         cluster.check_tracking_reachable(self.uri)
+        cluster.check_resources(spec.cpus_per_trial, spec.gpus_per_trial)  # before any run or folder exists
         self.pareto = None
         if spec.pareto is not None:  # every candidate student's costs, measured before any run or folder exists
             from kdtune.pareto import ParetoRun
