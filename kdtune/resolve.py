@@ -37,7 +37,7 @@ class ResolvedStudy:
     user_modules: list[str]  # folders/files of the user's own code to ship to every node
     variants: list[dict]  # the grid: every variant at every tuned point (`tune`), labels kept
     students: dict = field(default_factory=dict)  # a Pareto study's candidate students: spec -> ModelRef
-    searches: dict = field(default_factory=dict)  # label -> Search that will run ("" for a study's one search)
+    searches: dict = field(default_factory=dict)  # label -> a labelled Search the pair can run (StudySpec.searches)
     skipped: dict = field(default_factory=dict)  # label -> why the pair cannot run that search's method
 
     @property
@@ -93,8 +93,7 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     needs_teacher = any(_method(c).needs_teacher for c in configs + [c for s in labelled.values() for c in s])
     source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
     plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
-    searches = {"": spec.search} if spec.search is not None else {}
-    skipped = {}
+    searches, skipped = {}, {}
     for label, sampled in labelled.items():  # a method the pair cannot run is skipped, with the reason
         reason = _cannot_run(sampled, dataset, student, teacher, plan.members if plan else 1)
         if reason:

@@ -185,7 +185,8 @@ class _Study:
                                      self.echo)
             phases: dict[str, list[TrialRecord]] = {}
             confirm: list[dict] = []
-            searches = self.resolved.searches
+            # the study's one search as it is now (a warm start put its points first), then the labelled ones
+            searches = {**({"": spec.search} if spec.search is not None else {}), **self.resolved.searches}
             if not searches:
                 phases["grid"] = self._run_phase("grid", trainable, study_dir, context,
                                                  self._grid_space(self.resolved.variants))
@@ -267,8 +268,10 @@ class _Study:
                                         tags={"kdtune.role": "study", "kdtune.study": spec.name})
         tracking.log_params(self.client, parent.info.run_id, {
             "dataset": self.dataset.name, "teacher": self.teacher_cfg.student, "student": self.base["student"],
-            "seeds": spec.seeds, "variants": len(spec.variants), "search": bool(self.resolved.searches),
-            "search.num_samples": sum(s.num_samples for s in self.resolved.searches.values()),
+            "seeds": spec.seeds, "variants": len(spec.variants),
+            "search": spec.search is not None or bool(self.resolved.searches),
+            "search.num_samples": sum(s.num_samples for s in [*([spec.search] if spec.search else []),
+                                                                *self.resolved.searches.values()]),
             "searches": ",".join(self.resolved.searches) if spec.searches else "-",
             "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
             "tune": json.dumps(spec.tune) if spec.tune else "-",

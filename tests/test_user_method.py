@@ -95,6 +95,6 @@ def test_the_readme_method_runs_in_a_search_and_in_the_methods_study(user_packag
                      "--tracking-uri", mlflow_server.uri, "--store", str(tmp_path), cwd=tmp_path)
     assert methods.returncode == 0, methods.stderr[-3000:]
     table = methods.stdout[methods.stdout.index("Methods, each tuned"):]
-    rows = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip() and line.startswith(" ")}
+    rows = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip() and "%" in line}
     assert {"baseline", "kd", METHOD} <= set(rows), table
     assert "w=" in rows[METHOD] and "2/2" in rows[METHOD], rows[METHOD]
