@@ -7,7 +7,7 @@
 On a terminal the line is rewritten in place (carriage return) as trials report; elsewhere (a log file, a
 `ray job` log, a pipe) a plain line is printed when a trial ends and every `interval_s` seconds in between:
 
-    grid: 3/6 runs done (1 failed), 2 running | best T 2: val 97.92% | 41s elapsed, ~35s left
+    grid: 3/6 runs done (1 failed), 2 running | best val 97.92% (T=2 lr=0.03) | 41s elapsed, ~35s left
 
 A grid phase counts runs (one setting x one seed: one student and its MLflow run, fused trials hold several), a
 search phase counts trials (one each). A failure is always a line of its own, with its one-line reason and where
@@ -38,7 +38,7 @@ _open_lines: list = []  # progress objects whose terminal line has no newline ye
 class PhaseProgress(Callback):
     def __init__(self, phase: str, total: int | None = None, *, unit: str | None = None, label_header: str = "setting",
                  max_failures: int = 0, time_budget_s: float | None = None, interval_s: float = 60.0,
-                 stream=None, tty: bool | None = None, clock=time.monotonic):
+                 stream=None, tty: bool | None = None, echo=None, clock=time.monotonic):
         self.phase = phase
         self.total = total  # None: Tune's number of samples (setup)
         self.unit = unit or ("trials" if "search" in phase else "runs")
@@ -47,10 +47,12 @@ class PhaseProgress(Callback):
         self.time_budget_s = time_budget_s
         self.interval_s = interval_s
         self.stream, self.tty, self.clock = stream, tty, clock
+        self.echo = echo  # a study's own echo (run_study(spec, echo=...)): plain lines through it, never a stream
         self._reset()
 
     def _reset(self):
         self._started = None
+        self._first_running = None  # when a trial of this run was first seen running
         self._fraction_at_start = None  # work restored as done (a resumed phase): not counted in the rate
         self._last_draw = None
         self._last_line_text = ""
@@ -62,7 +64,8 @@ class PhaseProgress(Callback):
     def __getstate__(self):  # pickled with the run config: settings only, never a stream or a run's state
         state = self.__dict__.copy()
         state["stream"] = None if state.get("stream") in (sys.stdout, sys.stderr) else state.get("stream")
-        state.update(_started=None, _fraction_at_start=None, _last_draw=None, _last_line_text="", _line_open=False,
+        state["echo"] = None  # a resumed study's callback writes to stdout
+        state.update(_started=None, _first_running=None, _fraction_at_start=None, _last_draw=None, _last_line_text="", _line_open=False,
                      _reported_errors=set(), _members={}, _results={})
         return state
 
@@ -122,34 +125,42 @@ class PhaseProgress(Callback):
             parts[0] += f", {counts['running']} running"
         best = counts["best"]
         if best is not None:
-            label, value = best
-            parts.append(f"best {self._setting(label)}: {_metric_text(value)}")
+            member, value = best
+            parts.append(f"best {_metric_text(value)} ({self._setting(member)})")
         elapsed = now - self._started if self._started is not None else 0.0
+        if counts["running"] and self._first_running is None:
+            self._first_running = now
         timing = f"{_duration(elapsed)} elapsed"
         if final:
             timing = f"finished in {_duration(elapsed)}"
         else:
-            left = self._time_left(counts["fraction"], elapsed)
+            working = now - self._first_running if self._first_running is not None else elapsed
+            left = self._time_left(counts["fraction"], working, elapsed)
             timing += f", ~{_duration(left)} left" if left is not None else ", time left: estimating"
         parts.append(timing)
         return f"{self.phase}: " + " | ".join(parts)
 
-    def _setting(self, label: str) -> str:
+    def _setting(self, member: dict) -> str:
+        """A member's label (whole) and tuned point; a bare value is named by the table's header (T=2)."""
         from kdtune.results import BASELINE_LABEL
 
-        if self.label_header in ("", "setting") or label.startswith(BASELINE_LABEL):
-            return label
-        return f"{self.label_header} {label}"
+        label, header = str(member.get("label", "")), self.label_header or ""
+        bare = label and not any(c in label for c in " =,") and label != BASELINE_LABEL
+        if bare and header and header != "setting" and not any(c in header for c in " ,"):
+            label = f"{header}={label}"
+        return f"{label} {member.get('point') or ''}".strip()
 
-    def _time_left(self, fraction: float, elapsed: float) -> float | None:
+    def _time_left(self, fraction: float, working: float, elapsed: float) -> float | None:
+        """The work left at the rate of this run so far (the time since its first trial started running: Ray's
+        scheduling before it is not a rate), capped by a search's time budget."""
         if self._fraction_at_start is None:
             self._fraction_at_start = fraction
         gained = fraction - self._fraction_at_start
         left = None
         if fraction >= 1.0:
             left = 0.0
-        elif gained > 1e-6 and elapsed > 0:
-            left = elapsed * (1.0 - fraction) / gained
+        elif gained > 1e-6 and working > 0:
+            left = working * (1.0 - fraction) / gained
         if self.time_budget_s is not None:
             budget_left = max(0.0, self.time_budget_s - elapsed)
             left = budget_left if left is None else min(left, budget_left)
@@ -174,7 +185,7 @@ class PhaseProgress(Callback):
                     continue
                 value = metrics.get(OBJECTIVE.metric)
                 if isinstance(value, (int, float)) and (best is None or OBJECTIVE.better(value, best[1])):
-                    best = (f"{m['label']} {m.get('point') or ''}".strip(), float(value))
+                    best = (m, float(value))
                 if finished or ended:
                     done += 1
                     work += 1.0
@@ -210,7 +221,7 @@ class PhaseProgress(Callback):
         members = self._members_of(trial)
         if not members:
             return str(trial.trial_id)
-        labels = ", ".join(self._setting(f"{m['label']} {m.get('point') or ''}".strip()) for m in members)
+        labels = ", ".join(self._setting(m) for m in members)
         return f"{labels} seed {members[0].get('seed', 0)}"
 
     def _report_member_failures(self, trial, result: dict) -> None:
@@ -222,7 +233,7 @@ class PhaseProgress(Callback):
             key = (trial.trial_id, index)
             if m.get("error") and key not in self._reported_errors:
                 self._reported_errors.add(key)
-                setting = self._setting(f"{m['label']} {m.get('point') or ''}".strip())
+                setting = self._setting(m)
                 self._say(f"{self.phase}: failed: {setting} seed {m.get('seed', 0)}: {_one_line(m['error'])}")
 
     # ---- writing ---------------------------------------------------------------------------------------
@@ -230,6 +241,8 @@ class PhaseProgress(Callback):
         return self.stream if self.stream is not None else sys.stdout
 
     def _is_tty(self) -> bool:
+        if self.echo is not None:
+            return False
         if self.tty is not None:
             return self.tty
         try:
@@ -258,10 +271,12 @@ class PhaseProgress(Callback):
             if text != self._last_line_text or final or not self._line_open:
                 out.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
             self._set_open(not final)
-        else:  # a plain line (a log, or a line too long to rewrite in place): only when something changed
+        else:  # a plain line (a log, or a line too long to rewrite in place)
             self._end_line()
-            if final or text.split(" | ")[:-1] != self._last_line_text.split(" | ")[:-1] or not tty:
-                out.write(text + "\n")
+            changed = text.split(" | ")[:-1] != self._last_line_text.split(" | ")[:-1]
+            # an event or a terminal's redraw: only when the counts or the best changed; an interval: always
+            if final or changed or (not tty and not event):
+                self._plain(text)
         self._last_line_text = text
         out.flush()
 
@@ -272,8 +287,14 @@ class PhaseProgress(Callback):
             out.write("\r\x1b[K")
             self._set_open(False)
             self._last_draw = None  # redraw the progress line under it at the next hook
-        out.write(text + "\n")
+        self._plain(text)
         out.flush()
+
+    def _plain(self, text: str) -> None:
+        if self.echo is not None:
+            self.echo(text)
+        else:
+            self._out().write(text + "\n")
 
     def _set_open(self, is_open: bool) -> None:
         self._line_open = is_open

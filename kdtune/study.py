@@ -381,8 +381,8 @@ class _Study:
         else:
             groups = param_space["group"]["grid_search"]
             total, budget = sum(len(g) for g in groups) * len(param_space["seed"]["grid_search"]), None
-        return PhaseProgress(phase, total, label_header=self.spec.label_header,
-                             max_failures=self.spec.max_failures, time_budget_s=budget)
+        return PhaseProgress(phase, total, label_header=self.spec.label_header, max_failures=self.spec.max_failures,
+                             time_budget_s=budget, echo=None if self.echo is print else self.echo)
 
     def _tune_config(self, search: Search | None):
         from ray import tune

@@ -75,21 +75,31 @@ def wide_terminal(monkeypatch):
 
 def test_the_line_says_phase_runs_done_failed_running_best_setting_and_time_left():
     p, clock, _ = make(total=4, label_header="T")
-    a = trial("a", ["baseline"], status="TERMINATED")
-    b = trial("b", ["2"], status="RUNNING")
-    c = trial("c", ["5 lr=0.03 with a long label that Ray's table would have cut"], status="ERROR")
+    a, b = trial("a", ["baseline"], status="RUNNING"), trial("b", ["2"], status="RUNNING")
+    c = trial("c", ["5 lr=0.03 with a long label that Ray's table would have cut"], status="RUNNING")
     d = trial("d", ["10"], status="PENDING")
     trials = [a, b, c, d]
-    assert p.line([]) == "grid: 0/4 runs done | 0s elapsed, time left: estimating"
+    assert p.line(trials) == "grid: 0/4 runs done, 3 running | 0s elapsed, time left: estimating"
     report(a, baseline=(4, 0.90))
     report(b, **{"2": (2, 0.95)})
+    a.status, c.status = "TERMINATED", "ERROR"
     clock.now += 50  # 2.5 of 4 runs' work in 50 s: 1.5 left at that rate
-    assert p.line(trials) == ("grid: 2/4 runs done (1 failed), 1 running | best T 2: val 95.00% | 50s elapsed, "
+    assert p.line(trials) == ("grid: 2/4 runs done (1 failed), 1 running | best val 95.00% (T=2) | 50s elapsed, "
                               "~30s left")
     report(b, **{"2": (4, 0.91)})
     b.status = "TERMINATED"
-    assert "best baseline: val 90.00%" not in p.line(trials)  # 91% > 90%: T 2 is still the best
-    assert "best T 2: val 91.00%" in p.line(trials)
+    assert "best val 91.00% (T=2)" in p.line(trials)  # 91% > 90%: T=2 is still the best
+    report(c, **{c.config["group"][0]["label"]: (2, 0.99)}, iteration=2)  # it reported 99% before it failed
+    assert "best val 91.00% (T=2)" in p.line(trials)  # a failed run is never the best
+
+
+@pytest.mark.parametrize("header, label, point, shown", [
+    ("T", "2", "lr=0.03", "T=2 lr=0.03"), ("T", "baseline", "", "baseline"), ("method", "kd", "", "method=kd"),
+    ("T", "T=2", "", "T=2"), ("configuration", "kd T=4 a=0.5", "", "kd T=4 a=0.5"),
+    ("T, alpha", "2", "", "2"), ("setting", "huge lr", "", "huge lr")])
+def test_a_bare_label_is_named_by_the_tables_header_and_any_other_is_shown_as_it_is(header, label, point, shown):
+    p, _, _ = make(label_header=header)
+    assert p._setting({"label": label, "point": point}) == shown
 
 
 def test_before_any_progress_the_time_left_is_being_estimated_and_a_failed_label_is_shown_whole():
@@ -99,7 +109,7 @@ def test_before_any_progress_the_time_left_is_being_estimated_and_a_failed_label
     line = p.line([t])
     assert line == "grid: 0/2 runs done, 1 running | 7s elapsed, time left: estimating"
     report(t, **{t.config["group"][0]["label"]: (1, 0.5)})
-    assert "best kd T=3.21 a=0.612 beta=0.05 lr=0.0301 weight_decay=0.0005: val 50.00%" in p.line([t])
+    assert "best val 50.00% (kd T=3.21 a=0.612 beta=0.05 lr=0.0301 weight_decay=0.0005) |" in p.line([t])
 
 
 def test_a_fused_trial_counts_each_member_as_a_run():
@@ -107,7 +117,7 @@ def test_a_fused_trial_counts_each_member_as_a_run():
     t = trial("a", ["baseline", "2", "5"], status="RUNNING")
     report(t, baseline=(4, 0.8), **{"2": (2, 0.7), "5": "TrainingDiverged: loss term 'soft' became nan"})
     line = p.line([t])
-    assert line.startswith("grid: 2/6 runs done (1 failed), 1 running | best baseline: val 80.00%")
+    assert line.startswith("grid: 2/6 runs done (1 failed), 1 running | best val 80.00% (baseline) |")
 
 
 def test_a_search_counts_trials_notes_early_stops_and_caps_the_estimate_at_its_time_budget():
@@ -119,7 +129,7 @@ def test_a_search_counts_trials_notes_early_stops_and_caps_the_estimate_at_its_t
         trials.append(t)
     clock.now += 50
     line = p.line(trials)
-    assert line.startswith("search_kd: 4/10 trials done (3 stopped early) | best kd T=4: val 53.00%")
+    assert line.startswith("search_kd: 4/10 trials done (3 stopped early) | best val 53.00% (kd T=4) |")
     assert line.endswith("50s elapsed, ~10s left")  # 75 s at this rate, but the budget ends in 10 s
 
 
@@ -151,7 +161,7 @@ def test_on_a_terminal_the_line_is_rewritten_in_place_at_most_twice_a_second_and
     clock.now += 0.6
     p.on_trial_result(iteration=2, trials=trials, trial=a, result=report(a, epochs_total=2, baseline=(1, 0.9)))
     assert stream.getvalue().count("\r") == 2
-    assert stream.getvalue().endswith("\rgrid: 0/2 runs done, 2 running | best baseline: val 90.00% | 1s elapsed, "
+    assert stream.getvalue().endswith("\rgrid: 0/2 runs done, 2 running | best val 90.00% (baseline) | 1s elapsed, "
                                       "~3s left\x1b[K")
     p.on_step_end(iteration=3, trials=trials)  # due, but the same text: nothing written
     assert stream.getvalue().count("\r") == 2
@@ -161,7 +171,7 @@ def test_on_a_terminal_the_line_is_rewritten_in_place_at_most_twice_a_second_and
     clock.now += 1
     p.on_trial_complete(iteration=4, trials=trials, trial=a)
     p.on_experiment_end(trials=trials)
-    assert stream.getvalue().endswith("\rgrid: 2/2 runs done | best 2: val 95.00% | finished in 2s\x1b[K\n")
+    assert stream.getvalue().endswith("\rgrid: 2/2 runs done | best val 95.00% (2) | finished in 2s\x1b[K\n")
     assert stream.getvalue().count("\n") == 1
 
 
@@ -200,7 +210,7 @@ def test_a_terminal_too_narrow_for_the_line_gets_plain_lines_never_a_cut_label(m
     text = stream.getvalue()
     assert "\r" not in text
     assert text.splitlines() == ["grid: 0/1 runs done, 1 running | 0s elapsed, time left: estimating",
-                                 f"grid: 0/1 runs done, 1 running | best {label}: val 50.00% | 1s elapsed, ~3s left"]
+                                 f"grid: 0/1 runs done, 1 running | best val 50.00% ({label}) | 1s elapsed, ~3s left"]
 
 
 # ---- not a terminal: plain lines ----------------------------------------------------------------------
@@ -233,11 +243,37 @@ def test_elsewhere_a_plain_line_for_each_finished_trial_and_every_interval_and_o
     text = stream.getvalue()
     assert "\r" not in text and "\x1b" not in text
     assert text.splitlines()[2:] == [
-        "grid: 1/3 runs done, 2 running | best a: val 80.00% | 30s elapsed, ~42s left",  # 1.25 of 3 in 30 s
+        "grid: 1/3 runs done, 2 running | best val 80.00% (a) | 30s elapsed, ~42s left",  # 1.25 of 3 in 30 s
         f"grid: failed: c seed 0: RuntimeError: CUDA out of memory (traceback: {error})",
-        "grid: 2/3 runs done (1 failed), 1 running | best a: val 80.00% | 30s elapsed, ~10s left",
-        "grid: 3/3 runs done (1 failed) | best b: val 90.00% | finished in 35s",
+        "grid: 2/3 runs done (1 failed), 1 running | best val 80.00% (a) | 30s elapsed, ~10s left",
+        "grid: 3/3 runs done (1 failed) | best val 90.00% (b) | finished in 35s",
     ]
+
+
+def test_the_rate_is_measured_from_when_the_first_trial_runs_not_while_ray_places_it():
+    p, clock, _ = make(total=2)
+    a, b = trial("a", ["a"]), trial("b", ["b"])
+    p.line([a, b])
+    clock.now += 30  # Ray starting the trial processes
+    a.status = b.status = "RUNNING"
+    p.line([a, b])
+    clock.now += 10
+    report(a, a=(2, 0.5))
+    report(b, b=(2, 0.5))  # half of the work in 10 s of running: 10 s left, not 40
+    assert p.line([a, b]).endswith("| 40s elapsed, ~10s left")
+
+
+def test_in_a_log_events_that_change_nothing_it_says_add_no_line():
+    p, clock, stream = make(total=3, tty=False)
+    a, b, c = (trial(x, [x], status="RUNNING") for x in "abc")
+    p.on_trial_start(iteration=1, trials=[a, b, c], trial=a)
+    report(a, a=(4, 0.5))
+    report(b, b=(4, 0.4))
+    a.status = b.status = "TERMINATED"
+    clock.now += 2
+    p.on_trial_complete(iteration=2, trials=[a, b, c], trial=a)  # both ended in the same step: one line
+    p.on_trial_complete(iteration=2, trials=[a, b, c], trial=b)
+    assert len(stream.getvalue().splitlines()) == 2
 
 
 def test_a_fused_members_failure_is_shown_once_while_its_trial_goes_on():
@@ -249,6 +285,21 @@ def test_a_fused_members_failure_is_shown_once_while_its_trial_goes_on():
             t, baseline=(epoch, 0.5), **{"huge lr": "TrainingDiverged: loss term 'hard' became nan in epoch 1"}))
     failures = [line for line in stream.getvalue().splitlines() if "failed:" in line]
     assert failures == ["grid: failed: huge lr seed 0: TrainingDiverged: loss term 'hard' became nan in epoch 1"]
+
+
+def test_a_study_run_with_its_own_echo_gets_the_plain_lines_through_it():
+    lines = []
+    p, clock, stream = make(total=1, tty=True, echo=lines.append)
+    t = trial("a", ["baseline"], status="RUNNING")
+    p.on_trial_start(iteration=1, trials=[t], trial=t)
+    report(t, baseline=(4, 0.7))
+    t.status = "TERMINATED"
+    clock.now += 3
+    p.on_trial_complete(iteration=2, trials=[t], trial=t)
+    p.on_experiment_end(trials=[t])
+    assert stream.getvalue() == ""
+    assert lines == ["grid: 0/1 runs done, 1 running | 0s elapsed, time left: estimating",
+                     "grid: 1/1 runs done | best val 70.00% (baseline) | finished in 3s"]
 
 
 # ---- what Tune keeps of it, and what is quietened -------------------------------------------------------
@@ -308,8 +359,8 @@ def test_a_study_prints_its_progress_lines_and_no_ray_status_table(tmp_path, mon
     lines = [line for line in out.splitlines() if line.startswith("grid: ")]
     assert lines and all(re.match(r"grid: \d/2 runs done", line) for line in lines)
     best = re.search(r"^best \(by validation\): (\S+);", out, re.M).group(1)
-    shown = "baseline" if best == "baseline" else f"T {best}"  # the whole label, as the table's T column has it
-    assert re.fullmatch(rf"grid: 2/2 runs done \| best {re.escape(shown)}: val \d+\.\d\d% \| finished in \d+s",
+    shown = "baseline" if best == "baseline" else f"T={best}"  # the whole label, named as the table's column
+    assert re.fullmatch(rf"grid: 2/2 runs done \| best val \d+\.\d\d% \({re.escape(shown)}\) \| finished in \d+s",
                         lines[-1]), lines
     table = out[out.index("Temperature sweep (seed 000 Table 3)"):]
     assert [line.split()[0] for line in table.splitlines()[2:4]] == ["baseline", "2"]  # the table stays
