@@ -77,9 +77,11 @@ class PhaseProgress(Callback):
         self._started = self.clock()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._running_since()
         self._draw(trials, event=False)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._running_since()
         self._results[trial.trial_id] = result  # Tune sets trial.last_result only after its callbacks ran
         self._report_member_failures(trial, result)
         self._draw(trials, event=False)
@@ -109,6 +111,10 @@ class PhaseProgress(Callback):
 
     def on_experiment_end(self, trials, **info):
         self._draw(trials, event=True, final=True)
+
+    def _running_since(self) -> None:
+        if self._first_running is None:
+            self._first_running = self.clock()
 
     # ---- what the line says ----------------------------------------------------------------------------
     def line(self, trials, now: float | None = None, final: bool = False, counts: dict | None = None) -> str:

@@ -263,6 +263,20 @@ def test_the_rate_is_measured_from_when_the_first_trial_runs_not_while_ray_place
     assert p.line([a, b]).endswith("| 40s elapsed, ~10s left")
 
 
+def test_in_a_log_the_rate_starts_with_the_first_trial_even_between_lines():
+    p, clock, stream = make(total=2, tty=False)
+    a, b = trial("a", ["a"]), trial("b", ["b"])
+    p.on_step_end(iteration=1, trials=[a, b])
+    clock.now += 30
+    a.status = "RUNNING"
+    p.on_trial_start(iteration=2, trials=[a, b], trial=a)  # within the interval: no line, but the clock starts
+    clock.now += 10
+    report(a, a=(4, 0.5))
+    a.status = "TERMINATED"
+    p.on_trial_complete(iteration=3, trials=[a, b], trial=a)
+    assert stream.getvalue().splitlines()[-1].endswith("| 40s elapsed, ~10s left")
+
+
 def test_in_a_log_events_that_change_nothing_it_says_add_no_line():
     p, clock, stream = make(total=3, tty=False)
     a, b, c = (trial(x, [x], status="RUNNING") for x in "abc")
