@@ -3,7 +3,7 @@
 `TrialRecord` is one typed row per trial (phase, label, seed, status, metrics, run id, error): every consumer
 (tables, selection, the registry, the report, the trials CSV) reads `status` instead of guessing "finished"
 from which metrics a dict happens to hold. `OBJECTIVE` is named once and passed to Tune's searcher, ASHA,
-the status table and selection.
+the progress line (kdtune/progress.py) and selection.
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ trials are kept, unfinished ones continue from their checkpoints, each in its ow
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -362,15 +361,32 @@ class _Study:
                    search: Search | None = None) -> list[TrialRecord]:
         from ray import tune
 
+        from kdtune.progress import quiet_tune
+
         path = study_dir / name
-        if self.spec.resume and tune.Tuner.can_restore(str(path)):
-            self.echo(f"{name}: resuming {path}")
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        with quiet_tune():  # kdtune's progress line (the run config's callback) instead of Tune's tables
+            if self.spec.resume and tune.Tuner.can_restore(str(path)):
+                self.echo(f"{name}: resuming {path}")
+                tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+            else:
+                tuner = tune.Tuner(trainable, param_space=param_space or {},
+                                   tune_config=self._tune_config(search),
+                                   run_config=self._run_config(name, study_dir, context,
+                                                               self._progress(name, param_space, search)))
+            return _collect(name, tuner.fit())
+
+    def _progress(self, phase: str, param_space: dict | None, search: Search | None):
+        """The phase's progress line (kdtune/progress.py): a grid counts its runs (settings x seeds, however
+        they are fused into trials), a search its trials."""
+        from kdtune.progress import PhaseProgress
+
+        if search is not None:
+            total, budget = search.num_samples, search.time_budget_s
         else:
-            tuner = tune.Tuner(trainable, param_space=param_space or {},
-                               tune_config=self._tune_config(search),
-                               run_config=self._run_config(name, study_dir, context))
-        return _collect(name, tuner.fit())
+            groups = param_space["group"]["grid_search"]
+            total, budget = sum(len(g) for g in groups) * len(param_space["seed"]["grid_search"]), None
+        return PhaseProgress(phase, total, label_header=self.spec.label_header, max_failures=self.spec.max_failures,
+                             time_budget_s=budget, echo=None if self.echo is print else self.echo)
 
     def _tune_config(self, search: Search | None):
         from ray import tune
@@ -403,7 +419,7 @@ class _Study:
         return tune.TuneConfig(search_alg=limited, scheduler=scheduler, num_samples=search.num_samples,
                                time_budget_s=search.time_budget_s, **common)
 
-    def _run_config(self, name: str, study_dir: Path, context):
+    def _run_config(self, name: str, study_dir: Path, context, progress):
         from ray import tune
 
         return tune.RunConfig(
@@ -412,9 +428,10 @@ class _Study:
             # keep 2: with 1, Tune snapshots the whole experiment state after every single checkpoint. With 2 it
             # still forces a snapshot every second epoch of a trial (and warns when that happens often): that
             # keeps the saved state pointing at checkpoints that exist; a snapshot of a local study folder
-            # takes milliseconds, so the warning is silenced (_status_table), not the snapshots.
+            # takes milliseconds, so the warning is silenced (progress.quiet_tune), not the snapshots.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[close_runs_callback(context)], verbose=1, progress_reporter=_status_table(name),
+            # verbose=0: no Tune status tables or per-trial result lines; the progress callback says what matters
+            callbacks=[close_runs_callback(context), progress], verbose=0,
         )
 
     def _register_best(self, trials: list[TrialRecord], summary: list[dict], best_label: str):
@@ -451,21 +468,6 @@ class _Study:
 
     def registered_name(self) -> str:
         return self.spec.register_as or f"kdtune-{self.dataset.name}-{self.resolved.student.name}"
-
-
-def _status_table(phase: str):
-    """Tune's status table with the columns that matter, not dozens (Ray's newer output shows every metric)."""
-    from ray.tune import CLIReporter
-
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Ray ignores a custom reporter under its new output engine
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see _run_config
-    # only keys every trial has: the reporter looks each one up in the best trial's config (a search's
-    # conditional parameters, e.g. beta for a kd trial, would raise KeyError there)
-    parameters = {"method": "method"} if "search" in phase else {"seed": "seed"}
-    return CLIReporter(parameter_columns=parameters, max_report_frequency=20, print_intermediate_tables=True,
-                       metric_columns={"members_label": "setting", "epoch": "epoch", "val_acc": "val acc", "best_val_acc": "best val",
-                                       "train_loss": "train loss", "test_acc": "test acc"},
-                       sort_by_metric=True, metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_progress_rows=30)
 
 
 def _cache_teacher_logits(parts: StudyParts, val_fraction: float):

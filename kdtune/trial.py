@@ -235,14 +235,15 @@ def _report_final(runs: list[_MemberRun]) -> None:
 
 
 def _trial_metrics(runs: list[_MemberRun], lead: dict) -> dict:
-    """What the trial reports to Tune: the lead member's metrics (for ASHA and the status table), and every
+    """What the trial reports to Tune: the lead member's metrics (for ASHA and the progress line), and every
     member's last metrics (MEMBERS_KEY) for the study's records."""
     return {**{k: v for k, v in lead.items() if k != "weights_uri"}, "members_label": _label(runs),
             MEMBERS_KEY: json.dumps([r.summary() for r in runs])}
 
 
 def _label(runs: list[_MemberRun]) -> str:
-    """The trial's setting(s) for Tune's status table: one label, or the first and how many more."""
+    """The trial's setting(s) in Tune's result files (progress.csv, result.json): one label, or the first and how
+    many more."""
     first = runs[0].member
     text = f"{first.label} {first.point}".strip()
     return text if len(runs) == 1 else f"{text} +{len(runs) - 1}"
