@@ -339,6 +339,13 @@ class Trainer:
             metrics.update(self.final_test_metrics())
         return metrics
 
+    def take_epoch_share(self, metrics: dict, seconds: float, members: int) -> None:
+        """Count `seconds`, this trainer's share of a fused epoch's wall time (kdtune/fusion.py: the epoch's time
+        split among the `members` that trained in it), as the epoch's training time instead of the time between
+        its own begin_epoch and end_epoch; `metrics` (what end_epoch returned) says so."""
+        self.training_time_s += seconds - metrics["epoch_time_s"]
+        metrics.update(epoch_time_s=seconds, training_time_s=self.training_time_s, fused_members=members)
+
     def _stage_index(self, epoch: int) -> int:
         for index, stage in enumerate(self.stages):
             if epoch < stage.epochs:

@@ -116,7 +116,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     # reads its results before the end, so it reports with its checkpoints and at its end (each report is a
     # round trip through Tune's driver, ~15 ms). Its members log every epoch to MLflow either way.
     every_epoch = "group" not in config
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id() or "local"  # None outside a Tune session (a script, a test)
     device = pick_device()
     attempt = {"kdtune.node_id": _node_id(), "kdtune.device": str(device)}
     runs = [_MemberRun(m, i, len(members), context, base, trial_id, attempt) for i, m in enumerate(members)]
@@ -132,7 +132,6 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     if not active:
         return _report_final(runs)
     dataset = parts.dataset
-    share = 1.0 / len(active)  # each member's share of the fused time is its training time
     clock = CheckpointClock()
     latencies: dict = {}  # by student: members share the architecture, and latency depends on it, not on weights
     for results in fused_epochs([r.trainer for r in active], teacher):
@@ -142,7 +141,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
                 run.error = f"TrainingDiverged: {result}"
                 run.run.fail(run.error)
                 continue
-            _record_epoch(run, result, dataset, share, latencies)
+            _record_epoch(run, result, dataset, latencies)
         alive = [r for r in training if r.error is None]
         if not alive:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
@@ -187,9 +186,10 @@ class CheckpointClock:
         self._cost = self._last - self._started
 
 
-def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float, latencies: dict) -> None:
+def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, latencies: dict) -> None:
+    """One member's epoch into its run; `training_time_s` is already its share of the fused epochs it trained in
+    (kdtune/fusion.py), so a study's sum over members counts each trial's training once."""
     trainer = run.trainer
-    metrics["training_time_s"] = trainer.training_time_s * share
     # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
     metrics["main_epoch"] = max(0, metrics["epoch"] - (trainer.total_epochs - run.config.epochs))
     final = metrics["epoch"] == metrics["epochs_total"]
@@ -277,6 +277,8 @@ def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:
 def _node_id() -> str:
     import ray
 
+    if not ray.is_initialized():  # outside Ray: asking for the runtime context would start a local Ray
+        return "local"
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray

@@ -3,6 +3,7 @@ alone, and keep their own runs and rows in a study."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -104,6 +105,30 @@ def test_a_diverging_member_fails_alone(parts):
     assert isinstance(fused[1][0], TrainingDiverged) and len(fused[1]) == 1
     assert [m["epoch"] for m in fused[0]] == [1, 2] and [m["epoch"] for m in fused[2]] == [1, 2]
     assert "test_acc" in fused[0][-1] and "test_acc" in fused[2][-1]
+
+
+def test_a_members_training_time_is_its_share_of_each_epoch_among_the_members_that_trained_in_it(parts):
+    """Three members train the first epoch, the one that diverges there drops out, two train the next two: each
+    survivor's training time is a third of the first epoch's wall time plus half of each later one (not a fixed
+    third of every epoch), and its epoch times add up to it."""
+    configs = [trial_config({"method": "kd", "temperature": 4.0, "lr": lr, "epochs": 3}) for lr in (0.01, 1e6, 0.03)]
+    trainers, teacher = parts.fused_trainers(configs)
+    walls, history = [], {i: [] for i in range(len(configs))}
+    started = time.perf_counter()
+    for results in fused_epochs(trainers, teacher):
+        walls.append(time.perf_counter() - started)  # the fused epoch, as the caller waits for it
+        for i, metrics in results.items():
+            history[i].append(metrics)
+        started = time.perf_counter()
+    assert isinstance(history[1][0], TrainingDiverged) and len(walls) == 3
+    share = walls[0] / 3 + walls[1] / 2 + walls[2] / 2
+    for i in (0, 2):
+        assert [m["fused_members"] for m in history[i]] == [3, 2, 2]
+        assert history[i][-1]["training_time_s"] == pytest.approx(share, rel=0.05, abs=0.005)
+        assert history[i][-1]["training_time_s"] == pytest.approx(sum(m["epoch_time_s"] for m in history[i]))
+    # the two survivors and the diverged member's third of its one epoch: the trial's training, counted once
+    total = sum(history[i][-1]["training_time_s"] for i in (0, 2)) + walls[0] / 3
+    assert total == pytest.approx(sum(walls), rel=0.05, abs=0.005)
 
 
 def test_groups_hold_only_members_that_can_share_batches():
