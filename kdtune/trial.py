@@ -104,12 +104,22 @@ class _MemberRun:
 
 def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads: int) -> None:
     """The Ray Tune function trainable: the dataset, the networks' references and the teacher arrive as objects
-    (`parts`, from the object store); nothing is looked up by name here."""
+    (`parts`, from the object store); nothing is looked up by name here.
+
+    Ray runs the next trial in the same process (reuse_actors): whatever this one changed process-wide (threads,
+    deterministic kernels, cudnn's flags, CUBLAS_WORKSPACE_CONFIG) is put back when it ends, also when it fails
+    (kdtune/engine.py trial_settings)."""
+    from kdtune.engine import trial_settings
+
+    with trial_settings(threads):
+        _distill(config, parts, context, base)
+
+
+def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
     from ray import tune
 
     from kdtune.fusion import fused_epochs
 
-    torch.set_num_threads(max(1, threads))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     members = members_of(config)
     # A search's scheduler (ASHA) and searcher read every epoch's result. A grid runs first-in first-out: nothing

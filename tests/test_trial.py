@@ -5,6 +5,8 @@ Outside a Tune session `tune.report` and `tune.get_checkpoint` do nothing (Ray w
 so each test opens a study run of its own for the trial's member runs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -61,3 +63,42 @@ def test_after_a_member_diverges_the_survivors_log_their_share_of_each_later_epo
         epochs, totals = history(context, run, "epoch_time_s"), history(context, run, "training_time_s")
         assert totals == pytest.approx([sum(epochs[:n]) for n in (1, 2, 3)], rel=1e-6)
         assert history(context, run, "fused_members") == [3, 2, 2]
+
+
+def process_settings() -> tuple:
+    cudnn = torch.backends.cudnn
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            cudnn.deterministic, cudnn.benchmark, torch.get_num_threads(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+@pytest.fixture
+def plain_process(monkeypatch):
+    """The process as Ray hands it to a trial: no deterministic kernels, no CUBLAS_WORKSPACE_CONFIG, 2 threads."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = process_settings()
+    torch.set_num_threads(2)
+    yield process_settings()
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+    torch.set_num_threads(before[4])
+
+
+def test_a_deterministic_fused_trial_leaves_the_process_as_it_found_it(parts, context, plain_process):
+    """Ray reuses a trial's process for the next trial: two deterministic members train, and the next trial finds
+    deterministic kernels off again (before, the second member's close restored the first member's settings)."""
+    assert not plain_process[0]
+    kd = {"method": "kd", "temperature": 4.0, "epochs": 1, "deterministic": True}
+    runs = run_trial(parts, context, {"T=4": kd, "T=2": {**kd, "temperature": 2.0}}, threads=1)
+    assert [r.info.status for r in runs.values()] == ["FINISHED", "FINISHED"]
+    assert process_settings() == plain_process
+
+
+def test_a_failed_trial_restores_the_process_settings_too(parts, context, plain_process):
+    """A plain (one-member) deterministic trial that diverges ends with an error, and still leaves the process
+    as it found it: deterministic kernels off, its thread count and CUBLAS_WORKSPACE_CONFIG undone."""
+    from kdtune.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged):
+        run_trial(parts, context, {"huge lr": {"method": "kd", "lr": 1e6, "epochs": 2, "deterministic": True}})
+    assert member_runs(context)["huge lr"].info.status == "FAILED"
+    assert process_settings() == plain_process
