@@ -143,7 +143,6 @@ def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
         return _report_final(runs)
     dataset = parts.dataset
     clock = CheckpointClock()
-    latencies: dict = {}  # by student: members share the architecture, and latency depends on it, not on weights
     for results in fused_epochs([r.trainer for r in active], teacher):
         for index, result in results.items():
             run = active[index]
@@ -151,7 +150,7 @@ def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
                 run.error = f"TrainingDiverged: {result}"
                 run.run.fail(run.error)
                 continue
-            _record_epoch(run, result, dataset, latencies)
+            _record_epoch(run, result, dataset)
         alive = [r for r in training if r.error is None]
         if not alive:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
@@ -196,18 +195,15 @@ class CheckpointClock:
         self._cost = self._last - self._started
 
 
-def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, latencies: dict) -> None:
+def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset) -> None:
     """One member's epoch into its run; `training_time_s` is already its share of the fused epochs it trained in
-    (kdtune/fusion.py), so a study's sum over members counts each trial's training once."""
+    (kdtune/fusion.py), so a study's sum over members counts each trial's training once. A trial times no
+    inference latency: other trials share its device while it runs, so the figure would be theirs as much as its
+    own; the study measures the registered student's once, alone, after its trials (kdtune/study.py)."""
     trainer = run.trainer
     # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
     metrics["main_epoch"] = max(0, metrics["epoch"] - (trainer.total_epochs - run.config.epochs))
     final = metrics["epoch"] == metrics["epochs_total"]
-    if final:
-        key = str(run.config.student)
-        if key not in latencies:
-            latencies[key] = inference_latency(trainer.student, dataset, trainer.device)
-        metrics.update(latencies[key])
     run.run.log_epoch(metrics, step=metrics["epoch"])
     if final:
         metrics["weights_uri"] = _log_student(run.run, trainer, dataset)
@@ -256,26 +252,6 @@ def _label(runs: list[_MemberRun]) -> str:
     first = runs[0].member
     text = f"{first.label} {first.point}".strip()
     return text if len(runs) == 1 else f"{text} +{len(runs) - 1}"
-
-
-def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
-    """Median forward time on the trial's own device: one image, and per image in a batch of 256."""
-    import statistics
-
-    model.eval()
-    timings = {}
-    for batch, key in ((1, "latency_ms_batch1"), (256, "latency_ms_per_image")):
-        images = torch.randn(batch, *dataset.input_shape, device=device)
-        samples = []
-        with torch.inference_mode():
-            for _ in range(12):
-                started = time.perf_counter()
-                model(images)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                samples.append((time.perf_counter() - started) * 1000 / batch)
-        timings[key] = statistics.median(samples[2:])  # the first calls warm up
-    return timings
 
 
 def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:

@@ -181,6 +181,12 @@ def test_a_fused_grid_keeps_a_run_a_row_and_a_failure_per_member(local_ray, mlfl
             assert "became nan" in run.data.tags["kdtune.failure"]
     # a member's training time is its share of the fused trial's, so the study's sum stays honest
     assert result.training_time_s < result.wall_time_s
+    # no trial timed latency while the other trial shared the cores; the registered student was timed alone after
+    assert not [key for run in runs for key in run.data.metrics if "latency" in key]
+    version = client.get_model_version("test-fused-student", result.registration.version)
+    assert float(version.tags["latency_ms_batch1"]) > 0 and float(version.tags["latency_ms_per_image"]) > 0
+    assert version.tags["latency_device"].startswith("cpu (") and version.tags["latency_threads"] == "1"
+    assert version.tags["latency_runtime"] == "torch"
 
 
 # ---- batched members (TrialConfig.batched; kdtune/batched.py wired in by fused_epochs) ---------------------------
