@@ -162,6 +162,8 @@ def main() -> int:
                    fused.measure("vgg", args.rounds, args.steps, common.threads(), log=log)]
         for result in results:
             rows += fused.rows(result)
+        for cache in ("auto", "off"):  # the digits sweep's whole epochs: by default (cached logits) and online
+            rows += fused.epoch_rows(fused.measure_epochs(cache, args.rounds, log=log))
         rows += fused.accuracy_rows(fused.accuracy_twins(log=log))
         log(f"fused/unfused: {results[1]['fused'] / results[1]['unfused']:.2f}x")
 

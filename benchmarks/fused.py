@@ -4,7 +4,9 @@ VGG-16 -> VGG-7 on CIFAR-shaped data (crop + flip, batch 128, teacher online, as
 digits pair (batch 40, one thread, as a study trial runs). Unfused: each of the 9 students steps on its own,
 running the teacher itself. Fused: one teacher forward per batch, the 9 students stepping on it
 (kdtune/fusion.py). Both sides run the same Trainers on the same batches; the figure is images per second per
-student, the ratio fused/unfused, median over rounds.
+student, the ratio fused/unfused, median over rounds. That step has the teacher online on both pairs; the digits
+sweep a study runs by default caches the teacher's logits instead, and `measure_epochs` times its whole epochs
+both ways (section 5c): cached, fusing shares only the batch drawing.
 
     python -m benchmarks.fused            # or: python -m benchmarks --only fused
 """
@@ -89,13 +91,84 @@ def measure(pair: str, rounds: int, steps: int, threads: int, log=print) -> dict
 
 def rows(result: dict) -> list[Row]:
     section = "5. fused students (9-temperature sweep step, images/s per student)"
-    name = {"vgg": "VGG-16 -> VGG-7, batch 128, crop+flip", "digits": "digits pair, batch 40, 1 thread"}[result["pair"]]
+    name = {"vgg": "VGG-16 -> VGG-7, batch 128, crop+flip, teacher online",
+            "digits": "digits pair, batch 40, 1 thread, teacher online (not a study's default: 5c)"}[result["pair"]]
     ratio = result["fused"] / result["unfused"]
     target = ">= 1.8" if result["pair"] == "vgg" else ""
     return [Row(section, f"{name}: unfused", result["unfused"], "img/s"),
             Row(section, f"{name}: fused", result["fused"], "img/s"),
             Row(section, f"{name}: fused / unfused", ratio, "x", target,
                 (ratio >= 1.8) if result["pair"] == "vgg" else None)]
+
+
+def measure_epochs(teacher_cache: str, rounds: int = 5, epochs: int = 3, log=print) -> dict:
+    """The digits sweep as its trials train it: whole epochs (batches drawn, steps, evaluation) through the trial
+    path (kdtune.fusion.fused_epochs, the 9 temperatures as one fused trial) against each setting's own epochs.
+    teacher_cache "auto" is what a digits study does by default (logits-only methods, no augmentation: the teacher's
+    logits are cached once, so fusing shares only the batch drawing); "off" runs the teacher online, where the
+    fused trial runs it once per batch instead of 9 times. Trainer set-up is not timed; one thread, as a trial."""
+    from kdtune.data import load_dataset
+    from kdtune.engine import teacher_logits_for
+    from kdtune.fusion import fused_epochs
+
+    torch.set_num_threads(1)
+    dataset = load_dataset("digits")
+    torch.manual_seed(0)
+    state = model_ref("digits_teacher").build(10, dataset.input_shape).state_dict()
+    configs = [trial_config({"method": "kd", "temperature": float(t), "alpha": 0.5, "epochs": epochs,
+                             "teacher_cache": teacher_cache}) for t in TEMPERATURES]
+    logits = None
+    if teacher_cache != "off":
+        teacher = model_ref("digits_teacher").build(10, dataset.input_shape)
+        teacher.load_state_dict(state)
+        logits = teacher_logits_for(teacher, dataset, configs[0].val_fraction)
+    parts = StudyParts(dataset, model_ref("digits_student"), model_ref("digits_teacher"), state, logits)
+    images = epochs * len(dataset.split(configs[0].val_fraction)[0]) * len(configs)
+
+    def alone() -> tuple[float, float]:
+        wall = cpu = 0.0
+        for config in configs:
+            trainer = parts.trainer(config)
+            started, started_cpu = time.perf_counter(), time.process_time()
+            for _ in trainer.epochs():
+                pass
+            wall, cpu = wall + time.perf_counter() - started, cpu + time.process_time() - started_cpu
+        return wall, cpu
+
+    def fused() -> tuple[float, float]:
+        trainers, shared = parts.fused_trainers(configs)
+        started, started_cpu = time.perf_counter(), time.process_time()
+        for _ in fused_epochs(trainers, shared):
+            pass
+        return time.perf_counter() - started, time.process_time() - started_cpu
+
+    ratios, cpu_ratios, throughput = [], [], {"unfused": [], "fused": []}
+    for round_ in range(rounds):
+        # alternate which side runs first, so a drift in the machine's load lands on both alike
+        if round_ % 2:
+            (fused_s, fused_cpu), (alone_s, alone_cpu) = fused(), alone()
+        else:
+            (alone_s, alone_cpu), (fused_s, fused_cpu) = alone(), fused()
+        ratios.append(alone_s / fused_s)
+        cpu_ratios.append(alone_cpu / fused_cpu)
+        throughput["unfused"].append(images / alone_s / len(configs))
+        throughput["fused"].append(images / fused_s / len(configs))
+        log(f"  [digits epochs, teacher_cache={teacher_cache}] round {round_ + 1}: 9 alone {alone_s:.2f}s "
+            f"({alone_cpu:.2f} CPU-s), fused {fused_s:.2f}s ({fused_cpu:.2f} CPU-s): {ratios[-1]:.2f}x "
+            f"(CPU-time {cpu_ratios[-1]:.2f}x)")
+    return {"teacher_cache": teacher_cache, "epochs": epochs, "cached": logits is not None,
+            "unfused": median(throughput["unfused"]), "fused": median(throughput["fused"]),
+            "ratio": median(ratios), "cpu_ratio": median(cpu_ratios)}
+
+
+def epoch_rows(result: dict) -> list[Row]:
+    section = "5c. the digits sweep's epochs fused (9 temperatures, whole epochs through the trial path, 1 thread)"
+    name = ("teacher logits cached (teacher_cache=auto, the default)" if result["cached"]
+            else "teacher online (teacher_cache=off)")
+    return [Row(section, f"{name}: unfused", result["unfused"], "img/s"),
+            Row(section, f"{name}: fused", result["fused"], "img/s"),
+            Row(section, f"{name}: fused / unfused (median of the rounds' ratios)", result["ratio"], "x",
+                note=f"CPU-time ratio {result['cpu_ratio']:.2f}x")]
 
 
 def accuracy_twins(epochs: int = 15, lr: float = 0.03, log=print) -> dict:
@@ -150,6 +223,9 @@ def main() -> int:
     vgg = measure("vgg", args.rounds, args.steps, threads())
     for result in (digits, vgg):
         for row in rows(result):
+            print(f"{row.name}: {row.value_text()} {row.unit}")
+    for cache in ("auto", "off"):
+        for row in epoch_rows(measure_epochs(cache, args.rounds)):
             print(f"{row.name}: {row.value_text()} {row.unit}")
     print(f"fused/unfused: {vgg['fused'] / vgg['unfused']:.2f}x")
     return 0

@@ -32,6 +32,7 @@ as one Ray trial with one MLflow child run, checkpoint entry and table row per m
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -95,11 +96,17 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
     it online; members with cached logits look theirs up themselves. Members whose `batched` option asks for
     it and that allow it step as one vmap computation (`_plan_epoch`); the others one after the other. When
     an epoch's results are yielded, every member's module and optimiser hold its state (a checkpoint taken
-    then resumes exactly)."""
+    then resumes exactly).
+
+    Time: an epoch's wall time (its steps, every member's evaluation) is shared equally by the members that
+    trained in it (`fused_members`): each one's `epoch_time_s` is its share and its `training_time_s` the sum of
+    its shares, so a member that trains on after others diverged or finished counts a larger share of those
+    epochs, and the members' training times add up to the trial's."""
     live = [i for i, t in enumerate(trainers) if not t.done]
     said: set[str] = set()  # fallback reasons already logged: the plan is made again every epoch
     refused: set[int] = set()  # members whose student vmap refused at run time: stepped alone from then on
     while live:
+        started = time.perf_counter()
         streams = {}
         for i in live:
             trainers[i].begin_epoch()
@@ -133,6 +140,12 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
                 results[i] = trainers[i].end_epoch()
             except TrainingDiverged as error:
                 results[i] = error
+        # every member that trained this epoch (one that diverged in it included) takes an equal share of its wall
+        # time: a survivor's later epochs, shared by fewer members, count more of their time
+        share = (time.perf_counter() - started) / len(live)
+        for i in live:
+            if not isinstance(results[i], TrainingDiverged):
+                trainers[i].take_epoch_share(results[i], share, len(live))
         live = [i for i in live if not isinstance(results[i], TrainingDiverged) and not trainers[i].done]
         yield results
 

@@ -6,8 +6,9 @@ seeds beats the champion's by more than `margin`; otherwise it is registered wit
 `gate` tag says what was compared. Test accuracy is recorded (per seed and mean, with the test set's
 fingerprint) and reported, never used to choose: a registry that moves on test accuracy lets the test set steer
 every later study that starts from the champion. Every version carries what a reader needs to trust it: study, dataset, teacher, method,
-hyperparameters, test accuracy (per seed and mean), parameter count and the inference latency measured on
-the machine that trained it.
+hyperparameters, test accuracy (per seed and mean), parameter count and the student's inference latency with
+what it was measured on (`latency_device`, `latency_threads`, `latency_runtime`; kdtune/costs.py latency_tags),
+timed alone after the study's trials (kdtune/study.py) or, for a Pareto study, before them (kdtune/pareto.py).
 """
 from __future__ import annotations
 
@@ -66,17 +67,6 @@ def _add_samples(digest, dataset: Dataset, split: str, indices: torch.Tensor | N
     else:
         files = getattr(dataset, f"{split}_files")
         digest.update("\n".join(files if indices is None else [files[i] for i in indices.tolist()]).encode())
-
-
-def latency_provenance(client, run_id: str, metrics: dict) -> dict[str, str]:
-    """What a trial's own latency figures were measured on, as version tags beside them: `latency_device` (the
-    trial run's `kdtune.device` tag) and `latency_runtime` (torch: a trial times its student in eager PyTorch,
-    kdtune/trial.py); {} when the trial measured no latency. A Pareto study's members carry the same two tags
-    from its cost pass (kdtune/costs.py `latency_tags`)."""
-    if not any(key in metrics for key in ("latency_ms_batch1", "latency_ms_per_image")):
-        return {}
-    tags = client.get_run(run_id).data.tags
-    return {"latency_device": tags.get("kdtune.device", "unknown"), "latency_runtime": "torch"}
 
 
 def current_champion(client, name: str):

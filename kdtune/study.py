@@ -453,8 +453,7 @@ class _Study:
             "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
             "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]), "parameters": count_parameters(student),
             **{f"hp.{k}": v for k, v in best.params.items()},
-            **{k: f"{metrics[k]:.4f}" for k in ("latency_ms_batch1", "latency_ms_per_image") if k in metrics},
-            **registry.latency_provenance(self.client, best.run_id, metrics),
+            **self._champion_latency(),
         }
         val_fraction = trial_config(best.params, base).val_fraction
         decision = registry.register(
@@ -465,6 +464,32 @@ class _Study:
             test_set=registry.test_set_fingerprint(self.dataset), margin=spec.margin)
         self.echo(f"registry: {decision.name} version {decision.version} -> @{decision.alias} ({decision.reason})")
         return decision
+
+    def _champion_latency(self) -> dict[str, str]:
+        """The registered student's latency as version tags (kdtune/costs.py latency_tags): measured once, here,
+        after every trial of the study has ended, alone where a trial runs (the driver for a local CPU study, else
+        one Ray task with a trial's CPUs and a whole GPU), the way a Pareto study measures its candidates. Latency
+        depends on the architecture, not on the trained weights. A failed measurement costs the version its
+        latency tags, not its registration."""
+        import math
+
+        from kdtune import costs
+
+        spec, dataset, ref = self.spec, self.dataset, self.resolved.student
+        try:
+            table, seconds = cluster.run_like_a_trial(
+                costs.measure_task, {ref.spec: ref}, dataset.num_classes, tuple(dataset.input_shape),
+                threads=max(1, int(spec.cpus_per_trial)), cpus=spec.cpus_per_trial,
+                gpus=math.ceil(spec.gpus_per_trial))
+        except Exception as error:  # a timing must never cost the study its registration
+            self.echo(f"latency: not measured ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
+                      "version is registered without latency tags")
+            return {}
+        measured = table[ref.spec]
+        self.echo(f"latency: {ref.spec} measured alone after the study on {measured['device']} in {seconds:.1f}s: "
+                  f"{measured['latency_ms_batch1']:.4f} ms at batch 1, {measured['latency_ms_per_image']:.5f} ms "
+                  "per image in a batch of 256")
+        return costs.latency_tags(measured)
 
     def registered_name(self) -> str:
         return self.spec.register_as or f"kdtune-{self.dataset.name}-{self.resolved.student.name}"

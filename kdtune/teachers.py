@@ -246,10 +246,19 @@ def plan_teacher(source, ref, dataset: Dataset):
 
 def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dict | None,
                   tracking: TrackingContext, threads: int, key: str = "teacher") -> dict:
-    """Runs inside a Ray task: train (or fine-tune), log the 'teacher' child run and its model."""
+    """Runs inside a Ray task: train (or fine-tune), log the 'teacher' child run and its model. What it changes
+    process-wide (threads, deterministic kernels) is put back when it ends, also when it fails: Ray reuses the
+    process."""
+    from kdtune.engine import trial_settings
+
+    with trial_settings(threads):
+        return _train_teacher(config, dataset, ref, initial_state, tracking, key)
+
+
+def _train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dict | None,
+                   tracking: TrackingContext, key: str) -> dict:
     from kdtune.parts import StudyParts
 
-    torch.set_num_threads(max(1, threads))
     what = "fine-tuned from pretrained weights" if initial_state is not None else "trained from scratch"
     # key: "teacher", or one per ensemble member trained in the study (each its own run, found again on resume)
     name = f"teacher {ref.spec}" + (f" seed={config.seed}" if key != "teacher" else "")

@@ -104,19 +104,29 @@ class _MemberRun:
 
 def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads: int) -> None:
     """The Ray Tune function trainable: the dataset, the networks' references and the teacher arrive as objects
-    (`parts`, from the object store); nothing is looked up by name here."""
+    (`parts`, from the object store); nothing is looked up by name here.
+
+    Ray runs the next trial in the same process (reuse_actors): whatever this one changed process-wide (threads,
+    deterministic kernels, cudnn's flags, CUBLAS_WORKSPACE_CONFIG) is put back when it ends, also when it fails
+    (kdtune/engine.py trial_settings)."""
+    from kdtune.engine import trial_settings
+
+    with trial_settings(threads):
+        _distill(config, parts, context, base)
+
+
+def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
     from ray import tune
 
     from kdtune.fusion import fused_epochs
 
-    torch.set_num_threads(max(1, threads))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     members = members_of(config)
     # A search's scheduler (ASHA) and searcher read every epoch's result. A grid runs first-in first-out: nothing
     # reads its results before the end, so it reports with its checkpoints and at its end (each report is a
     # round trip through Tune's driver, ~15 ms). Its members log every epoch to MLflow either way.
     every_epoch = "group" not in config
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id() or "local"  # None outside a Tune session (a script, a test)
     device = pick_device()
     attempt = {"kdtune.node_id": _node_id(), "kdtune.device": str(device)}
     runs = [_MemberRun(m, i, len(members), context, base, trial_id, attempt) for i, m in enumerate(members)]
@@ -132,9 +142,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
     if not active:
         return _report_final(runs)
     dataset = parts.dataset
-    share = 1.0 / len(active)  # each member's share of the fused time is its training time
     clock = CheckpointClock()
-    latencies: dict = {}  # by student: members share the architecture, and latency depends on it, not on weights
     for results in fused_epochs([r.trainer for r in active], teacher):
         for index, result in results.items():
             run = active[index]
@@ -142,7 +150,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
                 run.error = f"TrainingDiverged: {result}"
                 run.run.fail(run.error)
                 continue
-            _record_epoch(run, result, dataset, share, latencies)
+            _record_epoch(run, result, dataset)
         alive = [r for r in training if r.error is None]
         if not alive:
             raise TrainingDiverged("; ".join(f"{r.member.label}: {r.error}" for r in training))
@@ -187,17 +195,15 @@ class CheckpointClock:
         self._cost = self._last - self._started
 
 
-def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset, share: float, latencies: dict) -> None:
+def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset) -> None:
+    """One member's epoch into its run; `training_time_s` is already its share of the fused epochs it trained in
+    (kdtune/fusion.py), so a study's sum over members counts each trial's training once. A trial times no
+    inference latency: other trials share its device while it runs, so the figure would be theirs as much as its
+    own; the study measures the registered student's once, alone, after its trials (kdtune/study.py)."""
     trainer = run.trainer
-    metrics["training_time_s"] = trainer.training_time_s * share
     # epochs into the main stage (0 while a two-stage method's first stage runs): ASHA's clock
     metrics["main_epoch"] = max(0, metrics["epoch"] - (trainer.total_epochs - run.config.epochs))
     final = metrics["epoch"] == metrics["epochs_total"]
-    if final:
-        key = str(run.config.student)
-        if key not in latencies:
-            latencies[key] = inference_latency(trainer.student, dataset, trainer.device)
-        metrics.update(latencies[key])
     run.run.log_epoch(metrics, step=metrics["epoch"])
     if final:
         metrics["weights_uri"] = _log_student(run.run, trainer, dataset)
@@ -249,26 +255,6 @@ def _label(runs: list[_MemberRun]) -> str:
     return text if len(runs) == 1 else f"{text} +{len(runs) - 1}"
 
 
-def inference_latency(model: torch.nn.Module, dataset: Dataset, device: torch.device) -> dict[str, float]:
-    """Median forward time on the trial's own device: one image, and per image in a batch of 256."""
-    import statistics
-
-    model.eval()
-    timings = {}
-    for batch, key in ((1, "latency_ms_batch1"), (256, "latency_ms_per_image")):
-        images = torch.randn(batch, *dataset.input_shape, device=device)
-        samples = []
-        with torch.inference_mode():
-            for _ in range(12):
-                started = time.perf_counter()
-                model(images)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                samples.append((time.perf_counter() - started) * 1000 / batch)
-        timings[key] = statistics.median(samples[2:])  # the first calls warm up
-    return timings
-
-
 def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:
     trainer.close()  # forward hooks hold closures: remove them before the weights are taken
     return students.log_weights(run, trainer.student, trainer.normalisation,
@@ -278,6 +264,8 @@ def _log_student(run: tracking.ChildRun, trainer, dataset: Dataset) -> str:
 def _node_id() -> str:
     import ray
 
+    if not ray.is_initialized():  # outside Ray: asking for the runtime context would start a local Ray
+        return "local"
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray

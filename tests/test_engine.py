@@ -106,6 +106,20 @@ def test_deterministic_trial_sets_and_restores_the_backends(digits, monkeypatch)
     plain.close()
 
 
+def test_an_open_trainer_keeps_its_deterministic_kernels_while_another_closes(digits, monkeypatch):
+    """Fused members close one at a time (a hints member trains on alone after the others finish): the process's
+    own settings come back only when the last trainer that changed them closes, in either order."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    config = trial_config({"method": "none", "epochs": 1, "deterministic": True})
+    for order in ((0, 1), (1, 0)):
+        trainers = [trainer_for(config, digits), trainer_for(config, digits)]
+        trainers[order[0]].close()
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic, order
+        trainers[order[1]].close()
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic, order
+
+
 def test_cached_teacher_logits_equal_the_teacher_on_the_same_samples(digits, trained_digits_teacher):
     state = trained_digits_teacher[0]
     cache = teacher_logits_for(teacher_network("digits_teacher", state, digits), digits, 0.1)

@@ -232,13 +232,6 @@ def test_latency_on_onnxruntime_records_its_runtime_and_device():
         costs.measure(refs, 10, (1, 8, 8), runtime="tensorrt", **timing)
 
 
-def test_a_trials_latency_tags_say_where_it_was_measured(store):
-    run = store.client.create_run(store.experiment, tags={"kdtune.device": "cuda:0"}).info.run_id
-    assert registry.latency_provenance(store.client, run, {"latency_ms_batch1": 0.1}) == {
-        "latency_device": "cuda:0", "latency_runtime": "torch"}
-    assert registry.latency_provenance(store.client, run, {"val_acc": 0.9}) == {}
-
-
 def test_an_int8_student_calibrated_on_training_samples_keeps_its_accuracy(store, digits, tmp_path):
     import onnx
     from onnx import TensorProto

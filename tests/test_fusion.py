@@ -3,6 +3,7 @@ alone, and keep their own runs and rows in a study."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -106,6 +107,30 @@ def test_a_diverging_member_fails_alone(parts):
     assert "test_acc" in fused[0][-1] and "test_acc" in fused[2][-1]
 
 
+def test_a_members_training_time_is_its_share_of_each_epoch_among_the_members_that_trained_in_it(parts):
+    """Three members train the first epoch, the one that diverges there drops out, two train the next two: each
+    survivor's training time is a third of the first epoch's wall time plus half of each later one (not a fixed
+    third of every epoch), and its epoch times add up to it."""
+    configs = [trial_config({"method": "kd", "temperature": 4.0, "lr": lr, "epochs": 3}) for lr in (0.01, 1e6, 0.03)]
+    trainers, teacher = parts.fused_trainers(configs)
+    walls, history = [], {i: [] for i in range(len(configs))}
+    started = time.perf_counter()
+    for results in fused_epochs(trainers, teacher):
+        walls.append(time.perf_counter() - started)  # the fused epoch, as the caller waits for it
+        for i, metrics in results.items():
+            history[i].append(metrics)
+        started = time.perf_counter()
+    assert isinstance(history[1][0], TrainingDiverged) and len(walls) == 3
+    share = walls[0] / 3 + walls[1] / 2 + walls[2] / 2
+    for i in (0, 2):
+        assert [m["fused_members"] for m in history[i]] == [3, 2, 2]
+        assert history[i][-1]["training_time_s"] == pytest.approx(share, rel=0.05, abs=0.005)
+        assert history[i][-1]["training_time_s"] == pytest.approx(sum(m["epoch_time_s"] for m in history[i]))
+    # the two survivors and the diverged member's third of its one epoch: the trial's training, counted once
+    total = sum(history[i][-1]["training_time_s"] for i in (0, 2)) + walls[0] / 3
+    assert total == pytest.approx(sum(walls), rel=0.05, abs=0.005)
+
+
 def test_groups_hold_only_members_that_can_share_batches():
     base = {"dataset": "digits", "teacher": "digits_teacher", "student": "digits_student", "epochs": 3}
     variants = [{"label": "baseline", "method": "none"}] + [
@@ -156,6 +181,12 @@ def test_a_fused_grid_keeps_a_run_a_row_and_a_failure_per_member(local_ray, mlfl
             assert "became nan" in run.data.tags["kdtune.failure"]
     # a member's training time is its share of the fused trial's, so the study's sum stays honest
     assert result.training_time_s < result.wall_time_s
+    # no trial timed latency while the other trial shared the cores; the registered student was timed alone after
+    assert not [key for run in runs for key in run.data.metrics if "latency" in key]
+    version = client.get_model_version("test-fused-student", result.registration.version)
+    assert float(version.tags["latency_ms_batch1"]) > 0 and float(version.tags["latency_ms_per_image"]) > 0
+    assert version.tags["latency_device"].startswith("cpu (") and version.tags["latency_threads"] == "1"
+    assert version.tags["latency_runtime"] == "torch"
 
 
 # ---- batched members (TrialConfig.batched; kdtune/batched.py wired in by fused_epochs) ---------------------------
