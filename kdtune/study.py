@@ -556,7 +556,8 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     from kdtune.options import tuning_of
     from kdtune.results import format_failures, verdict
 
-    failures = format_failures(result.summary)
+    # every failed trial: at the chosen points, at the points not chosen, and in the other phases (searches)
+    failures = format_failures(result.summary, [t for p in result.phases.values() if p is not result.trials for t in p])
     lines = [result.table(), verdict(result.summary, tuning_of(result)), failures]
     if result.pareto is not None:  # its table is the front: each member with its no-distillation student
         lines = [result.pareto.table(), failures]

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from kdtune.records import TrialRecord
-from kdtune.results import format_table, pick_best, summarise
+from kdtune.results import format_failures, format_table, pick_best, summarise
 
 
 def trial(label, seed, val=None, test=None, error=None):
@@ -71,3 +71,20 @@ def test_the_table_shows_spread_only_where_there_are_several_seeds():
     several = format_table(summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86])), "T").splitlines()
     assert "92.00 ± 2.00 %" in several[2]
     assert "+6.00 pt [+1.84, +10.16]" in several[2]
+
+
+def test_a_failure_at_a_tuned_point_that_was_not_chosen_is_counted_and_listed():
+    def at(label, seed, point, val=None, test=None, error=None):
+        return TrialRecord("grid", label, {}, seed, "failed" if error else "finished",
+                           {} if error else {"val_acc": val, "test_acc": test}, error, point=point)
+
+    trials = [at("baseline", s, "lr=0.01", 0.9, 0.9) for s in range(2)]
+    trials += [at("baseline", 0, "lr=1", error="TrainingDiverged: loss became nan"),
+               at("baseline", 1, "lr=1", 0.5, 0.5)]
+    summary = summarise(trials)
+    table = format_table(summary, "setting")
+    assert summary[0]["point"] == "lr=0.01"
+    assert "2/2*" in table and "other points: 1 of 2 failed" in table  # the row does not read as all done
+    failures = format_failures(summary)
+    assert "1 of 4 trials failed" in failures
+    assert "failed: baseline lr=1 seed 0: TrainingDiverged: loss became nan (a point not chosen)" in failures
