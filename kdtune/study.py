@@ -164,7 +164,8 @@ class _Study:
 
             self.pareto = ParetoRun.measure(spec, self.resolved, self.echo)
         if self.resolved.teacher_plan is not None:  # a mismatched registered teacher is refused here, early
-            self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo)
+            self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo,
+                                                       self.resolved.held_out)
         experiment_id, parent_id = self._open_parent_run()
         self.echo(f"mlflow: study run {parent_id}: {tracking.ui_link(self.uri, experiment_id)}")
         context = tracking.TrackingContext(self.uri, experiment_id, parent_id)
