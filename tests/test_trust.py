@@ -152,9 +152,10 @@ def test_a_failed_trial_at_a_point_not_chosen_is_in_table_txt_and_the_report(loc
     results/table.txt and the HTML report rebuilt from MLflow both count and list that failure."""
     from kdtune import report
 
-    spec = StudySpec(name="test_failed_other_point", dataset="digits", variants=[{"label": "baseline", "method": "none"}],
-                     tune={"lr": [0.03, 1e6]}, overrides={"epochs": 1}, tracking_uri=mlflow_server.uri,
-                     storage=str(tmp_path), register_as="test-failed-other-point", max_failures=0)
+    spec = StudySpec(name="test_failed_other_point", dataset="digits",
+                     variants=[{"label": "baseline", "method": "none"}], tune={"lr": [0.03, 1e6]},
+                     overrides={"epochs": 1}, tracking_uri=mlflow_server.uri, storage=str(tmp_path),
+                     register_as="test-failed-other-point", max_failures=0)
     result = run_study(spec, echo=lambda *a: None)
     assert result.summary[0]["point"] == "lr=0.03" and result.summary[0]["n"] == 1
     client = client_for(mlflow_server.uri)
