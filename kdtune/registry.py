@@ -49,6 +49,18 @@ def train_set_fingerprint(dataset: Dataset) -> str:
     return f"{dataset.name}:train{dataset.num_train}:{digest.hexdigest()[:16]}"
 
 
+def training_split_fingerprint(dataset: Dataset, val_fraction: float) -> str:
+    """Which samples a network trained on: the training split left by `val_fraction`'s validation split. A
+    registered teacher records it (tag fit_set) with its val_fraction, so a study can check that the teacher
+    never saw the samples its students are validated on (kdtune/teachers.py)."""
+    train_idx, _ = dataset.split(val_fraction)
+    digest = hashlib.sha1()
+    digest.update(train_idx.numpy().tobytes())
+    digest.update(dataset.train_labels[train_idx].contiguous().numpy().tobytes())
+    _add_samples(digest, dataset, "train", train_idx)
+    return f"{dataset.name}:fit{len(train_idx)}:{digest.hexdigest()[:16]}"
+
+
 def validation_fingerprint(dataset: Dataset, val_fraction: float) -> str:
     """Which samples the validation split holds: the same fingerprint means accuracies are comparable."""
     _, val_idx = dataset.split(val_fraction)

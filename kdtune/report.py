@@ -20,6 +20,7 @@ Statistics come from kdtune.results: child runs are turned back into the trial d
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -36,7 +37,7 @@ from kdtune import tracking
 from kdtune.errors import KdtuneError
 from kdtune.records import FINISHED, STOPPED, UNFINISHED, TrialRecord, status_of
 from kdtune.results import (BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, percent,
-                            baseline_tuning, pick_best, summarise, verdict)
+                            baseline_tuning, format_failures, other_points_note, pick_best, summarise, verdict)
 from kdtune.trial import FAILURE_TAG
 
 REPORT_ARTIFACT_PATH = "report"
@@ -191,7 +192,10 @@ def make_report(study: StudyRuns) -> Report:
     # a trial still running (or whose driver died) is in no row of the table
     summary = summarise([t for t in final if t.status != UNFINISHED],
                         order=_label_order(final))
-    texts = {"table.txt": format_table(summary, "setting")}
+    # the table, then every failed trial (at the chosen points, at points not chosen, and a search's own)
+    others = [dataclasses.replace(t, phase="search") for t in trials if search and not is_confirm(t)]
+    texts = {"table.txt": "\n".join(filter(None, [format_table(summary, "setting"),
+                                                   format_failures(summary, others)]))}
     plots = [p for p in (accuracy_vs_temperature(summary), heatmap(summary), accuracy_per_link_set(summary),
                          loss_terms(study, final, summary), val_acc_per_epoch(study, trials, summary, search))
              if p is not None]
@@ -553,7 +557,7 @@ def render_html(report: Report) -> str:
              _teachers_html(study), "<h2>Results</h2>",
              # a Pareto study's result is its front (each member with its no-distillation student), not one best
              f"<pre>{_e(report.texts['pareto_front.txt'])}</pre>" if report.texts.get("pareto_front.txt")
-             else _summary_html(report.summary, _tuning(study.params))]
+             else _summary_html(report.summary, _tuning(study.params)), _failures_html(report)]
     if "matrix.txt" in report.texts:
         parts += ["<h2>Test accuracy (%) per temperature and alpha</h2>",
                   _matrix_html(report.texts["matrix.txt"], " \\ ".join(MATRIX_CORNER))]
@@ -659,19 +663,38 @@ def _summary_html(summary: list[dict], tuning: str | None = None) -> str:
         notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
         if row["failed"]:
             notes += " (flagged: not chosen as best)"
+        notes = "; ".join(filter(None, [notes, other_points_note(row)]))
         rows.append([row["label"], row.get("point") or "-", percent(row["val_mean"]),
                      mean_and_spread(row) if row["n"] else "-",
                      percent(row["test_median"]), format_gain(row), f"{row['n']}/{row['total']}", notes])
         classes.append("best" if row["label"] == best else "")
     table = _table(["setting", "chosen on val", "val acc (%)", "test acc (%) mean ± std", "median",
                     "vs baseline [95% CI]", "finished", "notes"], rows, classes)
-    failures = [f"{row['label']} {row.get('point', '')}: {failure}" for row in summary
-                for failure in row.get("failures", [])]
-    listed = ("<h3>Failed trials</h3><ul>" + "".join(f"<li>{_e(f)}</li>" for f in failures) + "</ul>"
-              if failures else "")
     return (table + f"<p class=\"note\">Bold: the best setting by mean validation accuracy ({_e(best)}); "
             "its test accuracy is what is reported. The gain's interval is a Welch t 95% CI over seeds; "
-            f"{_e(verdict(summary, tuning))}.</p>" + listed)
+            f"finished: the chosen point's seeds (failures at the points not chosen are in the notes and listed "
+            f"below); {_e(verdict(summary, tuning))}.</p>")
+
+
+def _failures_html(report: Report) -> str:
+    """Every failed student trial of the study, from MLflow: its setting, point, seed, error and run; whether it
+    was at the point its setting was reported at, at a point not chosen, or a search trial."""
+    failed = [t for t in report.trials if t.failed]
+    if not failed:
+        return ""
+    chosen = {row["label"]: row.get("point", "") for row in report.summary}
+    search = report.study.is_search
+
+    def where(trial) -> str:
+        if search and not is_confirm(trial):
+            return "search trial"
+        if trial.label in chosen and trial.point != chosen[trial.label]:
+            return "a point not chosen"
+        return "the chosen point"
+
+    rows = [[t.label, t.point or "-", str(t.seed), where(t), t.error or "", t.run_id or ""] for t in failed]
+    return (f"<h3>Failed trials ({len(failed)} of {len(report.trials)})</h3>"
+            + _table(["setting", "point", "seed", "where", "error", "MLflow run"], rows))
 
 
 def _matrix_html(text: str, corner: str) -> str:

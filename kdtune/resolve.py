@@ -39,6 +39,7 @@ class ResolvedStudy:
     students: dict = field(default_factory=dict)  # a Pareto study's candidate students: spec -> ModelRef
     searches: dict = field(default_factory=dict)  # label -> a labelled Search the pair can run (StudySpec.searches)
     skipped: dict = field(default_factory=dict)  # label -> why the pair cannot run that search's method
+    held_out: tuple = ()  # the val_fractions of the trials that use the teacher: it never trains on those splits
 
     @property
     def needs_teacher(self) -> bool:
@@ -86,11 +87,17 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
             raise ConfigError(f"a variant sets teacher={config.teacher!r}, student={config.student!r}; a study has "
                               f"one teacher ({teacher.spec}) and one student ({student.spec}): run one study per pair")
     _check_against_data(configs, dataset, student, teacher, students)
+    taught = [c for c in configs + [c for s in labelled.values() for c in s] if _method(c).needs_teacher]
+    needs_teacher = bool(taught)
+    # the students' validation splits: the teacher never trains on them. By default it trains on exactly the
+    # students' training split (at several val_fractions: the smallest one, left by the largest validation split)
+    held_out = tuple(sorted({c.val_fraction for c in taught}))
     _warn_small_validation(dataset, {c.val_fraction for c in configs}, echo)
     teacher_config = trial_config({
         "dataset": dataset.name, "teacher": teacher.spec, "student": teacher.spec, "method": "none",
-        **recipe["teacher_recipe"], **spec.teacher_overrides})
-    needs_teacher = any(_method(c).needs_teacher for c in configs + [c for s in labelled.values() for c in s])
+        **recipe["teacher_recipe"], **({"val_fraction": held_out[-1]} if held_out else {}), **spec.teacher_overrides})
+    if needs_teacher:
+        _check_teacher_split(teacher_config, held_out, dataset, spec.teacher_overrides)
     source = spec.teacher if _is_trained_module(spec.teacher) else spec.teacher_source
     plan = plan_teacher(source, teacher, dataset) if needs_teacher else None
     searches, skipped = {}, {}
@@ -111,7 +118,19 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
     modules = sorted({p for p in (shippable_path(student), shippable_path(teacher),
                                   *map(shippable_path, students.values()), *map(shippable_module, methods)) if p})
     return ResolvedStudy(dataset, student, teacher, base, configs, teacher_config, plan, modules, variants, students,
-                         searches, skipped)
+                         searches, skipped, held_out)
+
+
+def _check_teacher_split(teacher_config: TrialConfig, held_out: tuple, dataset: Dataset, overrides: dict) -> None:
+    """A teacher trained here must not train on any sample its students validate on (else those samples steer
+    selection on validation through the teacher's soft targets)."""
+    from kdtune.teachers import split_refusal
+
+    refusal = split_refusal("the teacher", teacher_config.val_fraction, None, dataset, held_out, to_train=True)
+    if refusal:
+        given = "the teacher's val_fraction" if "val_fraction" in overrides else "the teacher"
+        raise ConfigError(f"{refusal}; leave {given} unset (it then trains on the students' training split) or "
+                          f"set the teacher's val_fraction >= {held_out[-1]:g}")
 
 
 SMALL_VALIDATION = 50  # below this many samples one sample moves validation accuracy by more than 2 points

@@ -43,8 +43,10 @@ def summarise(trials: list[TrialRecord], order: list[str] | None = None, allow_f
         by_label.setdefault(row["label"], []).append(row)
     summary = []
     for candidates in by_label.values():
-        row = dict(choose_point(candidates, allow_failed))
+        chosen = choose_point(candidates, allow_failed)
+        row = dict(chosen)
         row["points_tried"] = [c["point"] for c in candidates]
+        row.update(_other_points(chosen, candidates))
         summary.append(row)
     baseline = next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
     for row in summary:
@@ -52,12 +54,23 @@ def summarise(trials: list[TrialRecord], order: list[str] | None = None, allow_f
     return summary
 
 
+def _other_points(chosen: dict, candidates: list[dict]) -> dict:
+    """What happened at a setting's tuned points that were not chosen: their trials, how many finished and failed,
+    and each failure (point, seed, error), so that a table row never hides a failed trial behind its chosen
+    point's finished/total."""
+    others = [c for c in candidates if c["point"] != chosen["point"]]
+    return {"other_total": sum(c["total"] for c in others), "other_n": sum(c["n"] for c in others),
+            "other_failed": sum(c["failed"] for c in others),
+            "other_failures": [f"{c['point']} {failure}".strip() for c in others for failure in c["failures"]]}
+
+
 def skipped_row(label: str, reason: str) -> dict:
     """A table row for a setting the study could not run (e.g. a feature method with an ensemble teacher)."""
     nan = math.nan
     return {"label": label, "point": "", "params": {}, "n": 0, "failed": 0, "stopped": 0, "total": 0,
             "failures": [], "val": [], "test": [], "val_mean": nan, "test_mean": nan, "test_std": 0.0,
-            "test_median": nan, "gain": nan, "gain_low": nan, "gain_high": nan, "skipped": reason}
+            "test_median": nan, "gain": nan, "gain_low": nan, "gain_high": nan, "skipped": reason,
+            "other_total": 0, "other_n": 0, "other_failed": 0, "other_failures": []}
 
 
 def choose_point(candidates: list[dict], allow_failed: bool = False) -> dict:
@@ -216,29 +229,51 @@ def format_table(summary: list[dict], label_header: str, show_median: bool = Fal
     for row in summary:
         shown = row.get("point", "") + (f" (tie of {row['tied']})" if row.get("tied", 1) > 1 else "")
         point = f"  {shown:>{point_width}}" if tuned else ""
-        done = f"{row['n']}/{row['total']}" + ("!" if row["failed"] else "")
+        done = f"{row['n']}/{row['total']}" + ("!" if row["failed"] else "") + ("*" if row.get("other_failed") else "")
+        other = other_points_note(row)
         if not row["n"]:
             note = (f"skipped: {row['skipped']}" if row.get("skipped") else
                     f"{row['failed']} failed" if row["failed"] else f"{row['stopped']} stopped early")
+            note = "; ".join(filter(None, [note, other]))
             median = f"  {'-':>7}" if show_median else ""
             lines.append(f"{row['label']:>{width}}{point}  {'-':>8}  {'-':>17}{median}  {'':>26}  {done:>5}  ({note})")
             continue
         test = f"{mean_and_spread(row)} %"
         median = f"  {percent(row['test_median']):>6}%" if show_median else ""
-        notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
+        notes = "; ".join(filter(None, [", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k]), other]))
         lines.append(f"{row['label']:>{width}}{point}  {percent(row['val_mean']):>7}%  {test:>17}{median}  "
                      f"{format_gain(row):>26}  {done:>5}" + (f"  ({notes})" if notes else ""))
     if tie_note:
         lines.append(f"(tie of N): N tuned points reached the same validation accuracy; the one shown has "
                      f"{OBJECTIVE.TIE_RULE}")
+    if any(row.get("other_failed") for row in summary):
+        lines.append("done: finished/total seeds at the chosen point; *: trials at points not chosen failed "
+                     "(listed below)")
     return "\n".join(lines)
 
 
-def format_failures(summary: list[dict]) -> str:
-    """Every failed seed with its reason, per setting (empty when none failed)."""
+def other_points_note(row: dict) -> str:
+    """e.g. "other points: 1 of 6 failed": failures at a setting's tuned points that were not chosen."""
+    if not row.get("other_failed"):
+        return ""
+    return f"other points: {row['other_failed']} of {row['other_total']} failed"
+
+
+def format_failures(summary: list[dict], others: list[TrialRecord] = ()) -> str:
+    """Every failed trial with its setting, point, seed and reason (empty when none failed): the chosen points'
+    and those at points not chosen, per setting; then `others` (trials of other phases, e.g. a search's), each
+    with its phase. Headed by the count, out of every trial the study ran."""
+    others = list(others)
     lines = [f"failed: {row['label']}{' ' + row['point'] if row.get('point') else ''} {failure}"
              for row in summary for failure in row.get("failures", [])]
-    return "\n".join(lines)
+    lines += [f"failed: {row['label']} {failure} (a point not chosen)"
+              for row in summary for failure in row.get("other_failures", [])]
+    lines += [f"failed ({t.phase}): {t.label}{' ' + t.point if t.point else ''} seed {t.seed}: {t.error}"
+              for t in others if t.failed]
+    if not lines:
+        return ""
+    total = sum(row["total"] + row.get("other_total", 0) for row in summary) + len(others)
+    return "\n".join([f"{len(lines)} of {total} trials failed:"] + lines)
 
 
 def format_matrix(summary: list[dict], row_key: str, col_key: str, row_header: str, col_header: str) -> str:

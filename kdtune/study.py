@@ -164,7 +164,8 @@ class _Study:
 
             self.pareto = ParetoRun.measure(spec, self.resolved, self.echo)
         if self.resolved.teacher_plan is not None:  # a mismatched registered teacher is refused here, early
-            self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo)
+            self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo,
+                                                       self.resolved.held_out)
         experiment_id, parent_id = self._open_parent_run()
         self.echo(f"mlflow: study run {parent_id}: {tracking.ui_link(self.uri, experiment_id)}")
         context = tracking.TrackingContext(self.uri, experiment_id, parent_id)
@@ -587,7 +588,8 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     from kdtune.options import tuning_of
     from kdtune.results import format_failures, verdict
 
-    failures = format_failures(result.summary)
+    # every failed trial: at the chosen points, at the points not chosen, and in the other phases (searches)
+    failures = format_failures(result.summary, [t for p in result.phases.values() if p is not result.trials for t in p])
     lines = [result.table(), verdict(result.summary, tuning_of(result)), failures]
     if result.pareto is not None:  # its table is the front: each member with its no-distillation student
         lines = [result.pareto.table(), failures]

@@ -19,6 +19,13 @@ inside a Ray task with a trial's resources, logged as the study's 'teacher' chil
 and alias `seed<S>` (S its training seed), so ensemble members can be named: models:/...@seed1.
 A registered teacher named by a models:/ URI whose `train_set` tag records other training samples than this
 dataset's is refused before the study creates anything, as the default registered teacher is.
+
+The teacher never trains on a sample its students are validated on (else those samples steer selection on
+validation through its soft targets). A teacher trained in the study trains on the students' training split (its
+val_fraction is theirs: kdtune/resolve.py); a registered one records the split it trained on (tags val_fraction
+and fit_set; older ones: their training run's val_fraction param) and is reused only where its training samples
+exclude the study's validation split at every val_fraction the study's students use, else refused with the fix
+(`split_refusal`). A teacher from a file or a Python object records nothing kdtune can check.
 """
 from __future__ import annotations
 
@@ -112,17 +119,19 @@ def load_teacher_state(source: str, ref, dataset: Dataset) -> dict:
     return fit_state(state, ref, dataset, source)
 
 
-def registered_teacher_uri(dataset: Dataset, ref, log=print) -> str | None:
+def registered_teacher_uri(dataset: Dataset, ref, log=print, val_fractions=()) -> str | None:
     """The registered teacher's URI if one exists for this dataset and architecture, after checking it was
     trained on this dataset's training samples (a dataset name alone, e.g. two folders both called 'data',
-    says nothing: a teacher that has seen this dataset's test samples would leak them into every student)."""
+    says nothing: a teacher that has seen this dataset's test samples would leak them into every student) and
+    that none of them is in the students' validation split at any of `val_fractions` (`split_refusal`)."""
     import mlflow
 
     from kdtune.registry import train_set_fingerprint
 
     name = registry_name(dataset.name, ref.name)
+    client = mlflow.MlflowClient()
     try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, TEACHER_ALIAS)
+        version = client.get_model_version_by_alias(name, TEACHER_ALIAS)
     except mlflow.exceptions.MlflowException:
         return None
     recorded, ours = version.tags.get("train_set"), train_set_fingerprint(dataset)
@@ -133,7 +142,58 @@ def registered_teacher_uri(dataset: Dataset, ref, log=print) -> str | None:
         raise ConfigError(f"the registered teacher {name}@{TEACHER_ALIAS} was trained on other samples (train set "
                           f"{recorded}) than this dataset {dataset.name!r} ({ours}); give --teacher-source train "
                           "to train one on this data, or name a teacher with --teacher-source")
+    what = f"the registered teacher {name}@{TEACHER_ALIAS} (version {version.version})"
+    refusal = split_refusal(what, version_val_fraction(client, version), version.tags.get("fit_set"), dataset,
+                            val_fractions)
+    if refusal:
+        raise ConfigError(f"{refusal}; give --teacher-source train to train a teacher on this study's training "
+                          "split")
     return f"models:/{name}@{TEACHER_ALIAS}"
+
+
+def version_val_fraction(client, version) -> float | None:
+    """The val_fraction a registered teacher trained with: its tag, else its training run's param (teachers
+    registered before kdtune tagged it), else None (unknown)."""
+    import mlflow
+
+    value = version.tags.get("val_fraction")
+    if value is None and version.tags.get("run_id"):
+        try:
+            value = client.get_run(version.tags["run_id"]).data.params.get("val_fraction")
+        except mlflow.exceptions.MlflowException:
+            value = None
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
+
+
+def split_refusal(what: str, teacher_fraction: float | None, fit_set: str | None, dataset: Dataset,
+                  val_fractions, to_train: bool = False) -> str | None:
+    """Why a teacher that trained on the training split left by `teacher_fraction` must not teach students that
+    validate at `val_fractions` (it saw some of their validation samples, which would then steer selection on
+    validation), or None when its training samples and every such validation split are disjoint."""
+    from kdtune.registry import training_split_fingerprint
+
+    val_fractions = sorted(set(val_fractions))
+    if not val_fractions:
+        return None
+    shown = ", ".join(f"{f:g}" for f in val_fractions)
+    if teacher_fraction is None:
+        return (f"{what} records neither the val_fraction it trained with nor its training run, so kdtune cannot "
+                f"tell whether it saw this study's validation samples (val_fraction {shown})")
+    if fit_set is not None and fit_set != training_split_fingerprint(dataset, teacher_fraction):
+        return (f"{what} trained on other samples ({fit_set}) than this dataset's training split at val_fraction "
+                f"{teacher_fraction:g}, so kdtune cannot tell whether it saw this study's validation samples")
+    trained_on = dataset.split(teacher_fraction)[0]
+    held_out = torch.unique(torch.cat([dataset.split(f)[1] for f in val_fractions]))
+    seen = int(torch.isin(held_out, trained_on).sum())
+    if not seen:
+        return None
+    trained, include = ("would train", "would include") if to_train else ("trained", "include")
+    return (f"{what} {trained} with val_fraction={teacher_fraction:g}: its training samples {include} {seen} of the "
+            f"{len(held_out)} samples this study validates its students on (val_fraction {shown}), which would "
+            f"leak into selection on validation (with --set val_fraction={teacher_fraction:g} none would)")
 
 
 @dataclass
@@ -150,12 +210,16 @@ class TeacherPlan:
     def members(self) -> int:
         return 1
 
-    def find_registered(self, dataset: Dataset, ref, log=print) -> None:
-        """Look the registry up once the tracking server is up, before the study creates anything."""
+    def find_registered(self, dataset: Dataset, ref, log=print, val_fractions=()) -> None:
+        """Look the registry up once the tracking server is up, before the study creates anything; a registered
+        teacher (or run) whose training samples hold some of the students' validation samples (at any of
+        `val_fractions`) is refused."""
         if self.source is None and self.state is None:
-            self.registered = registered_teacher_uri(dataset, ref, log)
+            self.registered = registered_teacher_uri(dataset, ref, log, val_fractions)
         elif self.state is None and str(self.source).startswith("models:/"):
-            check_train_set(self.source, dataset)
+            check_train_set(self.source, dataset, val_fractions, log)
+        elif self.state is None and str(self.source).startswith("runs:/"):
+            check_run_split(self.source, dataset, val_fractions, log)
 
 
 @dataclass
@@ -176,13 +240,14 @@ class EnsemblePlan:
     def initial_state(self):
         return None
 
-    def find_registered(self, dataset: Dataset, ref, log=print) -> None:
+    def find_registered(self, dataset: Dataset, ref, log=print, val_fractions=()) -> None:
         for plan in self.plans:
-            plan.find_registered(dataset, ref, log)
+            plan.find_registered(dataset, ref, log, val_fractions)
 
 
-def check_train_set(uri: str, dataset: Dataset) -> None:
-    """A registered kdtune teacher records its training samples (tag train_set): refuse one trained on others."""
+def check_train_set(uri: str, dataset: Dataset, val_fractions=(), log=print) -> None:
+    """A registered kdtune teacher records its training samples (tags train_set, val_fraction, fit_set): refuse
+    one trained on other samples, or on some of the students' validation samples."""
     import mlflow
 
     from kdtune.registry import train_set_fingerprint
@@ -200,6 +265,34 @@ def check_train_set(uri: str, dataset: Dataset) -> None:
     if recorded is not None and recorded != ours:
         raise ConfigError(f"teacher_source={uri!r} was trained on other samples (train set {recorded}) than this "
                           f"dataset {dataset.name!r} ({ours}); name a teacher trained on this data, or train:S")
+    fraction = version_val_fraction(client, version)
+    if recorded is None and fraction is None:
+        log(f"teacher: {uri} (version {version.version}) records no training samples (not registered by kdtune): "
+            "kdtune cannot check that it never saw this study's validation samples")
+        return
+    refusal = split_refusal(f"teacher_source={uri!r} (version {version.version})", fraction,
+                            version.tags.get("fit_set"), dataset, val_fractions)
+    if refusal:
+        raise ConfigError(f"{refusal}; name a teacher trained on this study's training split, or train:S")
+
+
+def check_run_split(uri: str, dataset: Dataset, val_fractions=(), log=print) -> None:
+    """A teacher named by runs:/RUN_ID/...: a kdtune run records the val_fraction it trained with (its param);
+    refuse one that trained on some of the students' validation samples."""
+    import mlflow
+
+    run_id = uri[len("runs:/"):].split("/", 1)[0]
+    try:
+        params = mlflow.MlflowClient().get_run(run_id).data.params
+    except mlflow.exceptions.MlflowException:
+        return  # reading it later says what is missing
+    if params.get("dataset") != dataset.name or "val_fraction" not in params:
+        log(f"teacher: {uri} records no training split of {dataset.name!r}: kdtune cannot check that it never saw "
+            "this study's validation samples")
+        return
+    refusal = split_refusal(f"teacher_source={uri!r}", float(params["val_fraction"]), None, dataset, val_fractions)
+    if refusal:
+        raise ConfigError(f"{refusal}; name a teacher trained on this study's training split, or train:S")
 
 
 def _registered_version(uri: str) -> tuple[str | None, str]:
@@ -332,8 +425,12 @@ def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: Tra
     name = registry_name(dataset.name, ref.name)
     from kdtune.registry import train_set_fingerprint
 
+    from kdtune.registry import training_split_fingerprint
+
     tags = {"kdtune.role": "teacher", "dataset": dataset.name, "architecture": ref.spec,
             "train_set": train_set_fingerprint(dataset),
+            # the samples it trained on: a study checks they exclude its students' validation split
+            "val_fraction": config.val_fraction, "fit_set": training_split_fingerprint(dataset, config.val_fraction),
             "init": PRETRAINED if initial_state is not None else "scratch",
             "test_acc": f"{result['metrics']['test_acc']:.4f}", "run_id": result["run_id"],
             "parameters": count_parameters(ref.build(dataset.num_classes, dataset.input_shape))}

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from kdtune.records import TrialRecord
-from kdtune.results import format_table, pick_best, summarise, verdict
+from kdtune.results import format_failures, format_table, pick_best, summarise, verdict
 
 
 def trial(label, seed, val=None, test=None, error=None):
@@ -127,3 +127,20 @@ def test_a_small_validation_split_is_named_before_the_study_runs():
 
     _warn_small_validation(load_dataset("digits"), {0.1}, said.append)  # 180 samples: nothing to say
     assert said == []
+
+
+def test_a_failure_at_a_tuned_point_that_was_not_chosen_is_counted_and_listed():
+    def at(label, seed, point, val=None, test=None, error=None):
+        return TrialRecord("grid", label, {}, seed, "failed" if error else "finished",
+                           {} if error else {"val_acc": val, "test_acc": test}, error, point=point)
+
+    trials = [at("baseline", s, "lr=0.01", 0.9, 0.9) for s in range(2)]
+    trials += [at("baseline", 0, "lr=1", error="TrainingDiverged: loss became nan"),
+               at("baseline", 1, "lr=1", 0.5, 0.5)]
+    summary = summarise(trials)
+    table = format_table(summary, "setting")
+    assert summary[0]["point"] == "lr=0.01"
+    assert "2/2*" in table and "other points: 1 of 2 failed" in table  # the row does not read as all done
+    failures = format_failures(summary)
+    assert "1 of 4 trials failed" in failures
+    assert "failed: baseline lr=1 seed 0: TrainingDiverged: loss became nan (a point not chosen)" in failures

@@ -3,6 +3,7 @@ seeds shown and never silently averaged away, two-stage methods able to win a se
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -144,3 +145,28 @@ def test_search_script_tunes_the_baseline_with_the_same_budget_and_finishes_hint
         stopped = run.data.tags.get("kdtune.stopped_early_at_epoch")
         first_stage = int(run.data.params["stage1_epochs"])
         assert ("test_acc" in run.data.metrics) if stopped is None else int(stopped) > first_stage
+
+
+def test_a_failed_trial_at_a_point_not_chosen_is_in_table_txt_and_the_report(local_ray, mlflow_server, tmp_path):
+    """--tune lr=0.03,1e6: the baseline diverges at lr 1e6 (a point its row is not reported at); the study's
+    results/table.txt and the HTML report rebuilt from MLflow both count and list that failure."""
+    from kdtune import report
+
+    spec = StudySpec(name="test_failed_other_point", dataset="digits",
+                     variants=[{"label": "baseline", "method": "none"}], tune={"lr": [0.03, 1e6]},
+                     overrides={"epochs": 1}, tracking_uri=mlflow_server.uri, storage=str(tmp_path),
+                     register_as="test-failed-other-point", max_failures=0)
+    result = run_study(spec, echo=lambda *a: None)
+    assert result.summary[0]["point"] == "lr=0.03" and result.summary[0]["n"] == 1
+    client = client_for(mlflow_server.uri)
+    text = open(client.download_artifacts(result.parent_run_id, "results/table.txt", str(tmp_path))).read()
+    assert "1/1*" in text and "other points: 1 of 1 failed" in text
+    assert "1 of 2 trials failed" in text
+    line = next(l for l in text.splitlines() if l.startswith("failed: baseline lr=1e+06 seed 0: "))
+    assert "became nan in epoch 1" in line and line.endswith("(a point not chosen)")
+    page = report.build_report(client, result.parent_run_id, tmp_path / "report").read_text()
+    assert "Failed trials (1 of 2)" in page
+    row = re.search(r"<tr><td>baseline</td><td>lr=1e\+06</td><td>0</td><td>a point not chosen</td>"
+                    r"<td>[^<]*became nan in epoch 1[^<]*</td>", page)
+    assert row is not None, page[page.find("Failed trials"):][:800]
+    assert "other points: 1 of 1 failed" in page
