@@ -128,6 +128,7 @@ class Trainer:
         self.best_epoch = 0
         self.best_state: dict | None = None
         self.training_time_s = 0.0  # seconds spent in epochs (training + validation), across resumes
+        self.test_time_s = 0.0  # the last epoch's test evaluation (not training time)
         self._restore_backends = configure_backends(config, self.device)  # last: nothing after it can fail
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ class Trainer:
         index = self._stage_index(self.epoch)
         self._stage = self.stages[index]
         self._started = time.perf_counter()
+        self.test_time_s = 0.0
         # Dropout (student, discriminator) draws from the global generator: seed it per epoch so a resumed
         # trial draws exactly what the uninterrupted one did.
         torch.manual_seed((self.config.seed * 100_003 + self.epoch) * 2 + 1)
@@ -336,8 +338,10 @@ class Trainer:
             **batch_means,
             **self.stage_metrics,
         }
-        if self.epoch == self.total_epochs:
+        if self.epoch == self.total_epochs:  # after the epoch's clock: its time is not training time
+            started = time.perf_counter()
             metrics.update(self.final_test_metrics())
+            self.test_time_s = time.perf_counter() - started
         return metrics
 
     def take_epoch_share(self, metrics: dict, seconds: float, members: int) -> None:

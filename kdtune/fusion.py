@@ -98,10 +98,11 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
     an epoch's results are yielded, every member's module and optimiser hold its state (a checkpoint taken
     then resumes exactly).
 
-    Time: an epoch's wall time (its steps, every member's evaluation) is shared equally by the members that
-    trained in it (`fused_members`): each one's `epoch_time_s` is its share and its `training_time_s` the sum of
-    its shares, so a member that trains on after others diverged or finished counts a larger share of those
-    epochs, and the members' training times add up to the trial's."""
+    Time: an epoch's wall time (its steps and every member's validation; not the last epoch's test evaluation,
+    which an unfused trial's training time leaves out too) is shared equally by the members that trained in it
+    (`fused_members`): each one's `epoch_time_s` is its share and its `training_time_s` the sum of its shares, so
+    a member that trains on after others diverged or finished counts a larger share of those epochs, and the
+    members' training times add up to the trial's."""
     live = [i for i, t in enumerate(trainers) if not t.done]
     said: set[str] = set()  # fallback reasons already logged: the plan is made again every epoch
     refused: set[int] = set()  # members whose student vmap refused at run time: stepped alone from then on
@@ -142,7 +143,8 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
                 results[i] = error
         # every member that trained this epoch (one that diverged in it included) takes an equal share of its wall
         # time: a survivor's later epochs, shared by fewer members, count more of their time
-        share = (time.perf_counter() - started) / len(live)
+        elapsed = time.perf_counter() - started - sum(trainers[i].test_time_s for i in live)  # training time only
+        share = elapsed / len(live)
         for i in live:
             if not isinstance(results[i], TrainingDiverged):
                 trainers[i].take_epoch_share(results[i], share, len(live))
