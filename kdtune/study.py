@@ -180,8 +180,8 @@ class _Study:
             self.echo(f"study folder: {study_dir}  (continue it with --resume {study_dir})")
             trainable = self._trainable(context)
             if spec.search is not None and spec.warm_start:  # kdtune/warmstart.py: earlier studies' best first
-                source = self.client.get_run(parent_id).data.tags.get("kdtune.teacher")
-                warmstart.warm_start(spec, self.client, parent_id, warmstart.identity_of(self, source), self.base,
+                tags = self.client.get_run(parent_id).data.tags
+                warmstart.warm_start(spec, self.client, parent_id, warmstart.identity_of(self, tags), self.base,
                                      self.echo)
             phases: dict[str, list[TrialRecord]] = {}
             confirm: list[dict] = []
@@ -265,7 +265,9 @@ class _Study:
             return self.saved["experiment_id"], parent_id
         experiment_id = tracking.get_or_create_experiment(self.client, spec.name)
         parent = self.client.create_run(experiment_id, run_name=f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                        tags={"kdtune.role": "study", "kdtune.study": spec.name})
+                                        tags={"kdtune.role": "study", "kdtune.study": spec.name,
+                                              # which samples: a warm start matches earlier studies on it
+                                              warmstart.TRAIN_SET_TAG: registry.train_set_fingerprint(self.dataset)})
         tracking.log_params(self.client, parent.info.run_id, {
             "dataset": self.dataset.name, "teacher": self.teacher_cfg.student, "student": self.base["student"],
             "seeds": spec.seeds, "variants": len(spec.variants),
@@ -304,6 +306,14 @@ class _Study:
             teacher = teachers.obtain_teacher(self.teacher_cfg, self.dataset, resolved.teacher, resolved.teacher_plan,
                                               context, spec.cpus_per_trial, spec.gpus_per_trial, log=self.echo)
             self.client.set_tag(context.parent_run_id, "kdtune.teacher", teacher.source)
+            # the teacher's exact identity, whatever its source text: the registered version an alias resolved to,
+            # and its weights' fingerprint (what a warm start matches earlier studies on: kdtune/warmstart.py)
+            states = teacher.state_dict if teacher.members else [teacher.state_dict]
+            fitted = [teachers.fit_state(state, resolved.teacher, self.dataset, teacher.source) for state in states]
+            self.client.set_tag(context.parent_run_id, warmstart.TEACHER_WEIGHTS_TAG,
+                                teachers.weights_fingerprint(fitted if teacher.members else fitted[0]))
+            if teacher.versions:
+                self.client.set_tag(context.parent_run_id, warmstart.TEACHER_VERSION_TAG, teacher.versions)
             parts.teacher_state = teacher.state_dict
             parts.teacher_logits = self._teacher_logits_if_useful(parts)
             self._teacher_accuracies(parts, teacher, context)

@@ -58,6 +58,50 @@ class Teacher:
     trained_now: bool
     test_acc: float | None = None
     members: list["Teacher"] | None = None  # an ensemble: its members (state_dict is then their list of states)
+    version: str = ""  # a registered teacher: "name/version", the version its alias resolved to when it was read
+
+    @property
+    def versions(self) -> str:
+        """The registered version(s) behind this teacher ("" for none), e.g. "kdtune-teacher-digits-x/3"."""
+        return " + ".join(m.version or "-" for m in self.members) if self.members else self.version
+
+
+def weights_fingerprint(state) -> str:
+    """The teacher's exact identity: a digest of its weights (each tensor's name, dtype, shape and values); an
+    ensemble's (a list of states) of its members' in order. An alias (models:/...@champion) names whichever
+    version it points at now; this names the weights a study distilled from."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for member in state if isinstance(state, list) else [state]:
+        for name in sorted(member):
+            value = member[name]
+            if not isinstance(value, torch.Tensor):
+                digest.update(f"{name}={value!r};".encode())
+                continue
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(b"|")
+    return f"sha1:{digest.hexdigest()[:20]}"
+
+
+def resolved_version(uri: str) -> str:
+    """"name/version" of the registered model version a models:/name@alias (or models:/name/N) URI names now;
+    "" when it is not a registered model or cannot be read."""
+    import mlflow
+
+    if not uri.startswith("models:/"):
+        return ""
+    name, alias_or_version = _registered_version(uri)
+    if name is None:
+        return ""
+    if alias_or_version.isdigit():
+        return f"{name}/{alias_or_version}"
+    try:
+        return f"{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, alias_or_version).version}"
+    except mlflow.exceptions.MlflowException:
+        return ""
 
 
 def registry_name(dataset: str, arch: str) -> str:
@@ -397,7 +441,9 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan
         return Teacher(plan.state, plan.source, trained_now=False)
     if plan.source and plan.source not in (PRETRAINED, TRAIN):
         log(f"teacher: loading {plan.source}")
-        return Teacher(load_teacher_state(plan.source, ref, dataset), plan.source, trained_now=False)
+        version = resolved_version(plan.source)  # before reading: the weights are read from this version
+        return Teacher(load_teacher_state(plan.source, ref, dataset), plan.source, trained_now=False,
+                       version=version)
     if plan.source == PRETRAINED:
         log(f"teacher: fine-tuning {ref.spec} from its pretrained weights ({config.epochs} epochs)")
         return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, plan.initial_state, key=key)
@@ -406,8 +452,9 @@ def obtain_teacher(config: TrialConfig, dataset: Dataset, ref, plan: TeacherPlan
         return train_and_register(config, dataset, ref, tracking, cpus, gpus, log, key=key)
     uri = plan.registered
     if uri:
-        log(f"teacher: reusing the registered {uri}")
-        return Teacher(load_teacher_state(uri, ref, dataset), uri, trained_now=False)
+        version = resolved_version(uri)
+        log(f"teacher: reusing the registered {uri}" + (f" (version {version.rsplit('/', 1)[1]})" if version else ""))
+        return Teacher(load_teacher_state(uri, ref, dataset), uri, trained_now=False, version=version)
     log(f"teacher: none registered for {dataset.name}/{ref.spec}; training one ({config.epochs} epochs)")
     return train_and_register(config, dataset, ref, tracking, cpus, gpus, log)
 
@@ -453,4 +500,4 @@ def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: Tra
     log(f"teacher: test accuracy {result['metrics']['test_acc']:.4f}; registered {name} version {version} "
         f"as {' '.join(aliases)}")
     return Teacher(result["state_dict"], f"models:/{name}@{alias if seeded else TEACHER_ALIAS}",
-                   trained_now=True, test_acc=result["metrics"]["test_acc"])
+                   trained_now=True, test_acc=result["metrics"]["test_acc"], version=f"{name}/{version}")

@@ -1,13 +1,22 @@
 """Warm starts: a search begins with the best configurations earlier studies found for the same dataset, teacher
-and student, read back from MLflow (`--warm-start N` on studies/search.py; `StudySpec.warm_start`).
+and student under the same recipe, read back from MLflow (`--warm-start N` on studies/search.py;
+`StudySpec.warm_start`).
 
-    earlier study runs (tag kdtune.role=study) whose params dataset, teacher, student and train_samples and whose
-    tag kdtune.teacher (the teacher's source: the same registered teacher, file or ensemble) match this study's
+    earlier study runs (tag kdtune.role=study) whose params dataset, student and train_samples and whose tag
+    kdtune.train_set (the training samples' fingerprint, where both studies record it) match this study's
       -> their student runs that ran to their last epoch (FINISHED, not stopped by ASHA), each configuration
-         being what the trial set on top of its study's base (tag kdtune.overrides)
+         being what the trial set on top of its study's base (tag kdtune.overrides), with the full config it ran
+         (its params)
       -> one candidate per (study, configuration): its mean validation accuracy over the seeds it ran (selection
          on validation, never test), best first; the same configuration from several studies counts once
-      -> the first N that fit this search's space become Optuna's points_to_evaluate, ahead of the script's own
+      -> the first N that fit this search's space, were distilled from this study's very teacher and ran this
+         study's recipe (`RECIPE_IGNORED`) become Optuna's points_to_evaluate, ahead of the script's own
+
+The teacher is matched on its identity, not on its source text: tag kdtune.teacher_weights, the fingerprint of
+the weights the study distilled from (kdtune/teachers.py weights_fingerprint), beside kdtune.teacher_version (the
+registered version an alias such as @champion resolved to). `models:/...@champion` read after the alias moved
+to a retrained teacher is another teacher, and its studies' points are skipped with that reason; a study
+recorded before kdtune fingerprinted teachers cannot be matched for a distilled configuration.
 
 A baseline configuration (method none) does not depend on the teacher: for it the teacher need not match, so the
 baseline's own search is warm-started from earlier tuned baselines the same way (the comparison stays fair).
@@ -29,8 +38,27 @@ from dataclasses import dataclass
 from kdtune.errors import ConfigError
 
 WARM_TAG = "kdtune.warm_start"
+TEACHER_WEIGHTS_TAG = "kdtune.teacher_weights"  # on a study run: the fingerprint of the teacher's weights
+TEACHER_VERSION_TAG = "kdtune.teacher_version"  # on a study run: "name/version" of a registered teacher
+TRAIN_SET_TAG = "kdtune.train_set"  # on a study run: the training samples' fingerprint (kdtune/registry.py)
 TOLERANCE = 0.02  # relative: a recorded value this close outside a range is moved onto its bound
 SHOWN_SKIPS = 10
+
+# A recorded point carries over only if it ran the recipe this search would run it with: every value of the
+# trial's config outside the point itself is compared with the config this search builds for the point (its
+# base, its space's constants), so epochs, batch_size and the optimiser with its lr schedule, momentum, betas
+# and weight_decay (how far and how a student trains: a best lr at 2 epochs is not one at 30), val_fraction
+# (which samples validation accuracy, the ranking, is measured on), augment, precision (bf16 changes every
+# step's arithmetic), link_spatial, hard_weight and every method parameter the point does not set (soft_scale,
+# hint_loss, adv_loss, logit_standardize, stage1_epochs, ...: they change what the loss is), and the dataset and
+# student names. Values that change how a trial runs but not what it computes are not compared:
+RECIPE_IGNORED = {
+    "seed",  # a candidate is the mean over the seeds it ran; the search runs its own
+    "teacher",  # the teacher is matched by its weights' fingerprint (not its name); a baseline has none
+    "teacher_cache",  # cached logits are the teacher's own outputs on the same un-augmented samples
+    "batched",  # a vmap-batched fused step performs the members' own updates
+    "deterministic",  # picks among equivalent kernels (cuDNN), not what is computed
+}
 
 
 @dataclass
@@ -42,6 +70,8 @@ class Candidate:
     val_acc: float  # mean over the seeds it ran
     seeds: int
     note: str = ""
+    recipe: dict | None = None  # the full config its best run ran (that run's params, as MLflow holds them)
+    refusal: str = ""  # why it must not seed this study although it may fit the space (another teacher)
 
     def describe(self) -> str:
         from kdtune.trial import describe
@@ -70,8 +100,9 @@ def candidates(client, identity: dict, exclude_run: str | None = None) -> list[C
         params, tags = study.data.params, study.data.tags
         if any(params.get(k) != str(identity[k]) for k in ("dataset", "student", "train_samples")):
             continue
-        same_teacher = (params.get("teacher") == identity["teacher"]
-                        and tags.get("kdtune.teacher") == identity["teacher_source"])
+        if tags.get(TRAIN_SET_TAG) and identity.get("train_set") and tags[TRAIN_SET_TAG] != identity["train_set"]:
+            continue  # other samples under the same dataset name
+        other_teacher = _other_teacher(params, tags, identity)
         runs = _all(client, [study.info.experiment_id],
                     f"tags.`{tracking.PARENT_TAG}` = '{study.info.run_id}' and tags.`kdtune.role` = 'student' "
                     "and attributes.status = 'FINISHED'")
@@ -87,20 +118,42 @@ def candidates(client, identity: dict, exclude_run: str | None = None) -> list[C
                 continue
             if not isinstance(point, dict) or "method" not in point:
                 continue
-            if point["method"] != "none" and not same_teacher:
-                continue  # distilled from another teacher: its best settings need not carry over
             per_config.setdefault(json.dumps(point, sort_keys=True), []).append(run)
         name = client.get_experiment(study.info.experiment_id).name if per_config else ""
         for key, group in per_config.items():
             values = [r.data.metrics[OBJECTIVE.metric] for r in group]
             best = OBJECTIVE.best(group, lambda r: r.data.metrics[OBJECTIVE.metric])
-            candidate = Candidate(json.loads(key), name, study.info.run_id, best.info.run_id,
-                                  sum(values) / len(values), len(values))
-            held = found.get(key)
-            if held is None or OBJECTIVE.better(candidate.val_acc, held.val_acc):
+            point = json.loads(key)
+            # distilled from another teacher: its best settings need not carry over (a baseline has no teacher)
+            refusal = other_teacher if point["method"] != "none" else ""
+            candidate = Candidate(point, name, study.info.run_id, best.info.run_id, sum(values) / len(values),
+                                  len(values), recipe=dict(best.data.params), refusal=refusal)
+            held = found.get(key)  # one per configuration: a usable one first, then the best validation accuracy
+            if (held is None or (held.refusal and not refusal)
+                    or bool(held.refusal) == bool(refusal) and OBJECTIVE.better(candidate.val_acc, held.val_acc)):
                 found[key] = candidate
     ranked = sorted(found.values(), key=lambda c: c.val_acc, reverse=OBJECTIVE.mode == "max")
     return ranked
+
+
+def _other_teacher(params: dict, tags: dict, identity: dict) -> str:
+    """Why an earlier study's teacher is not this study's ("" when it is the same weights)."""
+    recorded, ours = tags.get(TEACHER_WEIGHTS_TAG), identity.get("teacher_weights")
+    if params.get("teacher") == identity["teacher"] and recorded and recorded == ours:
+        return ""
+    this = _teacher_text(identity.get("teacher_source"), identity.get("teacher_version"), ours)
+    if not recorded:
+        return (f"its study records no teacher fingerprint (run before kdtune recorded one), so it cannot be shown "
+                f"to have distilled from this study's teacher ({this})")
+    that = _teacher_text(tags.get("kdtune.teacher"), tags.get(TEACHER_VERSION_TAG), recorded)
+    return f"distilled from another teacher ({that}; this study's: {this})"
+
+
+def _teacher_text(source, version, weights) -> str:
+    """e.g. "models:/kdtune-teacher-digits-digits_teacher@champion = version 2, weights sha1:..."."""
+    where = f" = version {version.rsplit('/', 1)[-1]}" if version and " + " not in version else (
+        f" = versions {version}" if version else "")
+    return f"{source or 'no teacher'}{where}, weights {weights or 'not fingerprinted'}"
 
 
 def _all(client, experiments: list[str], filter_string: str) -> list:
@@ -172,8 +225,9 @@ class _Probe:
         return value
 
 
-def fit(space, point: dict, base: dict) -> tuple[dict | None, str]:
-    """(the point as this search would run it, "") or (None, why it does not fit the search's space)."""
+def fit(space, point: dict, base: dict, recorded: dict | None = None) -> tuple[dict | None, str]:
+    """(the point as this search would run it, "") or (None, why it does not fit the search's space, or, given
+    `recorded` (the config the point ran, as MLflow params), why its recipe is not the one this search runs)."""
     from kdtune.distill.registry import trial_config
 
     probe = _Probe(point)
@@ -196,10 +250,32 @@ def fit(space, point: dict, base: dict) -> tuple[dict | None, str]:
         return None, ", ".join(f"{k}={point[k]!r} differs from this search's {constants[k]!r}" for k in differing)
     taken = dict(probe.asked)
     try:
-        trial_config({**taken, **constants}, base)
+        config = trial_config({**taken, **constants}, base)
     except ConfigError as error:
         return None, str(error)
+    if recorded is not None:
+        try:  # as recorded (a value moved onto a bound would move what derives from it, e.g. hard_weight)
+            config = trial_config({**point, **constants}, base)
+        except ConfigError:
+            pass
+        differing = recipe_differences(config.to_flat(), recorded, point)
+        if differing:
+            return None, f"it ran another recipe: {'; '.join(differing)}"
     return taken, "; ".join(probe.moved)
+
+
+def recipe_differences(flat: dict, recorded: dict, point: dict) -> list[str]:
+    """Each value outside the point (and `RECIPE_IGNORED`) where the recorded run's config (MLflow params:
+    strings) differs from `flat`, the config this search would run, e.g. "epochs=2 (this search: 3)"."""
+    differing = []
+    for key, value in flat.items():
+        if key in RECIPE_IGNORED or key in point:
+            continue
+        if key not in recorded:
+            differing.append(f"{key} not recorded (this search: {value})")
+        elif recorded[key] != str(value):
+            differing.append(f"{key}={recorded[key]} (this search: {value})")
+    return differing
 
 
 def pick(ranked: list[Candidate], space, base: dict, limit: int) -> tuple[list[Candidate], list[tuple]]:
@@ -210,6 +286,10 @@ def pick(ranked: list[Candidate], space, base: dict, limit: int) -> tuple[list[C
         if len(taken) >= limit:
             break
         point, why = fit(space, candidate.point, base)
+        if point is not None and candidate.refusal:
+            point, why = None, candidate.refusal
+        if point is not None and candidate.recipe is not None:
+            point, why = fit(space, candidate.point, base, candidate.recipe)
         if point is None:
             if not why.startswith("method="):  # a method this search does not run: not a candidate for it at all
                 skipped.append((candidate, why))
@@ -237,7 +317,8 @@ def warm_start(spec, client, parent_run_id: str, identity: dict, base: dict, ech
         setattr(spec, attribute, dataclasses.replace(search, points_to_evaluate=points + own))
         if not taken:
             echo(f"warm start ({phase}): no finished configuration of an earlier study with this dataset, teacher "
-                 f"and student fits this search" + (f" ({len(skipped)} skipped, below)" if skipped else ""))
+                 f"and student fits this search and its recipe"
+                 + (f" ({len(skipped)} skipped, below)" if skipped else ""))
         else:
             echo(f"warm start ({phase}): {len(taken)} recorded point(s) run first, best validation accuracy first:")
         for candidate in taken:
@@ -249,7 +330,7 @@ def warm_start(spec, client, parent_run_id: str, identity: dict, base: dict, ech
             echo(f"  skipped {candidate.describe()} (val {100 * candidate.val_acc:.2f}%, study {candidate.study} "
                  f"run {candidate.study_run}): {why}")
         if len(skipped) > SHOWN_SKIPS:
-            echo(f"  ... and {len(skipped) - SHOWN_SKIPS} more skipped (not fitting this search's space)")
+            echo(f"  ... and {len(skipped) - SHOWN_SKIPS} more skipped (not fitting this search)")
     text = json.dumps(records)
     client.set_tag(parent_run_id, WARM_TAG, text if len(text) <= 5000 else
                    json.dumps([{k: r[k] for k in ("phase", "study", "study_run", "trial_run")} for r in records]))
@@ -268,8 +349,12 @@ def check_warm_start(value, searches: bool = True) -> None:
                           "variant it lists); use studies/search.py, or leave warm_start 0")
 
 
-def identity_of(study, teacher_source: str | None) -> dict:
-    """What must match between two studies for one's best points to seed the other's search."""
+def identity_of(study, tags: dict) -> dict:
+    """What must match between two studies for one's best points to seed the other's search (beside each
+    point's recipe, `fit`): the dataset (name, size, samples' fingerprint), the student, and the teacher's
+    weights; `tags` are this study's parent-run tags (the teacher's, once it is obtained)."""
     return {"dataset": study.dataset.name, "teacher": study.teacher_cfg.student, "student": study.base["student"],
-            "train_samples": study.dataset.num_train, "teacher_source": teacher_source}
+            "train_samples": study.dataset.num_train, "train_set": tags.get(TRAIN_SET_TAG),
+            "teacher_source": tags.get("kdtune.teacher"), "teacher_weights": tags.get(TEACHER_WEIGHTS_TAG),
+            "teacher_version": tags.get(TEACHER_VERSION_TAG)}
 

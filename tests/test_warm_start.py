@@ -95,3 +95,75 @@ def test_a_warm_started_search_runs_the_recorded_best_points_first_and_names_the
     assert {(r["phase"], r["study"], r["study_run"]) for r in tag} == {
         ("search", "earlier_sweep", earlier.parent_run_id), ("baseline_search", "earlier_sweep", earlier.parent_run_id)}
     assert {r["trial_run"] for r in tag if r["phase"] == "search"} == {t.run_id for t in recorded}
+
+
+def recorded_params(point: dict, base: dict) -> dict:
+    """The params MLflow holds for a trial that ran `point` on top of `base` (kdtune logs config.to_flat())."""
+    from kdtune.distill.registry import trial_config
+
+    return {k: str(v) for k, v in trial_config({**point, "seed": 1}, base).to_flat().items()}
+
+
+def test_a_point_recorded_under_another_recipe_is_skipped_with_what_differs():
+    space = MethodSpace(("kd", "none"), recipe=LR)
+    point = {"method": "kd", "temperature": 2.0, "alpha": 0.5, "lr": 0.01}
+    same = recorded_params(point, {**BASE, "teacher_cache": "off"})  # how it ran, not what it computed: ignored
+    assert fit(space, point, BASE, same) == (point, "")
+    for earlier, differs in (({**BASE, "epochs": 5}, "epochs=5 (this search: 2)"),
+                             ({**BASE, "batch_size": 64}, "batch_size=64 (this search: 40)"),
+                             ({**BASE, "val_fraction": 0.2}, "val_fraction=0.2 (this search: 0.1)"),
+                             ({**BASE, "soft_scale": "none"}, "soft_scale=none (this search: T2)"),
+                             ({**BASE, "weight_decay": 5e-4}, "weight_decay=0.0005 (this search: 2e-05)")):
+        taken, why = fit(space, point, BASE, recorded_params(point, earlier))
+        assert taken is None and why == f"it ran another recipe: {differs}", why
+    baseline = {"method": "none", "lr": 0.01}  # the baseline too: its recipe defines the comparison
+    taken, why = fit(space, baseline, BASE, recorded_params(baseline, {**BASE, "epochs": 5}))
+    assert taken is None and "epochs=5 (this search: 2)" in why
+
+
+def test_a_warm_start_takes_points_only_from_the_same_teacher_version_and_recipe(local_ray, tmp_path_factory):
+    """@champion is the same text after the alias moved to a retrained teacher: the points distilled from the
+    earlier version are skipped, naming both versions, while the earlier baseline (no teacher) carries over; a
+    search under another recipe (batch size, soft_scale) takes neither. A server of its own: no other study."""
+    from kdtune.tracking import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path_factory.mktemp("warm_identity")).start()
+    try:
+        common = dict(dataset="digits", teacher_overrides={"epochs": 2}, tracking_uri=server.uri,
+                      storage=str(tmp_path_factory.mktemp("ray")), max_concurrent=2, register_as="test-warm-identity")
+        quiet = dict(echo=lambda *a: None)
+        run_study(StudySpec(name="first", overrides={"epochs": 2}, variants=[
+            {"label": "baseline", "method": "none", "lr": 0.03},
+            {"label": "T=2", "method": "kd", "temperature": 2.0, "alpha": 0.5, "lr": 0.03}], **common), **quiet)
+
+        def search(name, lines, **fields):
+            return run_study(StudySpec(
+                name=name, search=Search(MethodSpace(("kd",), recipe=LR), num_samples=1, seed=0),
+                baseline_search=Search(MethodSpace(("none",), recipe=LR), num_samples=1, seed=0), warm_start=2,
+                **{**common, **fields}), echo=lines.append)
+
+        lines: list = []
+        # a teacher trained again (one more epoch: other weights) and registered: @champion moves to it
+        retrained = search("retrained", lines, teacher_source="train", teacher_overrides={"epochs": 3},
+                           overrides={"epochs": 2})
+        text = "\n".join(map(str, lines))
+        assert "registered kdtune-teacher-digits-digits_teacher version 2 as @champion" in text
+        skipped = next(str(line) for line in lines if str(line).startswith("  skipped kd") and "study first" in line)
+        champion = "models:/kdtune-teacher-digits-digits_teacher@champion"
+        assert f"distilled from another teacher ({champion} = version 1, weights sha1:" in skipped
+        assert f"this study's: {champion} = version 2, weights sha1:" in skipped
+        assert "warm start (search): no finished configuration" in text
+        assert "warm start (baseline_search): 1 recorded point(s) run first" in text  # a baseline has no teacher
+        assert retrained.phases["baseline_search"][0].params == {"method": "none", "lr": 0.03}
+
+        lines = []
+        search("other_recipe", lines, overrides={"epochs": 2, "batch_size": 32, "soft_scale": "none"})
+        text = "\n".join(map(str, lines))
+        assert f"teacher: reusing the registered {champion} (version 2)" in text
+        assert "warm start (search): no finished configuration" in text
+        assert "warm start (baseline_search): no finished configuration" in text
+        assert "it ran another recipe: batch_size=40 (this search: 32)" in text
+        kd = [line for line in lines if str(line).startswith("  skipped kd") and "study retrained" in str(line)]
+        assert kd and all("soft_scale=T2 (this search: none)" in line for line in kd)  # same teacher, other recipe
+    finally:
+        server.stop()
