@@ -53,22 +53,21 @@ def training_split_fingerprint(dataset: Dataset, val_fraction: float) -> str:
     """Which samples a network trained on: the training split left by `val_fraction`'s validation split. A
     registered teacher records it (tag fit_set) with its val_fraction, so a study can check that the teacher
     never saw the samples its students are validated on (kdtune/teachers.py)."""
-    train_idx, _ = dataset.split(val_fraction)
-    digest = hashlib.sha1()
-    digest.update(train_idx.numpy().tobytes())
-    digest.update(dataset.train_labels[train_idx].contiguous().numpy().tobytes())
-    _add_samples(digest, dataset, "train", train_idx)
-    return f"{dataset.name}:fit{len(train_idx)}:{digest.hexdigest()[:16]}"
+    return _split_fingerprint(dataset, dataset.split(val_fraction)[0], "fit")
 
 
 def validation_fingerprint(dataset: Dataset, val_fraction: float) -> str:
     """Which samples the validation split holds: the same fingerprint means accuracies are comparable."""
-    _, val_idx = dataset.split(val_fraction)
+    return _split_fingerprint(dataset, dataset.split(val_fraction)[1], "val")
+
+
+def _split_fingerprint(dataset: Dataset, indices, kind: str) -> str:
+    """Some of the training set's samples (their indices, labels and contents) as dataset:KINDn:digest."""
     digest = hashlib.sha1()
-    digest.update(val_idx.numpy().tobytes())
-    digest.update(dataset.train_labels[val_idx].contiguous().numpy().tobytes())
-    _add_samples(digest, dataset, "train", val_idx)
-    return f"{dataset.name}:val{len(val_idx)}:{digest.hexdigest()[:16]}"
+    digest.update(indices.numpy().tobytes())
+    digest.update(dataset.train_labels[indices].contiguous().numpy().tobytes())
+    _add_samples(digest, dataset, "train", indices)
+    return f"{dataset.name}:{kind}{len(indices)}:{digest.hexdigest()[:16]}"
 
 
 def _add_samples(digest, dataset: Dataset, split: str, indices: torch.Tensor | None = None) -> None:

@@ -46,24 +46,17 @@ def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, link: str
     student, teacher = tuple(student_shape[1:]), tuple(teacher_shape[1:])
     if student == teacher and not always:
         return nn.Identity()
-    if len(student) == 3 and len(teacher) == 3:
-        widths = nn.Conv2d(student[0], teacher[0], kernel_size=1) if student[0] != teacher[0] or always else None
+    if len(student) == len(teacher) and len(student) in (2, 3):  # C x H x W maps, or C x L signals
+        conv = nn.Conv2d if len(student) == 3 else nn.Conv1d
+        widths = conv(student[0], teacher[0], kernel_size=1) if student[0] != teacher[0] or always else None
         if student[1:] == teacher[1:]:
             return widths
         if spatial == "interpolate":
             return nn.Sequential(Resize(teacher[1:]), *([widths] if widths is not None else []))
+        what, thing = ("height/width", "map") if len(student) == 3 else ("length", "signal")
         raise ConfigError(
-            f"link {link}: student feature {student} and teacher feature {teacher} differ in height/width; "
-            "set link_spatial=interpolate to resize the student's map, or link layers of equal spatial size")
-    if len(student) == 2 and len(teacher) == 2:  # C x L signal maps (1-D convolutions)
-        widths = nn.Conv1d(student[0], teacher[0], kernel_size=1) if student[0] != teacher[0] or always else None
-        if student[1:] == teacher[1:]:
-            return widths
-        if spatial == "interpolate":
-            return nn.Sequential(Resize(teacher[1:]), *([widths] if widths is not None else []))
-        raise ConfigError(
-            f"link {link}: student feature {student} and teacher feature {teacher} differ in length; "
-            "set link_spatial=interpolate to resize the student's signal, or link layers of equal length")
+            f"link {link}: student feature {student} and teacher feature {teacher} differ in {what}; "
+            f"set link_spatial=interpolate to resize the student's {thing}, or link layers of equal {what}")
     if len(student) == 1 and len(teacher) == 1:
         return nn.Linear(student[0], teacher[0])
     raise ConfigError(
