@@ -111,7 +111,8 @@ def test_cifar10_sweep_runs_on_files_in_the_official_format(mlflow_server, tmp_p
     (["--dataset", "imagenet"], "kdtune: error: dataset='imagenet': unknown dataset; allowed forms: NAME (cifar10, "
                                 "cifar100, digits"),
     (["--student", "resnet"], "kdtune: error: model 'resnet': unknown (close: resnet8"),
-    (["--set", "links=9"], "kdtune: error: links=9: method 'none' uses no links; methods that do: hints, links"),
+    (["--set", "links=9"], "kdtune: error: --set links: neither a shared trial key nor a parameter of this study's "
+                           "methods (kd, none); their parameters: alpha, logit_standardize, soft_scale, temperature"),
     (["--tune", "colour=1,2"], "kdtune: error: --tune colour: unknown config key"),
     (["--fuse", "many"], "kdtune: error: fuse='many': expected off, auto or a group size"),
     (["--tracking-uri", "http://127.0.0.1:9"], "kdtune: error: tracking URI http://127.0.0.1:9 is unreachable"),
