@@ -246,7 +246,11 @@ def cmd_models_export(args, client, uri) -> int:
 
     from kdtune.tracking import network_state
 
+    from kdtune import export
+
     model_uri = args.model if args.model.startswith("models:/") else f"models:/{args.model}"
+    if export.is_int8(export.find_version(client, args.model)[0]):
+        raise TrackingError(f"model {model_uri} is an int8 ONNX student (--quantize int8): allowed: --format onnx")
     try:
         loaded = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except Exception as error:

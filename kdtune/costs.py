@@ -206,23 +206,59 @@ def measure(refs: dict, num_classes: int, input_shape, device: torch.device | No
         torch.manual_seed(0)
         models[spec] = ref.build(num_classes, shape)
         counts[spec] = (parameters(models[spec]), flops(models[spec], shape))
-    rounds = max(1, min(rounds, repeats))
-    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-    samples = {spec: ([], []) for spec in refs}
     with tempfile.TemporaryDirectory() as folder:
         if runtime == "onnxruntime":
             sessions = {spec: onnx_session(model, shape, folder) for spec, model in models.items()}
             time_it = lambda spec, size, count: onnxruntime_timings(sessions[spec], shape, size, warmup, count)  # noqa: E731
         else:
             time_it = lambda spec, size, count: timings(models[spec], shape, device, size, warmup, count)  # noqa: E731
-        for count in per_round:
-            for spec in models:
-                one, many = samples[spec]
-                one += time_it(spec, 1, count)
-                many += [t / batch for t in time_it(spec, batch, count)]
+        medians = interleaved_medians(time_it, list(refs), batch, repeats, rounds)
     name = device_name(device)
-    return {spec: Costs(*counts[spec], statistics.median(samples[spec][0]), statistics.median(samples[spec][1]),
-                        name, torch.get_num_threads(), runtime).as_dict() for spec in refs}
+    return {spec: Costs(*counts[spec], *medians[spec], name, torch.get_num_threads(), runtime).as_dict()
+            for spec in refs}
+
+
+def interleaved_medians(time_it, keys: list, batch: int, repeats: int, rounds: int = 3) -> dict:
+    """key -> (median ms at batch 1, median ms per image at `batch`), `time_it(key, size, count)` giving the ms of
+    `count` runs; the repeats are spread over `rounds` passes through all the keys (see `measure`)."""
+    rounds = max(1, min(rounds, repeats))
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    samples = {key: ([], []) for key in keys}
+    for count in per_round:
+        for key in keys:
+            one, many = samples[key]
+            one += time_it(key, 1, count)
+            many += [t / batch for t in time_it(key, batch, count)]
+    return {key: (statistics.median(one), statistics.median(many)) for key, (one, many) in samples.items()}
+
+
+def onnx_file_latencies(files: dict[str, bytes], input_shape, threads: int, batch: int = 256, warmup: int = 5,
+                        repeats: int = 21, rounds: int = 3) -> tuple[dict, float]:
+    """The Ray task body for ONNX files already made (e.g. int8 students, kdtune/int8_front.py): ({key: Costs-like
+    dict of the two latencies, device, threads, runtime}, seconds it took), each file run by onnxruntime on the
+    CPU with `threads` threads, the files interleaved as `measure` interleaves models."""
+    import tempfile
+    from pathlib import Path
+
+    from kdtune.export import onnx_session as session_for
+
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, int(threads)))
+    shape = tuple(int(d) for d in input_shape)
+    with tempfile.TemporaryDirectory() as folder:
+        sessions = {}
+        for index, (key, content) in enumerate(files.items()):
+            path = Path(folder) / f"{index}.onnx"
+            path.write_bytes(content)
+            sessions[key] = session_for(path, torch.get_num_threads())
+        medians = interleaved_medians(
+            lambda key, size, count: onnxruntime_timings(sessions[key], shape, size, warmup, count),
+            list(files), batch, repeats, rounds)
+    name = device_name(torch.device("cpu"))
+    table = {key: {"latency_ms_batch1": one, "latency_ms_per_image": per_image, "device": name,
+                   "threads": torch.get_num_threads(), "runtime": "onnxruntime"}
+             for key, (one, per_image) in medians.items()}
+    return table, time.perf_counter() - started
 
 
 def measure_task(refs: dict, num_classes: int, input_shape, threads: int, device: str | None = None,

@@ -263,6 +263,10 @@ def export(client, ref: str, fmt: str, out: str | Path, tolerance: float = TOLER
     path = check_out(out)
     version, alias = find_version(client, ref)
     model_uri = f"models:/{version.name}/{version.version}"
+    if is_int8(version):
+        if fmt != "onnx":
+            raise ExportError(f"{model_uri} is an int8 ONNX student (--quantize int8): allowed: --format onnx")
+        return _copy_registered_onnx(version, model_uri, alias, path)
     # the file is written under a temporary name in the target folder (made now: an unwritable folder is found
     # before any work) and renamed only once it matches
     try:
@@ -302,6 +306,39 @@ def export(client, ref: str, fmt: str, out: str | Path, tolerance: float = TOLER
     finally:
         temp.unlink(missing_ok=True)
     return Exported(path, fmt, model_uri, alias, diff, len(samples), where, tolerance)
+
+
+def is_int8(version) -> bool:
+    """A registered version that is an int8 ONNX file (kdtune/int8_front.py), not a PyTorch model."""
+    return version.tags.get("precision") == "int8"
+
+
+def _copy_registered_onnx(version, model_uri: str, alias: str | None, path: Path) -> Exported:
+    """An int8 version's registered ONNX file itself, written once onnxruntime runs it on real samples."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        import mlflow
+
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=folder))
+        files = sorted(local.rglob("*.onnx"))
+        if len(files) != 1:
+            raise ExportError(f"{model_uri}: expected one ONNX file in the registered model, found {len(files)}")
+        try:
+            example = np.asarray(mlflow.models.Model.load(str(local)).load_input_example(str(local)))
+        except Exception:
+            example = None
+        samples, where = check_samples(model_uri, example, version.tags.get("dataset"))
+        outputs = run_file("onnx", files[0], torch.as_tensor(samples))
+        if outputs.shape[0] != len(samples) or not np.isfinite(outputs).all():
+            raise ExportError(f"the registered int8 file of {model_uri} does not give finite logits per sample")
+        temp = path.with_name(f".{path.name}.partial.onnx")
+        shutil.copyfile(files[0], temp)
+        os.replace(temp, path)
+    return Exported(path, "onnx (int8, the registered file)", model_uri, alias, 0.0, len(samples), where, 0.0)
 
 
 def _first_line(error: Exception) -> str:

@@ -62,6 +62,8 @@ class Pareto:
     warmup: int = 5
     repeats: int = 21
     latency_runtime: str = "torch"  # torch | onnxruntime (kdtune/costs.py): where latency is timed
+    quantize: str | None = None  # "int8": each front member's int8 twin joins the front (kdtune/int8_front.py)
+    calibration_samples: int = 256  # training samples the int8 activation ranges are calibrated on
     _refs: dict = field(default_factory=dict, repr=False)
 
     def check(self, spec=None) -> None:
@@ -85,6 +87,7 @@ class Pareto:
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup!r}: must be a whole number >= 0")
         check_runtime(self.latency_runtime)
+        self._check_quantize()
         if spec is not None:
             for name in ("search", "baseline_search"):
                 search = getattr(spec, name)
@@ -92,6 +95,21 @@ class Pareto:
                         isinstance(search.suggest, StudentSpace) and set(search.suggest.students) <= set(self.refs()))):
                     raise ConfigError(f"a Pareto study's {name} must sample the student from its candidates: "
                                       f"Search(suggest=plan.space(MethodSpace(...)), ...)")
+
+    def _check_quantize(self) -> None:
+        from kdtune.int8_front import PRECISIONS
+
+        if self.quantize is None:
+            return
+        if self.quantize not in PRECISIONS:
+            raise ConfigError(f"--quantize {self.quantize!r}: allowed: {', '.join(PRECISIONS)}")
+        if self.latency_runtime != "onnxruntime":
+            raise ConfigError(f"--quantize {self.quantize} needs --latency-runtime onnxruntime: int8 students run in "
+                              f"onnxruntime, and one front compares latencies of one runtime (asked: "
+                              f"{self.latency_runtime})")
+        samples = self.calibration_samples
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ConfigError(f"--calibration-samples {samples!r}: must be a whole number of training samples >= 1")
 
     @property
     def cost_key(self) -> str:
@@ -296,11 +314,19 @@ class ParetoRun:
             self.rows.append({"student": student, "label": FRONT_PREFIX + student, "costs": self.costs[student],
                               "search_val": member.metrics["val_acc"], "front": front, "baseline": baseline,
                               "baseline_tuned": self.baseline_tuned.get(student, False), "params": member.params,
-                              "version": None, "alias": ""})
+                              "version": None, "alias": "", "precision": "float32"})
         self._record_runs(study, final)
         name = study.spec.register_as or f"kdtune-{study.dataset.name}-pareto"
         for row in self.rows:
             row["version"] = self._register(study, final, row, name)
+        if self.plan.quantize:
+            from kdtune.int8_front import int8_rows
+
+            quantised = int8_rows(study, self, final, study.echo)
+            for row in quantised:
+                row["version"] = self._register(study, final, row, name)
+            twins = {row["student"]: row for row in quantised}
+            self.rows = [r for row in self.rows for r in (row, twins.get(row["student"])) if r is not None]
         decision = self._choose_champion(study, name)
         self._log_front(study)
         return self.selected, decision
@@ -332,7 +358,7 @@ class ParetoRun:
 
         candidates = [t for t in final if t.label == row["label"] and t.finished
                       and "weights_uri" in t.metrics]
-        best = OBJECTIVE.best_trial(candidates)
+        best = row.get("trial") or OBJECTIVE.best_trial(candidates)  # an int8 row names the run it came from
         summary = row["front"]
         if best is None or not summary or not summary["n"]:
             return None
@@ -347,17 +373,19 @@ class ParetoRun:
             "parameters": costs["params"], "flops": costs["flops"],
             **latency_tags(costs),
             FRONT_STUDY_TAG: self.parent_id, "pareto_cost": self.plan.cost_key,
+            "precision": row["precision"], **row.get("tags", {}),
         }
         if row["baseline"] and row["baseline"]["n"]:
             tags["baseline_test_acc_mean"] = f"{row['baseline']['test_mean']:.6f}"
         val_fraction = trial_config(best.params, study.base).val_fraction
+        model_uri = row.get("model_uri") or _model_uri(study, best, self.refs[row["student"]])
         decision = registry.register(
-            study.client, _model_uri(study, best, self.refs[row["student"]]), name, tags,
+            study.client, model_uri, name, tags,
             val_mean=summary["val_mean"], seeds=summary["n"], test_mean=summary["test_mean"],
             val_set=registry.validation_fingerprint(study.dataset, val_fraction),
             test_set=registry.test_set_fingerprint(study.dataset), margin=spec.margin, gated=False)
         row["val_set"] = registry.validation_fingerprint(study.dataset, val_fraction)
-        self.decisions[row["student"]] = decision
+        self.decisions[row["label"]] = decision
         return decision.version
 
     def _choose_champion(self, study, name: str):
@@ -425,12 +453,15 @@ class ParetoRun:
         out = []
         for row in self.rows:
             front, base = row["front"] or {}, row["baseline"] or {}
-            out.append({"student": row["student"], **{k: row["costs"][k] for k in (*COST_KEYS, "device")},
+            out.append({"student": row["student"], "precision": row["precision"],
+                        **{k: row["costs"][k] for k in (*COST_KEYS, "device", "runtime")},
                         "search_val_acc": row["search_val"], "val_acc": front.get("val_mean"),
                         "test_acc": front.get("test_mean"), "test_acc_std": front.get("test_std"),
                         "baseline_val_acc": base.get("val_mean"), "baseline_test_acc": base.get("test_mean"),
                         "baseline_tuned": row["baseline_tuned"], "seeds": front.get("n"),
-                        "version": row["version"], "alias": row["alias"], "hyperparameters": row["params"]})
+                        "version": row["version"], "alias": row["alias"], "hyperparameters": row["params"],
+                        **({"fp32_version": row["fp32_version"], "int8_speedup_vs_fp32_same_run": row["speed_ratio"]}
+                           if row["precision"] == "int8" else {})})
         return out
 
     def table(self) -> str:
@@ -443,7 +474,10 @@ def format_front(records: list[dict], plan: Pareto, device: str, dataset: str, s
     def pct(value):
         return "-" if value is None or value != value else f"{100 * value:.2f}"
 
-    width = max([7] + [len(r["student"]) for r in records])
+    def name(r):
+        return r["student"] + (" int8" if r.get("precision") == "int8" else "")
+
+    width = max([7] + [len(name(r)) for r in records])
     lines = [f"Pareto front of {dataset}: validation accuracy vs {COST_TEXT[plan.cost_key]} (chosen on validation; "
              f"test over {seeds} seed(s)); latency on {device}",
              f"{'student':<{width}}  {'ms b=1':>8}  {'ms/img':>8}  {'params':>9}  {'MFLOPs':>8}  {'val KD':>6}  "
@@ -453,9 +487,14 @@ def format_front(records: list[dict], plan: Pareto, device: str, dataset: str, s
                 if r["test_acc"] is not None and r["baseline_test_acc"] is not None else "-")
         version = f"v{r['version']}" + (f" @{r['alias']}" if r["alias"] else "") if r["version"] else "-"
         note = "" if r["baseline_tuned"] else "*"
-        lines.append(f"{r['student']:<{width}}  {r['latency_ms_batch1']:>8.4f}  {r['latency_ms_per_image']:>8.5f}  "
+        lines.append(f"{name(r):<{width}}  {r['latency_ms_batch1']:>8.4f}  {r['latency_ms_per_image']:>8.5f}  "
                      f"{r['params']:>9,}  {r['flops'] / 1e6:>8.3f}  {pct(r['val_acc']):>6}  {pct(r['test_acc']):>7}  "
                      f"{pct(r['baseline_test_acc']) + note:>10}  {gain:>8}  {version:>9}")
+    for r in records:
+        if r.get("precision") == "int8":
+            lines.append(f"{name(r)}: post-training int8 of v{r['fp32_version']} (onnxruntime), "
+                         f"{r['int8_speedup_vs_fp32_same_run']:.2f}x the speed of its fp32 file at batch 1, timed "
+                         "side by side in one process")
     if any(not r["baseline_tuned"] for r in records):
         lines.append("* the baseline search did not try this architecture: its baseline ran at the member's recipe values")
     budget = plan.budget_text()
@@ -599,7 +638,10 @@ def list_front(client, name: str, study_run: str | None = None) -> str:
         aliases.setdefault(str(version), []).append(alias)
     key = members[0].tags.get("pareto_cost", "latency_ms_batch1")
     members.sort(key=lambda v: float(v.tags.get(key, "nan") if key != "params" else v.tags.get("parameters", "nan")))
-    width = max([7] + [len(v.tags.get("student", "")) for v in members])
+    def student(v):
+        return v.tags.get("student", "?") + (" int8" if v.tags.get("precision") == "int8" else "")
+
+    width = max([7] + [len(student(v)) for v in members])
     lines = [f"{name}: Pareto front of study run {study_run} ({len(members)} members, by {key}; latency on "
              f"{members[0].tags.get('latency_device', '?')})",
              f"{'version':<8} {'aliases':<12} {'student':<{width}}  {'ms b=1':>8}  {'ms/img':>8}  {'params':>9}  "
@@ -607,7 +649,7 @@ def list_front(client, name: str, study_run: str | None = None) -> str:
     for v in members:
         t = v.tags
         marks = " ".join(f"@{a}" for a in aliases.get(str(v.version), []))
-        lines.append(f"v{v.version:<7} {marks:<12} {t.get('student', '?'):<{width}}  "
+        lines.append(f"v{v.version:<7} {marks:<12} {student(v):<{width}}  "
                      f"{float(t.get('latency_ms_batch1', 'nan')):>8.4f}  {float(t.get('latency_ms_per_image', 'nan')):>8.5f}  "
                      f"{int(t.get('parameters', 0)):>9,}  {int(t.get('flops', 0)) / 1e6:>8.3f}  "
                      f"{100 * float(t.get('val_acc_mean', 'nan')):>7.2f}%  {100 * float(t.get('test_acc_mean', 'nan')):>8.2f}%")
@@ -659,6 +701,11 @@ def add_options(parser) -> None:
                             "CPU (pip install 'kdtune[export]')")
     group.add_argument("--latency-repeats", type=int, default=21, help="timed forward passes; the median is kept")
     group.add_argument("--latency-batch", type=int, default=256, help="the batch of the per-image latency")
+    group.add_argument("--quantize", choices=["int8"],
+                       help="int8: each front member's post-training int8 twin (onnxruntime, calibrated on training "
+                            "samples) is measured and registered beside it; needs --latency-runtime onnxruntime")
+    group.add_argument("--calibration-samples", type=int, default=256,
+                       help="--quantize: training samples the int8 activation ranges are calibrated on")
 
 
 def parse_knobs(pairs: list[str]) -> dict[str, list[str]]:
@@ -692,7 +739,8 @@ def plan_from_args(args, default_student: str) -> Pareto:
     plan = Pareto(students=students, cost=args.cost, latency_budget_ms=args.latency_budget_ms,
                   max_params=args.max_params, early_stopping=args.asha, sampler=args.sampler,
                   latency_batch=args.latency_batch, warmup=args.latency_warmup, repeats=args.latency_repeats,
-                  latency_runtime=args.latency_runtime)
+                  latency_runtime=args.latency_runtime, quantize=args.quantize,
+                  calibration_samples=args.calibration_samples)
     plan.check()
     plan.refs()
     return plan

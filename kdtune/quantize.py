@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 CALIBRATION_SAMPLES = 256
 CALIBRATION_BATCH = 32
+EVAL_BATCH = 512  # samples per onnxruntime call when a split is evaluated (bounds the memory of a large split)
 
 
 def calibration_samples(dataset, n: int = CALIBRATION_SAMPLES, val_fraction: float = 0.1, seed: int = 0
@@ -40,18 +41,30 @@ def calibration_samples(dataset, n: int = CALIBRATION_SAMPLES, val_fraction: flo
     train_idx, _ = dataset.split(val_fraction)
     order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
     chosen = train_idx[order[:n]].sort().values
+    return split_samples(dataset, "train", chosen)[0], chosen
+
+
+def split_samples(dataset, split: str, indices=None) -> tuple["np.ndarray", "np.ndarray"]:
+    """(samples float32 in [0, 1], labels) of `split` ("train" or "test") at `indices` (all when None), decoded
+    from their files for a streamed dataset, as a streamed study reads them."""
+    import torch
+
+    labels = dataset.train_labels if split == "train" else dataset.test_labels
+    if indices is None:
+        indices = torch.arange(len(labels))
     if dataset.in_memory:
-        samples = dataset.train_images[chosen].float() * dataset.scale
-    else:  # decoded from their files, as a streamed study reads them
+        images = dataset.train_images if split == "train" else dataset.test_images
+        samples = images[indices].float() * dataset.scale
+    else:
         from kdtune.data import _FileBatches
 
-        raw, _, _, error = _FileBatches(dataset, "train")[chosen.tolist()]
+        raw, _, _, error = _FileBatches(dataset, split)[indices.tolist()]
         if error:
             from kdtune.errors import DatasetError
 
             raise DatasetError(error)
         samples = raw.float() * dataset.scale
-    return samples.numpy(), chosen
+    return samples.numpy(), labels[indices].numpy()
 
 
 class _Batches:
@@ -128,7 +141,9 @@ def compare(fp32_path: str | Path, int8_path: str | Path, samples: "np.ndarray",
     outputs = []
     for path in (fp32_path, int8_path):
         session = onnx_session(path, threads)
-        outputs.append(session.run(None, {session.get_inputs()[0].name: samples})[0])
+        name = session.get_inputs()[0].name
+        outputs.append(np.concatenate([session.run(None, {name: samples[i:i + EVAL_BATCH]})[0]
+                                       for i in range(0, len(samples), EVAL_BATCH)]))
     fp32, int8 = outputs
     labels = np.asarray(labels)
     return Comparison(float((fp32.argmax(1) == labels).mean()), float((int8.argmax(1) == labels).mean()),

@@ -82,11 +82,16 @@ def load_student(model_uri: str, tracking_uri: str | None = None, store: str | o
     try:
         version = _version(client, name, ref)
         location = client.get_model_version_download_uri(name, version)
+        precision = client.get_model_version(name, version).tags.get("precision")
     except TrackingError:
         raise
     except Exception as error:
         raise TrackingError(f"{shown}: not in the registry of {tracking.redact(uri)} ({tracking._first_line(error)});"
                             " `kdtune models list` shows what is registered") from None
+    if precision == "int8":  # kdtune/int8_front.py registers int8 students as ONNX files
+        raise TrackingError(f"{shown}: version {version} is an int8 ONNX student (--quantize int8): it runs in "
+                            f"onnxruntime, not PyTorch; `kdtune models export {name}/{version} --format onnx --out "
+                            "FILE` writes its file")
     with tempfile.TemporaryDirectory() as folder, tracking.quiet_mlflow():
         local = _local_copy(location, uri, artifacts, folder, shown)
         loaded = mlflow.pytorch.load_model(local, map_location=map_location)

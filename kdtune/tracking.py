@@ -607,6 +607,28 @@ def log_model(client, run_id: str, model: nn.Module, input_example: torch.Tensor
     return info.model_uri
 
 
+def log_onnx_model(client, run_id: str, path, input_example, name: str) -> str:
+    """Log the ONNX file `path` as an MLflow ONNX model into run `run_id` (its status unchanged), with the input
+    example (real samples, float32) and the signature of what onnxruntime returns on it; return its model URI."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    from kdtune.export import onnx_session
+
+    session = onnx_session(path)
+    outputs = session.run(None, {session.get_inputs()[0].name: input_example})[0]
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.onnx.log_model(onnx.load(str(path)), name=name, input_example=input_example,
+                                     signature=infer_signature(input_example, outputs),
+                                     pip_requirements=["onnxruntime", "onnx"], save_as_external_data=False)
+    if status != "FINISHED":
+        client.update_run(run_id, status=status)
+    return info.model_uri
+
+
 def model_signature(model: nn.Module, batch: torch.Tensor):
     """The MLflow signature of `model` on a real batch: float32 samples in, logits out, the batch dimension
     variable (-1). Inferred from what the model returns, not left to MLflow's best effort, which logs no

@@ -229,8 +229,10 @@ def assert_same_training(alone_trainer, alone, fused_trainer, fused):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
         assert abs(b["val_acc"] - a["val_acc"]) <= 1.5 / len(alone_trainer.val)  # at most one sample flips
     want, got = alone_trainer.student.state_dict(), fused_trainer.student.state_dict()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    for key in want:  # float order differs (vmap vs one model) and grows over epochs: judged on the tensor's scale
+        scale = float(want[key].abs().max()) if want[key].is_floating_point() else 0.0
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5 * max(scale, 1e-3),
+                                   msg=lambda m: f"{key}: {m}")
     want_state, got_state = alone_trainer.optimizer.state, fused_trainer.optimizer.state
     for p_want, p_got in zip(alone_trainer.student.parameters(), fused_trainer.student.parameters()):
         want_buffer = want_state[p_want]["momentum_buffer"]  # gradient-like: judged against its own scale

@@ -71,6 +71,10 @@ def test_flops_are_counted_deterministically_and_latency_is_a_median_per_device(
     (dict(latency_budget_ms=-1.5), "--latency-budget-ms -1.5: must be"),
     (dict(max_params=0), "--max-params 0: must be a whole number"),
     (dict(cost="speed"), "cost='speed': not a cost; allowed: latency, latency_per_image, params, flops"),
+    (dict(quantize="int8"), "--quantize int8 needs --latency-runtime onnxruntime: int8 students run in onnxruntime"),
+    (dict(quantize="int4", latency_runtime="onnxruntime"), "--quantize 'int4': allowed: int8"),
+    (dict(quantize="int8", latency_runtime="onnxruntime", calibration_samples=0),
+     "--calibration-samples 0: must be a whole number of training samples >= 1"),
 ])
 def test_a_bad_budget_or_cost_is_refused_before_anything_runs(plan, message):
     with pytest.raises(ConfigError) as error:
@@ -162,3 +166,59 @@ def test_a_pareto_study_registers_its_front_with_costs_and_picks_the_champion_wi
     assert [next(s for s in students if s in line) for line in rows] == students
     assert "@champion" in next(line for line in rows if chosen["student"] in line)
     assert list_front(client, "test-test_pareto") == listed.rstrip("\n")
+
+
+@pytest.mark.e2e
+def test_int8_twins_join_the_front_measured_in_onnxruntime_and_registered_beside_their_fp32_members(
+        local_ray, mlflow_server, tmp_path, digits, capsys):
+    import mlflow
+    import numpy as np
+
+    import kdtune
+    from kdtune.cli import main
+    from kdtune.errors import TrackingError
+
+    plan = Pareto(students=[SIZES[0], SIZES[2]], cost="params", latency_runtime="onnxruntime", quantize="int8",
+                  calibration_samples=64, repeats=3, warmup=1, latency_batch=16)
+    result = run_study(_study("test_pareto_int8", plan, tmp_path, mlflow_server.uri, samples=2), echo=print)
+    run, name = result.pareto, "test-test_pareto_int8"
+    fp32 = {r["student"]: r for r in run.rows if r["precision"] == "float32"}
+    int8 = {r["student"]: r for r in run.rows if r["precision"] == "int8"}
+    assert fp32 and set(int8) == set(fp32)  # every front member has its int8 twin on the front
+    client = client_for(mlflow_server.uri)
+    versions = {(v.tags["student"], v.tags["precision"]): v for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == {(s, p) for s in fp32 for p in ("float32", "int8")}
+    test_images = (digits.test_images.float() * digits.scale).numpy()
+    for student, row in int8.items():
+        version, twin = versions[(student, "int8")], versions[(student, "float32")]
+        assert version.tags["fp32_version"] == twin.version and version.run_id == twin.run_id
+        assert version.tags["latency_runtime"] == twin.tags["latency_runtime"] == "onnxruntime"
+        assert float(version.tags["latency_ms_batch1"]) > 0 and version.tags["latency_device"].startswith("cpu (")
+        assert version.tags["parameters"] == twin.tags["parameters"]
+        # what the study measured on the int8 file, reproduced from the registry in onnxruntime
+        model_uri = f"models:/{name}/{version.version}"
+        info = mlflow.models.get_model_info(model_uri)
+        assert info.signature is not None and "onnx" in info.flavors
+        logits = mlflow.pyfunc.load_model(model_uri).predict(test_images)
+        logits = np.asarray(logits if not isinstance(logits, dict) else next(iter(logits.values())))
+        accuracy = float((logits.argmax(1) == digits.test_labels.numpy()).mean())
+        assert accuracy == pytest.approx(float(version.tags["test_acc"]), abs=1e-3)
+        # int8 costs accuracy, not much of it; measured on the same validation split as its twin
+        assert abs(row["front"]["val_mean"] - fp32[student]["front"]["val_mean"]) <= 0.05
+        assert row["speed_ratio"] > 0
+    confirm = client.get_run(int8[next(iter(int8))]["trial"].run_id)
+    assert {"int8_val_acc", "int8_test_acc", "int8_agreement"} <= set(confirm.data.metrics)
+    front_text = client.download_artifacts(result.parent_run_id, "results/pareto_front.txt", str(tmp_path))
+    text = open(front_text).read()
+    assert all(f"{s} int8" in text for s in int8) and "post-training int8 of v" in text
+    capsys.readouterr()
+    assert main(["models", "pareto", name, "--tracking-uri", mlflow_server.uri]) == 0
+    assert sum(" int8 " in line for line in capsys.readouterr().out.splitlines()) == len(int8)
+    # the int8 file ships as it is; PyTorch loading says where it runs instead
+    some = versions[(next(iter(int8)), "int8")]
+    out = tmp_path / "int8.onnx"
+    assert main(["models", "export", f"{name}/{some.version}", "--format", "onnx", "--out", str(out),
+                 "--tracking-uri", mlflow_server.uri]) == 0
+    assert "onnx (int8, the registered file)" in capsys.readouterr().out and out.stat().st_size > 0
+    with pytest.raises(TrackingError, match=r"is an int8 ONNX student \(--quantize int8\): it runs in onnxruntime"):
+        kdtune.load_student(f"models:/{name}/{some.version}", tracking_uri=mlflow_server.uri)

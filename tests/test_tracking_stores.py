@@ -221,7 +221,9 @@ def test_the_readme_snippet_loads_the_champion_after_the_quickstart_with_no_serv
     out = json.loads(run.stdout.strip().splitlines()[-1])
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / '.kdtune' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / '.kdtune' / 'mlflow.db'}"
+    # both URIs named: an earlier test in this process may have set mlflow's global registry URI
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version_by_alias("kdtune-digits-digits_student", "champion")
     assert out["shape"] == [359, 10] and out["training"] is False
     assert abs(out["accuracy"] - float(version.tags["test_acc"])) < 1e-3  # what the study measured, reproduced
