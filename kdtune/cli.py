@@ -266,7 +266,7 @@ def cmd_models_export(args, client, uri) -> int:
 
 
 def cmd_models_pareto(args, client, uri) -> int:
-    from kdtune.pareto import list_front
+    from kdtune.pareto.front import list_front
 
     print(list_front(client, args.name, args.study_run))
     return 0

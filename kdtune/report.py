@@ -201,7 +201,7 @@ def make_report(study: StudyRuns) -> Report:
              if p is not None]
     if _is_alpha_temperature_grid(summary):
         texts["matrix.txt"] = format_matrix(summary, "temperature", "alpha", *MATRIX_CORNER)
-    from kdtune.pareto import report_parts
+    from kdtune.pareto.front import report_parts
 
     front = report_parts(study)
     if front is not None:  # a Pareto study: its front first; T and links vary with the architecture there

@@ -26,16 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdtune import cluster, ensemble, registry, report, students, teachers, tracking, warmstart
+from kdtune import cluster, ensemble, registry, report, teachers, tracking, warmstart
 from kdtune.distill.registry import trial_config
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.parts import StudyParts
 from kdtune.fusion import group_size, group_variants
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
+from kdtune.study_context import StudyContext
+from kdtune.study_kind import kind_of
 from kdtune.storage import Location, check_storage
-from kdtune.results import BASELINE_LABEL, format_table, pick_best, skipped_row, summarise
-from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, distill_trial, members_of
+from kdtune.results import BASELINE_LABEL, format_table, skipped_row, summarise
+from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, members_of
 
 STUDY_FILE = "kdtune_study.json"
 
@@ -123,7 +125,7 @@ class StudyResult:
     training_time_s: float
     teacher: str = ""  # the references' texts, as resolved
     student: str = ""
-    pareto: Any = None  # a Pareto study's front and costs (kdtune.pareto.ParetoRun)
+    kind: Any = None  # the study kind that ran it (kdtune/study_kind.py): a Pareto study's holds its front
 
     def table(self) -> str:
         return format_table(self.summary, self.spec.label_header)
@@ -153,16 +155,14 @@ class _Study:
         self.uri, self.store, self.saved, self.echo = uri, store, saved, echo
         self.base = resolved.base
         self.client = tracking.client_for(uri)
+        self.context = StudyContext(spec, resolved, self.client, echo)
 
     def run(self, started: float) -> StudyResult:
         spec = self.spec
         cluster.check_tracking_reachable(self.uri)
         cluster.check_resources(spec.cpus_per_trial, spec.gpus_per_trial)  # before any run or folder exists
-        self.pareto = None
-        if spec.pareto is not None:  # every candidate student's costs, measured before any run or folder exists
-            from kdtune.pareto import ParetoRun
-
-            self.pareto = ParetoRun.measure(spec, self.resolved, self.echo)
+        # the kind (kdtune/study_kind.py); a Pareto study measures its candidates' costs here, before any run
+        self.kind = kind_of(spec, self.resolved, self.echo)
         if self.resolved.teacher_plan is not None:  # a mismatched registered teacher is refused here, early
             self.resolved.teacher_plan.find_registered(self.dataset, self.resolved.teacher, self.echo,
                                                        self.resolved.held_out)
@@ -216,25 +216,18 @@ class _Study:
                         raise KdtuneError("the baseline search finished no trial; see the failures above")
                     point = describe({k: v for k, v in tuned.params.items() if k != "method"})
                     baseline = {**tuned.params, "label": BASELINE_LABEL, "point": point}
-                confirm = [baseline, *bests]
-                if self.pareto is not None:  # each front member and the same student without distillation
-                    confirm = self.pareto.confirm_variants(phases)
+                confirm = self.kind.confirm_variants(phases, [baseline, *bests])
                 phases["confirm"] = self._run_phase("confirm", trainable, study_dir, context,
                                                     self._grid_space(confirm))
             final = phases.get("confirm") or phases["grid"]
             order = [v["label"] for v in (confirm if searches else spec.variants)]
             summary = summarise(final, order=order, allow_failed=spec.allow_failed_best)
             summary += [skipped_row(label, reason) for label, reason in self.resolved.skipped.items()]
-            best_label = pick_best(summary, allow_failed=spec.allow_failed_best)
-            if self.pareto is not None:  # every front member registered; the champion chosen within the budget
-                best_label, champion = self.pareto.finish(self, phases, final, summary, parent_id)
-            else:
-                champion = self._register_best(final, summary, best_label) if best_label else None
+            best_label, champion = self.kind.finish(self.context, phases, final, summary, parent_id)
             training_time = sum(t.metrics.get("training_time_s", 0.0) for p in phases.values() for t in p)
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
                                  self.uri, str(study_dir), time.perf_counter() - started, training_time,
-                                 self.resolved.teacher.spec, self.resolved.student.spec)
-            result.pareto = self.pareto
+                                 self.resolved.teacher.spec, self.resolved.student.spec, self.kind)
             _log_study_results(self.client, parent_id, result)
             self._log_report(parent_id, study_dir / "report")
             status = "FINISHED"
@@ -317,15 +310,9 @@ class _Study:
             parts.teacher_state = teacher.state_dict
             parts.teacher_logits = self._teacher_logits_if_useful(parts)
             self._teacher_accuracies(parts, teacher, context)
-        if resolved.students:  # a Pareto study: each trial builds the student its config names
-            from kdtune.pareto import student_parts, student_trial
-
-            return tune.with_resources(
-                tune.with_parameters(student_trial, parts=student_parts(parts, resolved.students), context=context,
-                                     base=self.base, threads=int(spec.cpus_per_trial)),
-                {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+        function, trial_parts = self.kind.trainable(parts, resolved)
         return tune.with_resources(
-            tune.with_parameters(distill_trial, parts=parts, context=context, base=self.base,
+            tune.with_parameters(function, parts=trial_parts, context=context, base=self.base,
                                  threads=int(spec.cpus_per_trial)),
             {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
         )
@@ -408,25 +395,15 @@ class _Study:
             return tune.TuneConfig(max_concurrent_trials=self.spec.max_concurrent, **common)
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
 
-        import optuna
-
-        if self.pareto is not None:  # accuracy and the student's cost: a multi-objective Optuna study
-            searcher = self.pareto.searcher(search, search.points_to_evaluate or None)
-        else:
-            searcher = OptunaSearch(space=search.suggest, metric=OBJECTIVE.metric, mode=OBJECTIVE.mode,
-                                    points_to_evaluate=search.points_to_evaluate or None,
-                                    sampler=optuna.samplers.TPESampler(seed=search.seed))
-        limited = ConcurrencyLimiter(searcher, max_concurrent=self.spec.max_concurrent or 2)
+        limited = ConcurrencyLimiter(self.kind.searcher(search), max_concurrent=self.spec.max_concurrent or 2)
         # ASHA counts main-stage epochs (trial.py reports `main_epoch`): a two-stage method (hints, fsp,
         # adversarial_pretrained) is compared with the others at the same point of its main stage, never while
         # its first stage still runs, and can run to its last epoch and win
         epochs = max(c.epochs for c in self.configs)
-        scheduler = ASHAScheduler(time_attr="main_epoch", metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_t=epochs,
-                                  grace_period=search.grace_period, reduction_factor=search.reduction_factor)
-        if self.pareto is not None and not self.pareto.plan.early_stopping:
-            scheduler = None  # ASHA judges accuracy alone and would stop the small students the front needs
+        scheduler = self.kind.scheduler(ASHAScheduler(
+            time_attr="main_epoch", metric=OBJECTIVE.metric, mode=OBJECTIVE.mode, max_t=epochs,
+            grace_period=search.grace_period, reduction_factor=search.reduction_factor))
         return tune.TuneConfig(search_alg=limited, scheduler=scheduler, num_samples=search.num_samples,
                                time_budget_s=search.time_budget_s, **common)
 
@@ -444,66 +421,6 @@ class _Study:
             # verbose=0: no Tune status tables or per-trial result lines; the progress callback says what matters
             callbacks=[close_runs_callback(context), progress], verbose=0,
         )
-
-    def _register_best(self, trials: list[TrialRecord], summary: list[dict], best_label: str):
-        """Register the best configuration's best seed; the registry gate decides whether it is champion."""
-        from kdtune.models import count_parameters
-
-        row = next(r for r in summary if r["label"] == best_label)
-        candidates = [t for t in trials if t.label == best_label and t.point == row["point"] and t.finished
-                      and "weights_uri" in t.metrics]
-        best = OBJECTIVE.best_trial(candidates)
-        if best is None:
-            return None
-        spec, base, metrics = self.spec, self.base, best.metrics
-        student = self.resolved.student.build(self.dataset.num_classes, self.dataset.input_shape)
-        tags = {
-            "study": spec.name, "dataset": self.dataset.name, "teacher": self.teacher_cfg.student,
-            "student": base["student"], "method": best.params.get("method", base.get("method")),
-            "label": best_label, "tuned": row["point"] or "-", "seed": best.seed, "run_id": best.run_id,
-            "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
-            "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]), "parameters": count_parameters(student),
-            **{f"hp.{k}": v for k, v in best.params.items()},
-            **self._champion_latency(),
-        }
-        val_fraction = trial_config(best.params, base).val_fraction
-        decision = registry.register(
-            self.client, students.servable_model_uri(self.client, best.run_id, self.resolved.student, self.dataset),
-            self.registered_name(), tags, val_mean=row["val_mean"],
-            seeds=row["n"], test_mean=row["test_mean"],
-            val_set=registry.validation_fingerprint(self.dataset, val_fraction),
-            test_set=registry.test_set_fingerprint(self.dataset), margin=spec.margin)
-        self.echo(f"registry: {decision.name} version {decision.version} -> @{decision.alias} ({decision.reason})")
-        return decision
-
-    def _champion_latency(self) -> dict[str, str]:
-        """The registered student's latency as version tags (kdtune/costs.py latency_tags): measured once, here,
-        after every trial of the study has ended, alone where a trial runs (the driver for a local CPU study, else
-        one Ray task with a trial's CPUs and a whole GPU), the way a Pareto study measures its candidates. Latency
-        depends on the architecture, not on the trained weights. A failed measurement costs the version its
-        latency tags, not its registration."""
-        import math
-
-        from kdtune import costs
-
-        spec, dataset, ref = self.spec, self.dataset, self.resolved.student
-        try:
-            table, seconds = cluster.run_like_a_trial(
-                costs.measure_task, {ref.spec: ref}, dataset.num_classes, tuple(dataset.input_shape),
-                threads=max(1, int(spec.cpus_per_trial)), cpus=spec.cpus_per_trial,
-                gpus=math.ceil(spec.gpus_per_trial))
-        except Exception as error:  # a timing must never cost the study its registration
-            self.echo(f"latency: not measured ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
-                      "version is registered without latency tags")
-            return {}
-        measured = table[ref.spec]
-        self.echo(f"latency: {ref.spec} measured alone after the study on {measured['device']} in {seconds:.1f}s: "
-                  f"{measured['latency_ms_batch1']:.4f} ms at batch 1, {measured['latency_ms_per_image']:.5f} ms "
-                  "per image in a batch of 256")
-        return costs.latency_tags(measured)
-
-    def registered_name(self) -> str:
-        return self.spec.register_as or f"kdtune-{self.dataset.name}-{self.resolved.student.name}"
 
 
 def _cache_teacher_logits(parts: StudyParts, val_fraction: float):
@@ -595,14 +512,11 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
                          m.get("test_acc"), m.get("test_acc_at_best_val"), m.get("best_epoch"), m.get("epoch"),
                          t.run_id, t.error or ""])
     client.log_text(parent_id, buffer.getvalue(), "results/trials.csv")
-    from kdtune.options import tuning_of
-    from kdtune.results import format_failures, verdict
+    from kdtune.results import format_failures
 
     # every failed trial: at the chosen points, at the points not chosen, and in the other phases (searches)
     failures = format_failures(result.summary, [t for p in result.phases.values() if p is not result.trials for t in p])
-    lines = [result.table(), verdict(result.summary, tuning_of(result)), failures]
-    if result.pareto is not None:  # its table is the front: each member with its no-distillation student
-        lines = [result.pareto.table(), failures]
+    lines = result.kind.result_lines(result, failures)
     client.log_text(parent_id, "\n".join(filter(None, lines)) + "\n", "results/table.txt")
     client.set_tag(parent_id, "kdtune.best", str(result.best_label))
     if result.registration:

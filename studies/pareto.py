@@ -15,7 +15,7 @@ validation) is re-run with its no-distillation students over --seeds seeds, repo
 report, and registered: one version per member with its costs as tags. With --latency-budget-ms or
 --max-params the most accurate member within the budget (on validation) goes through the gate for @champion.
 """
-from kdtune import pareto
+from kdtune.pareto import script as pareto
 from kdtune.options import study_parser
 
 

@@ -16,7 +16,7 @@ before the confirm phase, so the student trained alone is tuned as well as the d
 """
 import sys
 
-from kdtune import pareto
+from kdtune.pareto import script as pareto
 from kdtune.options import finish, spec_from_args, study_parser, user_errors
 from kdtune.spaces import MethodSpace, candidate_link_sets
 from kdtune.resolve import common_links, models_of, recipe_of

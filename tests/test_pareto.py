@@ -13,7 +13,8 @@ from kdtune import costs
 from kdtune.errors import ConfigError
 from kdtune.models.families import expand_family
 from kdtune.models.refs import model_ref
-from kdtune.pareto import Pareto, front_indices, list_front
+from kdtune.pareto import Pareto, front_indices
+from kdtune.pareto.front import list_front
 from kdtune.spaces import MethodSpace
 from kdtune.study import Search, StudySpec, run_study
 from kdtune.tracking import client_for
@@ -121,7 +122,7 @@ def test_a_pareto_study_registers_its_front_with_costs_and_picks_the_champion_wi
     # cost: parameters, which are deterministic (latency of these tiny students differs by less than its noise)
     plan = Pareto(students=SIZES, cost="params", max_params=budget, repeats=3, warmup=1, latency_batch=16)
     result = run_study(_study("test_pareto", plan, tmp_path, mlflow_server.uri), echo=lambda *a: None)
-    run = result.pareto
+    run = result.kind
     search = [t for t in result.phases["search"] if t.finished]
     assert {t.params["student"] for t in search} >= {SIZES[0], SIZES[2]}  # the start points ran
     # the front: non-dominated on validation accuracy and cost among the finished search trials
@@ -181,7 +182,7 @@ def test_int8_twins_join_the_front_measured_in_onnxruntime_and_registered_beside
     plan = Pareto(students=[SIZES[0], SIZES[2]], cost="params", latency_runtime="onnxruntime", quantize="int8",
                   calibration_samples=64, repeats=3, warmup=1, latency_batch=16)
     result = run_study(_study("test_pareto_int8", plan, tmp_path, mlflow_server.uri, samples=2), echo=print)
-    run, name = result.pareto, "test-test_pareto_int8"
+    run, name = result.kind, "test-test_pareto_int8"
     fp32 = {r["student"]: r for r in run.rows if r["precision"] == "float32"}
     int8 = {r["student"]: r for r in run.rows if r["precision"] == "int8"}
     assert fp32 and set(int8) == set(fp32)  # every front member has its int8 twin on the front
