@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from kdtune.errors import ConfigError, KdtuneError, TrackingError
+from kdtune.tags import BEST_TAG, REGISTERED_TAG, ROLE_TAG, STUDY_TAG, TEACHER_TAG
 
 
 # ---- mlflow -----------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def cmd_teacher_train(args, client, uri) -> int:
     cluster.check_resources(args.cpus, args.gpus, options={"CPU": "--cpus", "GPU": "--gpus"})  # the run exists
     experiment_id = tracking.get_or_create_experiment(client, "teachers")
     parent = client.create_run(experiment_id, run_name=f"teacher {resolved.dataset.name} {config.student}",
-                               tags={"kdtune.role": "study", "kdtune.study": "teachers"})
+                               tags={ROLE_TAG: "study", STUDY_TAG: "teachers"})
     status = "FAILED"
     try:
         context = tracking.TrackingContext(uri, experiment_id, parent.info.run_id)
@@ -158,7 +159,7 @@ def cmd_study_show(args, client, uri) -> int:
     run = find_study_run(client, args.study)
     print(f"study {run.data.tags.get('kdtune.study')} run {run.info.run_id} ({run.info.status})")
     print(f"  {ui_link(uri, run.info.experiment_id)}")
-    for key in ("kdtune.teacher", "kdtune.best", "kdtune.registered"):
+    for key in (TEACHER_TAG, BEST_TAG, REGISTERED_TAG):
         if key in run.data.tags:
             print(f"  {key.split('.', 1)[1]}: {run.data.tags[key]}")
     try:

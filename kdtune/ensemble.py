@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from kdtune.errors import ConfigError
+from kdtune.tags import TEACHERS_TAG
 
-TEACHERS_TAG = "kdtune.teachers"  # parent-run tag: JSON list of {"member", "source", "val_acc", "test_acc"}
 ENSEMBLE = "ensemble"
 
 

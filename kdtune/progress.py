@@ -148,7 +148,7 @@ class PhaseProgress(Callback):
 
     def _setting(self, member: dict) -> str:
         """A member's label (whole) and tuned point; a bare value is named by the table's header (T=2)."""
-        from kdtune.results import BASELINE_LABEL
+        from kdtune.tags import BASELINE_LABEL
 
         label, header = str(member.get("label", "")), self.label_header or ""
         bare = label and not any(c in label for c in " =,") and label != BASELINE_LABEL

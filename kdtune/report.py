@@ -38,7 +38,7 @@ from kdtune.errors import KdtuneError
 from kdtune.records import FINISHED, STOPPED, UNFINISHED, TrialRecord, status_of
 from kdtune.results import (BASELINE_LABEL, format_gain, format_matrix, format_table, mean_and_spread, percent,
                             baseline_tuning, format_failures, other_points_note, pick_best, summarise, verdict)
-from kdtune.trial import FAILURE_TAG
+from kdtune.tags import FAILURE_TAG
 
 REPORT_ARTIFACT_PATH = "report"
 STOPPED_TAG = "kdtune.stopped_early_at_epoch"
@@ -136,7 +136,7 @@ def trial_of(run) -> TrialRecord:
 
 
 def is_confirm(trial: TrialRecord) -> bool:
-    from kdtune.pareto import BASELINE_PREFIX, FRONT_PREFIX  # a Pareto study's confirm rows
+    from kdtune.tags import BASELINE_PREFIX, FRONT_PREFIX  # a Pareto study's confirm rows
 
     return trial.label == BASELINE_LABEL or trial.label.startswith((CONFIRM_PREFIX, FRONT_PREFIX, BASELINE_PREFIX))
 

@@ -10,8 +10,8 @@ import math
 import statistics
 
 from kdtune.records import OBJECTIVE, TrialRecord
+from kdtune.tags import BASELINE_LABEL
 
-BASELINE_LABEL = "baseline"
 
 
 def point_rows(trials: list[TrialRecord], order: list[str] | None = None) -> list[dict]:

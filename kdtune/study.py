@@ -36,8 +36,10 @@ from kdtune.resolve import ResolvedStudy, resolve_study
 from kdtune.study_context import StudyContext
 from kdtune.study_kind import kind_of
 from kdtune.storage import Location, check_storage
-from kdtune.results import BASELINE_LABEL, format_table, skipped_row, summarise
+from kdtune.results import format_table, skipped_row, summarise
 from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, members_of
+from kdtune.tags import (BASELINE_LABEL, BEST_TAG, REGISTERED_TAG, ROLE_TAG, STUDY_TAG, TEACHER_TAG, TEACHER_VERSION_TAG,
+                         TEACHER_WEIGHTS_TAG, TRAIN_SET_TAG)
 
 STUDY_FILE = "kdtune_study.json"
 
@@ -258,9 +260,9 @@ class _Study:
             return self.saved["experiment_id"], parent_id
         experiment_id = tracking.get_or_create_experiment(self.client, spec.name)
         parent = self.client.create_run(experiment_id, run_name=f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                        tags={"kdtune.role": "study", "kdtune.study": spec.name,
+                                        tags={ROLE_TAG: "study", STUDY_TAG: spec.name,
                                               # which samples: a warm start matches earlier studies on it
-                                              warmstart.TRAIN_SET_TAG: registry.train_set_fingerprint(self.dataset)})
+                                              TRAIN_SET_TAG: registry.train_set_fingerprint(self.dataset)})
         tracking.log_params(self.client, parent.info.run_id, {
             "dataset": self.dataset.name, "teacher": self.teacher_cfg.student, "student": self.base["student"],
             "seeds": spec.seeds, "variants": len(spec.variants),
@@ -298,15 +300,15 @@ class _Study:
         if resolved.needs_teacher:
             teacher = teachers.obtain_teacher(self.teacher_cfg, self.dataset, resolved.teacher, resolved.teacher_plan,
                                               context, spec.cpus_per_trial, spec.gpus_per_trial, log=self.echo)
-            self.client.set_tag(context.parent_run_id, "kdtune.teacher", teacher.source)
+            self.client.set_tag(context.parent_run_id, TEACHER_TAG, teacher.source)
             # the teacher's exact identity, whatever its source text: the registered version an alias resolved to,
             # and its weights' fingerprint (what a warm start matches earlier studies on: kdtune/warmstart.py)
             states = teacher.state_dict if teacher.members else [teacher.state_dict]
             fitted = [teachers.fit_state(state, resolved.teacher, self.dataset, teacher.source) for state in states]
-            self.client.set_tag(context.parent_run_id, warmstart.TEACHER_WEIGHTS_TAG,
+            self.client.set_tag(context.parent_run_id, TEACHER_WEIGHTS_TAG,
                                 teachers.weights_fingerprint(fitted if teacher.members else fitted[0]))
             if teacher.versions:
-                self.client.set_tag(context.parent_run_id, warmstart.TEACHER_VERSION_TAG, teacher.versions)
+                self.client.set_tag(context.parent_run_id, TEACHER_VERSION_TAG, teacher.versions)
             parts.teacher_state = teacher.state_dict
             parts.teacher_logits = self._teacher_logits_if_useful(parts)
             self._teacher_accuracies(parts, teacher, context)
@@ -518,7 +520,7 @@ def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
     failures = format_failures(result.summary, [t for p in result.phases.values() if p is not result.trials for t in p])
     lines = result.kind.result_lines(result, failures)
     client.log_text(parent_id, "\n".join(filter(None, lines)) + "\n", "results/table.txt")
-    client.set_tag(parent_id, "kdtune.best", str(result.best_label))
+    client.set_tag(parent_id, BEST_TAG, str(result.best_label))
     if result.registration:
-        client.set_tag(parent_id, "kdtune.registered", f"{result.registration.name} version "
+        client.set_tag(parent_id, REGISTERED_TAG, f"{result.registration.name} version "
                                                        f"{result.registration.version} @{result.registration.alias}")

@@ -23,9 +23,9 @@ from kdtune.data import Dataset
 from kdtune.engine import pick_device
 from kdtune.errors import TrainingDiverged
 from kdtune.parts import StudyParts
+from kdtune.tags import (FAILURE_TAG, LABEL_TAG, OVERRIDES_TAG, POINT_TAG, ROLE_TAG, STOPPED_TAG,
+                         TUNE_TRIAL_TAG)
 
-FAILURE_TAG = "kdtune.failure"
-TUNE_TRIAL_TAG = "kdtune.tune_trial"  # every member run of one Tune trial carries its id
 MEMBERS_KEY = "members"  # the reported metric holding each member's last metrics (JSON)
 
 
@@ -79,10 +79,10 @@ class _MemberRun:
         key = trial_id if size == 1 else f"{trial_id}/{index}"
         name = f"{member.label} {member.point} seed={member.seed}".replace("  ", " ")
         self.run = tracking.ChildRun(context, trial_key=key, run_name=name, params=self.config.to_flat(), tags={
-            "kdtune.role": "student", "kdtune.label": member.label, "kdtune.point": member.point,
+            ROLE_TAG: "student", LABEL_TAG: member.label, POINT_TAG: member.point,
             TUNE_TRIAL_TAG: trial_id,
             # what this trial set on top of the study's base: for a search, exactly what the space sampled
-            "kdtune.overrides": json.dumps(member.overrides, sort_keys=True)}, attempt_tags=attempt)
+            OVERRIDES_TAG: json.dumps(member.overrides, sort_keys=True)}, attempt_tags=attempt)
         self.metrics: dict = dict(self.run.recorded.metrics) if self.run.completed else {}
         if self.run.completed:
             self.metrics["weights_uri"] = self.run.recorded.tags[students.WEIGHTS_TAG]
@@ -298,7 +298,7 @@ def close_runs_callback(context):
             for run in runs:  # every member of the trial still open: stopped by the scheduler, or failed for good
                 run_id = run.info.run_id
                 if status == "FINISHED" and last.get("epoch") != last.get("epochs_total"):
-                    tracking.retrying(lambda: client.set_tag(run_id, "kdtune.stopped_early_at_epoch", str(
+                    tracking.retrying(lambda: client.set_tag(run_id, STOPPED_TAG, str(
                         last.get("epoch", 0))), "tag a stopped run", context.uri)
                 if status == "FAILED" and getattr(trial, "error_file", None):
                     tracking.retrying(lambda: client.set_tag(run_id, FAILURE_TAG, _last_line(trial)),

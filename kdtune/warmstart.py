@@ -36,11 +36,9 @@ import json
 from dataclasses import dataclass
 
 from kdtune.errors import ConfigError
+from kdtune.tags import (OVERRIDES_TAG, STOPPED_TAG, TEACHER_TAG, TEACHER_VERSION_TAG, TEACHER_WEIGHTS_TAG,
+                         TRAIN_SET_TAG, WARM_TAG)
 
-WARM_TAG = "kdtune.warm_start"
-TEACHER_WEIGHTS_TAG = "kdtune.teacher_weights"  # on a study run: the fingerprint of the teacher's weights
-TEACHER_VERSION_TAG = "kdtune.teacher_version"  # on a study run: "name/version" of a registered teacher
-TRAIN_SET_TAG = "kdtune.train_set"  # on a study run: the training samples' fingerprint (kdtune/registry.py)
 TOLERANCE = 0.02  # relative: a recorded value this close outside a range is moved onto its bound
 SHOWN_SKIPS = 10
 
@@ -109,11 +107,11 @@ def candidates(client, identity: dict, exclude_run: str | None = None) -> list[C
         per_config: dict[str, list] = {}
         for run in runs:
             metrics = run.data.metrics
-            if ("kdtune.stopped_early_at_epoch" in run.data.tags or OBJECTIVE.metric not in metrics
+            if (STOPPED_TAG in run.data.tags or OBJECTIVE.metric not in metrics
                     or metrics.get("epoch") != metrics.get("epochs_total")):
                 continue  # stopped by ASHA, or not at its last epoch: not a finished configuration
             try:
-                point = json.loads(run.data.tags.get("kdtune.overrides", ""))
+                point = json.loads(run.data.tags.get(OVERRIDES_TAG, ""))
             except ValueError:
                 continue
             if not isinstance(point, dict) or "method" not in point:
@@ -145,7 +143,7 @@ def _other_teacher(params: dict, tags: dict, identity: dict) -> str:
     if not recorded:
         return (f"its study records no teacher fingerprint (run before kdtune recorded one), so it cannot be shown "
                 f"to have distilled from this study's teacher ({this})")
-    that = _teacher_text(tags.get("kdtune.teacher"), tags.get(TEACHER_VERSION_TAG), recorded)
+    that = _teacher_text(tags.get(TEACHER_TAG), tags.get(TEACHER_VERSION_TAG), recorded)
     return f"distilled from another teacher ({that}; this study's: {this})"
 
 
@@ -355,6 +353,6 @@ def identity_of(study, tags: dict) -> dict:
     weights; `tags` are this study's parent-run tags (the teacher's, once it is obtained)."""
     return {"dataset": study.dataset.name, "teacher": study.teacher_cfg.student, "student": study.base["student"],
             "train_samples": study.dataset.num_train, "train_set": tags.get(TRAIN_SET_TAG),
-            "teacher_source": tags.get("kdtune.teacher"), "teacher_weights": tags.get(TEACHER_WEIGHTS_TAG),
+            "teacher_source": tags.get(TEACHER_TAG), "teacher_weights": tags.get(TEACHER_WEIGHTS_TAG),
             "teacher_version": tags.get(TEACHER_VERSION_TAG)}
 

@@ -18,7 +18,8 @@ seed 004 writes its lambda * H(P_T^T, P_S^T) without T^2: --soft-scale none runs
 """
 from kdtune.config import SOFT_SCALE_TEXT, SOFT_SCALES
 from kdtune.options import finish, spec_from_args, study_parser
-from kdtune.results import BASELINE_LABEL, format_table
+from kdtune.results import format_table
+from kdtune.tags import BASELINE_LABEL
 from kdtune.study import run_study
 
 ABLATION = [("L_S", 1, 0, 0), ("L_GAN", 0, 0, 1), ("L_GAN + L_S", 1, 0, 1), ("L_GAN + L_L1", 0, 1, 1),

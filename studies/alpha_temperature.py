@@ -11,7 +11,8 @@ soft term's gradient shrinks as 1/T^2, so at large T the students train mostly o
 """
 from kdtune.config import SOFT_SCALE_TEXT, SOFT_SCALES
 from kdtune.options import finish, spec_from_args, study_parser
-from kdtune.results import BASELINE_LABEL, format_matrix
+from kdtune.results import format_matrix
+from kdtune.tags import BASELINE_LABEL
 from kdtune.study import run_study
 
 ALPHAS = [0.3, 0.5, 0.7, 0.9]

@@ -15,7 +15,7 @@ only the layers up to the last linked one; the others keep their BatchNorm stati
 """
 from kdtune.config import HINT_LOSSES
 from kdtune.options import finish, spec_from_args, study_parser, user_errors
-from kdtune.results import BASELINE_LABEL
+from kdtune.tags import BASELINE_LABEL
 from kdtune.study import run_study
 
 

@@ -15,7 +15,7 @@ summed per sample (seed 001 eq. 2.4 writes the squared norm, the same up to a fa
 """
 from kdtune.config import HINT_LOSSES, SOFT_SCALE_TEXT, SOFT_SCALES
 from kdtune.options import finish, spec_from_args, study_parser
-from kdtune.results import BASELINE_LABEL
+from kdtune.tags import BASELINE_LABEL
 from kdtune.study import run_study
 
 

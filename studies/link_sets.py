@@ -13,7 +13,7 @@ intermediate term is the MSE over each linked pair, as seed 000 writes it.
 """
 from kdtune.config import SOFT_SCALE_TEXT, SOFT_SCALES
 from kdtune.options import finish, spec_from_args, study_parser, user_errors
-from kdtune.results import BASELINE_LABEL
+from kdtune.tags import BASELINE_LABEL
 from kdtune.resolve import common_links, models_of
 from kdtune.study import run_study
 

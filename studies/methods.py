@@ -14,7 +14,7 @@ feature maps to link) is listed as skipped, with the reason. 'NAME+ls' is NAME w
 (Sun et al. 2024) for the logit methods (kd, dkd, dist, ctkd).
 """
 from kdtune.options import finish, spec_from_args, study_parser, user_errors
-from kdtune.results import BASELINE_LABEL
+from kdtune.tags import BASELINE_LABEL
 from kdtune.spaces import MethodSpace, candidate_link_sets
 from kdtune.study import Search, run_study
 

@@ -10,7 +10,8 @@ teacher, (3) the student distilled from the assistant. Each step has its own T a
 from kdtune.distill import method_class
 from kdtune.errors import KdtuneError
 from kdtune.options import finish, shared_tracking, spec_from_args, study_parser, user_errors
-from kdtune.results import BASELINE_LABEL, format_table, summarise
+from kdtune.results import format_table, summarise
+from kdtune.tags import BASELINE_LABEL
 from kdtune.study import run_study
 
 DIGITS_CHAIN = {"assistant": "digits_assistant", "student": "digits_student"}

@@ -9,7 +9,7 @@ chosen on validation. The line under the table says whether distillation beats t
         --tracking-uri http://head:5000 --storage /shared/ray_results
 """
 from kdtune.options import finish, spec_from_args, study_parser, user_errors
-from kdtune.results import BASELINE_LABEL
+from kdtune.tags import BASELINE_LABEL
 from kdtune.study import run_study
 
 TEMPERATURES = [0.6, 1, 1.5, 2, 2.5, 3, 5, 10, 40]

@@ -39,12 +39,6 @@ COSTS = {"latency": "latency_ms_batch1", "latency_per_image": "latency_ms_per_im
          "flops": "flops"}
 COST_TEXT = {"latency_ms_batch1": "latency at batch 1 (ms)", "latency_ms_per_image": "latency per image in a "
              "batch (ms)", "params": "parameters", "flops": "FLOPs per sample"}
-PHASE_TAG = "kdtune.pareto.phase"  # search | baseline_search | front | baseline
-ON_FRONT_TAG = "kdtune.pareto.on_front"
-COST_TAG = "kdtune.pareto.cost"
-DEVICE_TAG = "kdtune.pareto.device"
-FRONT_PREFIX, BASELINE_PREFIX = "front: ", "baseline: "
-FRONT_STUDY_TAG = "pareto_study_run"  # on every registered front member: the study run that made the front
 
 
 def cost_metric(key: str) -> str:

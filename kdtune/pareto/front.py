@@ -2,7 +2,8 @@
 NAME` (the registered front, cheapest first)."""
 from __future__ import annotations
 
-from kdtune.pareto import COST_TAG, COST_TEXT, DEVICE_TAG, FRONT_STUDY_TAG, ON_FRONT_TAG, PHASE_TAG, cost_metric
+from kdtune.pareto import COST_TEXT, cost_metric
+from kdtune.tags import COST_TAG, DEVICE_TAG, FRONT_STUDY_TAG, ON_FRONT_TAG, PHASE_TAG, STUDENT_TAG
 
 
 # ---- the report's figure (from MLflow alone) -------------------------------------------------------
@@ -33,7 +34,7 @@ def report_parts(study_runs):
         points: dict[str, list] = {}
         for run in runs:
             if value in run.data.metrics:
-                points.setdefault(run.data.tags.get("kdtune.student", "?"), []).append(run)
+                points.setdefault(run.data.tags.get(STUDENT_TAG, "?"), []).append(run)
         rows = []
         for student, members in points.items():
             values = [100 * r.data.metrics[value] for r in members]

@@ -22,9 +22,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdtune.tags import INT8_MODEL, INT8_PREFIX
+
 PRECISIONS = ("int8",)
-INT8_PREFIX = "int8: "
-INT8_MODEL = "student_int8"  # the MLflow model's name in its run, beside the fp32 `student`
 
 
 @dataclass(frozen=True)

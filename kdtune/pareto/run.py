@@ -7,8 +7,9 @@ import math
 
 from kdtune.costs import COST_KEYS, latency_tags
 from kdtune.errors import ConfigError
-from kdtune.pareto import (BASELINE_PREFIX, COST_TAG, COST_TEXT, DEVICE_TAG, FRONT_PREFIX, FRONT_STUDY_TAG,
-                           ON_FRONT_TAG, PHASE_TAG, Pareto, cost_metric, front_indices)
+from kdtune.pareto import COST_TEXT, Pareto, cost_metric, front_indices
+from kdtune.tags import (BASELINE_PREFIX, COST_TAG, DEVICE_TAG, FRONT_PREFIX, FRONT_STUDY_TAG, ON_FRONT_TAG,
+                         PHASE_TAG, STUDENT_TAG)
 
 
 # ---- trials -----------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class ParetoRun:
             tracking.log_metrics(study.client, trial.run_id,
                                  {cost_metric(k): float(costs[k]) for k in COST_KEYS}, step=0)
             study.client.set_tag(trial.run_id, PHASE_TAG, phase)
-            study.client.set_tag(trial.run_id, "kdtune.student", student)
+            study.client.set_tag(trial.run_id, STUDENT_TAG, student)
             if trial.run_id in on_front:
                 study.client.set_tag(trial.run_id, ON_FRONT_TAG, "1")
 
