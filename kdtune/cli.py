@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from kdtune.errors import ConfigError, KdtuneError, TrackingError
-from kdtune.tags import BEST_TAG, REGISTERED_TAG, ROLE_TAG, STUDY_TAG, TEACHER_TAG
+from kdtune.tags import BEST_TAG, REGISTERED_TAG, ROLE_STUDY, ROLE_TAG, STUDY_TAG, TEACHER_TAG
 
 
 # ---- mlflow -----------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def cmd_teacher_train(args, client, uri) -> int:
     cluster.check_resources(args.cpus, args.gpus, options={"CPU": "--cpus", "GPU": "--gpus"})  # the run exists
     experiment_id = tracking.get_or_create_experiment(client, "teachers")
     parent = client.create_run(experiment_id, run_name=f"teacher {resolved.dataset.name} {config.student}",
-                               tags={ROLE_TAG: "study", STUDY_TAG: "teachers"})
+                               tags={ROLE_TAG: ROLE_STUDY, STUDY_TAG: "teachers"})
     status = "FAILED"
     try:
         context = tracking.TrackingContext(uri, experiment_id, parent.info.run_id)
@@ -183,7 +183,7 @@ def cmd_study_report(args, client, uri) -> int:
 def cmd_study_resume(args) -> int:
     """Run a study's recorded command again with --resume: its folder may be local or in an object store."""
     from kdtune.storage import Location, check_storage, is_uri
-    from kdtune.study import STUDY_FILE
+    from kdtune.study_files import STUDY_FILE
 
     check_storage(args.folder, option="folder")  # an unreachable bucket: one line, not a hang
     folder = Location.of(args.folder)

@@ -28,21 +28,20 @@ from typing import Any, Callable
 
 from kdtune import cluster, ensemble, registry, report, teachers, tracking, warmstart
 from kdtune.distill.registry import trial_config
-from kdtune.errors import ConfigError, KdtuneError
+from kdtune.errors import KdtuneError
 from kdtune.parts import StudyParts
 from kdtune.fusion import group_size, group_variants
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
 from kdtune.study_context import StudyContext
+from kdtune.study_files import read_study_file, write_study_file
+from kdtune.study_log import log_study_results
 from kdtune.study_kind import kind_of
 from kdtune.storage import Location, check_storage
 from kdtune.results import format_table, skipped_row, summarise
 from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, members_of
-from kdtune.tags import (BASELINE_LABEL, BEST_TAG, REGISTERED_TAG, ROLE_TAG, STUDY_TAG, TEACHER_TAG, TEACHER_VERSION_TAG,
-                         TEACHER_WEIGHTS_TAG, TRAIN_SET_TAG)
-
-STUDY_FILE = "kdtune_study.json"
-
+from kdtune.tags import (BASELINE_LABEL, ROLE_STUDY, ROLE_TAG, STUDY_TAG, TEACHER_TAG, TEACHER_VERSION_TAG, TEACHER_WEIGHTS_TAG,
+                         TRAIN_SET_TAG)
 
 @dataclass
 class Search:
@@ -138,7 +137,7 @@ class StudyResult:
 def run_study(spec: StudySpec, echo=print) -> StudyResult:
     started = time.perf_counter()
     check_storage(spec.storage)  # a missing bucket or credentials: one line, before any run or folder exists
-    saved = _read_study_file(spec) if spec.resume else None
+    saved = read_study_file(spec) if spec.resume else None
     resolved = resolve_study(spec, echo)  # every bad value stops here, before anything is created
     ensemble.check_methods(resolved.configs, resolved.teacher_plan.members if resolved.teacher_plan else 1)
     warmstart.check_warm_start(spec.warm_start, spec.search is not None)
@@ -174,7 +173,7 @@ class _Study:
         status = "FAILED"
         try:
             study_dir = self._study_dir()
-            _write_study_file(study_dir, {"name": spec.name, "parent_run_id": parent_id,
+            write_study_file(study_dir, {"name": spec.name, "parent_run_id": parent_id,
                                           "experiment_id": experiment_id,
                                           "tracking_uri_external": spec.tracking_uri,
                                           # how to run it again: `kdtune study resume` re-runs this with --resume
@@ -230,7 +229,7 @@ class _Study:
             result = StudyResult(spec, final, summary, phases, best_label, champion, parent_id, experiment_id,
                                  self.uri, str(study_dir), time.perf_counter() - started, training_time,
                                  self.resolved.teacher.spec, self.resolved.student.spec, self.kind)
-            _log_study_results(self.client, parent_id, result)
+            log_study_results(self.client, parent_id, result)
             self._log_report(parent_id, study_dir / "report")
             status = "FINISHED"
             return result
@@ -260,7 +259,7 @@ class _Study:
             return self.saved["experiment_id"], parent_id
         experiment_id = tracking.get_or_create_experiment(self.client, spec.name)
         parent = self.client.create_run(experiment_id, run_name=f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                        tags={ROLE_TAG: "study", STUDY_TAG: spec.name,
+                                        tags={ROLE_TAG: ROLE_STUDY, STUDY_TAG: spec.name,
                                               # which samples: a warm start matches earlier studies on it
                                               TRAIN_SET_TAG: registry.train_set_fingerprint(self.dataset)})
         tracking.log_params(self.client, parent.info.run_id, {
@@ -463,64 +462,3 @@ def _collect(phase: str, grid) -> list[TrialRecord]:
 def _best_search_trial(trials: list[TrialRecord]) -> TrialRecord | None:
     """The search trial with the best objective among those that ran to the end."""
     return OBJECTIVE.best_trial(t for t in trials if t.finished)
-
-
-def _write_study_file(study_dir: Location, content: dict) -> None:
-    """Written once, when the study starts (a resumed study keeps the file it started with)."""
-    path = study_dir / STUDY_FILE
-    if not path.exists():
-        path.write_text(json.dumps(content, indent=2))
-
-
-def _read_study_file(spec: StudySpec) -> dict:
-    check_storage(spec.resume, option="resume")  # an unreachable bucket or endpoint: one line, not a hang
-    path = Location.of(spec.resume) / STUDY_FILE
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"resume={spec.resume!r}: {STUDY_FILE} could not be read ({error})") from None
-    if saved is None:
-        raise ConfigError(f"resume={spec.resume!r}: not a kdtune study folder (no {STUDY_FILE}); "
-                          "give the folder printed as 'study folder: ...' when the study started")
-    if saved.get("name") != spec.name:
-        raise ConfigError(f"resume={spec.resume!r}: that folder holds study {saved.get('name')!r}, not {spec.name!r}")
-    return saved
-
-
-def _log_study_results(client, parent_id: str, result: StudyResult) -> None:
-    import csv
-    import io
-
-    best = next((r for r in result.summary if r["label"] == result.best_label), None)
-    baseline = next((r for r in result.summary if r["label"] == BASELINE_LABEL and r["n"]), None)
-    all_trials = [t for p in result.phases.values() for t in p]
-    metrics = {"wall_time_s": result.wall_time_s, "training_time_s": result.training_time_s,
-               "trials": len(all_trials), "trials_failed": sum(1 for t in all_trials if t.failed),
-               "trials_stopped_early": sum(1 for t in all_trials if t.stopped),
-               "epochs_trained": sum(t.metrics.get("epoch", 0) for t in all_trials)}
-    if best:
-        metrics.update(best_test_acc=best["test_mean"], best_val_acc=best["val_mean"])
-    if baseline:
-        metrics["baseline_test_acc"] = baseline["test_mean"]
-    tracking.log_metrics(client, parent_id, metrics, step=0)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["phase", "label", "point", "seed", "status", "params", "val_acc", "test_acc",
-                     "test_acc_at_best_val", "best_epoch", "epochs", "mlflow_run_id", "error"])
-    for t in all_trials:
-        m = t.metrics
-        writer.writerow([t.phase, t.label, t.point, t.seed, t.status, json.dumps(t.params, sort_keys=True),
-                         m.get("val_acc"),
-                         m.get("test_acc"), m.get("test_acc_at_best_val"), m.get("best_epoch"), m.get("epoch"),
-                         t.run_id, t.error or ""])
-    client.log_text(parent_id, buffer.getvalue(), "results/trials.csv")
-    from kdtune.results import format_failures
-
-    # every failed trial: at the chosen points, at the points not chosen, and in the other phases (searches)
-    failures = format_failures(result.summary, [t for p in result.phases.values() if p is not result.trials for t in p])
-    lines = result.kind.result_lines(result, failures)
-    client.log_text(parent_id, "\n".join(filter(None, lines)) + "\n", "results/table.txt")
-    client.set_tag(parent_id, BEST_TAG, str(result.best_label))
-    if result.registration:
-        client.set_tag(parent_id, REGISTERED_TAG, f"{result.registration.name} version "
-                                                       f"{result.registration.version} @{result.registration.alias}")

@@ -23,8 +23,8 @@ from kdtune.data import Dataset
 from kdtune.engine import pick_device
 from kdtune.errors import TrainingDiverged
 from kdtune.parts import StudyParts
-from kdtune.tags import (FAILURE_TAG, LABEL_TAG, OVERRIDES_TAG, POINT_TAG, ROLE_TAG, STOPPED_TAG,
-                         TUNE_TRIAL_TAG)
+from kdtune.tags import (FAILURE_TAG, LABEL_TAG, OVERRIDES_TAG, POINT_TAG, ROLE_STUDENT, ROLE_TAG, STOPPED_TAG,
+                         PARENT_TAG, TUNE_TRIAL_TAG)
 
 MEMBERS_KEY = "members"  # the reported metric holding each member's last metrics (JSON)
 
@@ -79,7 +79,7 @@ class _MemberRun:
         key = trial_id if size == 1 else f"{trial_id}/{index}"
         name = f"{member.label} {member.point} seed={member.seed}".replace("  ", " ")
         self.run = tracking.ChildRun(context, trial_key=key, run_name=name, params=self.config.to_flat(), tags={
-            ROLE_TAG: "student", LABEL_TAG: member.label, POINT_TAG: member.point,
+            ROLE_TAG: ROLE_STUDENT, LABEL_TAG: member.label, POINT_TAG: member.point,
             TUNE_TRIAL_TAG: trial_id,
             # what this trial set on top of the study's base: for a search, exactly what the space sampled
             OVERRIDES_TAG: json.dumps(member.overrides, sort_keys=True)}, attempt_tags=attempt)
@@ -291,7 +291,7 @@ def close_runs_callback(context):
                 return  # the usual end: no request to the server from Tune's control loop
             client = tracking.client_for(context.uri)
             runs = tracking.retrying(lambda: client.search_runs([context.experiment_id], filter_string=(
-                f"tags.`{tracking.PARENT_TAG}` = '{context.parent_run_id}' and "
+                f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and "
                 f"tags.`{TUNE_TRIAL_TAG}` = '{trial.trial_id}' and attributes.status = 'RUNNING'"), max_results=100),
                 "find the trial's open runs", context.uri)  # each call survives a tracking-server outage
             last = trial.last_result or {}

@@ -36,8 +36,8 @@ import json
 from dataclasses import dataclass
 
 from kdtune.errors import ConfigError
-from kdtune.tags import (OVERRIDES_TAG, STOPPED_TAG, TEACHER_TAG, TEACHER_VERSION_TAG, TEACHER_WEIGHTS_TAG,
-                         TRAIN_SET_TAG, WARM_TAG)
+from kdtune.tags import (OVERRIDES_TAG, PARENT_TAG, ROLE_STUDENT, ROLE_STUDY, ROLE_TAG, STOPPED_TAG, TEACHER_TAG,
+                         TEACHER_VERSION_TAG, TEACHER_WEIGHTS_TAG, TRAIN_SET_TAG, WARM_TAG)
 
 TOLERANCE = 0.02  # relative: a recorded value this close outside a range is moved onto its bound
 SHOWN_SKIPS = 10
@@ -84,13 +84,12 @@ class Candidate:
 
 def candidates(client, identity: dict, exclude_run: str | None = None) -> list[Candidate]:
     """Every earlier configuration of a matching study, best mean validation accuracy first (one per config)."""
-    from kdtune import tracking
     from kdtune.records import OBJECTIVE
 
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    studies = _all(client, experiments, "tags.`kdtune.role` = 'study'")
+    studies = _all(client, experiments, f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'")
     found: dict[str, Candidate] = {}
     for study in studies:
         if study.info.run_id == exclude_run:
@@ -102,7 +101,7 @@ def candidates(client, identity: dict, exclude_run: str | None = None) -> list[C
             continue  # other samples under the same dataset name
         other_teacher = _other_teacher(params, tags, identity)
         runs = _all(client, [study.info.experiment_id],
-                    f"tags.`{tracking.PARENT_TAG}` = '{study.info.run_id}' and tags.`kdtune.role` = 'student' "
+                    f"tags.`{PARENT_TAG}` = '{study.info.run_id}' and tags.`{ROLE_TAG}` = '{ROLE_STUDENT}' "
                     "and attributes.status = 'FINISHED'")
         per_config: dict[str, list] = {}
         for run in runs:
