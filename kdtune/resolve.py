@@ -49,7 +49,11 @@ class ResolvedStudy:
 def resolve_study(spec, echo=print) -> ResolvedStudy:
     from kdtune.models.refs import model_ref, shippable_path
 
+    from kdtune.ensemble import check_methods
+    from kdtune.warmstart import check_warm_start
+
     _check_resources(spec)
+    check_warm_start(spec.warm_start, spec.search is not None)
     pareto = getattr(spec, "pareto", None)
     if pareto is not None:
         pareto.check(spec)  # a bad cost, budget or sampler: before the dataset is even loaded
@@ -111,6 +115,7 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
             configs += sampled
     if labelled and not any(label in searches for label in labelled):
         raise ConfigError("every search was skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    check_methods(configs, plan.members if plan else 1)  # a method that cannot distil from an ensemble
     from kdtune.distill import user_module
     from kdtune.models.refs import shippable_module
 

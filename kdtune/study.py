@@ -139,8 +139,6 @@ def run_study(spec: StudySpec, echo=print) -> StudyResult:
     check_storage(spec.storage)  # a missing bucket or credentials: one line, before any run or folder exists
     saved = read_study_file(spec) if spec.resume else None
     resolved = resolve_study(spec, echo)  # every bad value stops here, before anything is created
-    ensemble.check_methods(resolved.configs, resolved.teacher_plan.members if resolved.teacher_plan else 1)
-    warmstart.check_warm_start(spec.warm_start, spec.search is not None)
     store = Path(spec.store_dir).resolve()
     uri = spec.tracking_uri or (saved or {}).get("tracking_uri_external")
     start_ray = lambda: cluster.init_ray(spec.address, resolved.user_modules)  # noqa: E731
