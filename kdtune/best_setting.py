@@ -4,14 +4,15 @@ confirm phase runs the tuned baseline and each search's best point; the best set
 (its best seed), and the registry gate decides whether it becomes champion."""
 from __future__ import annotations
 
-from kdtune import cluster, registry, students
-from kdtune.distill.registry import trial_config
+from kdtune import cluster, students
 from kdtune.records import OBJECTIVE
+from kdtune.registration import register_trial
 from kdtune.study_context import StudyContext
+from kdtune.tags import student_model_name
 
 
 def registered_name(context: StudyContext) -> str:
-    return context.spec.register_as or f"kdtune-{context.dataset.name}-{context.resolved.student.name}"
+    return context.spec.register_as or student_model_name(context.dataset.name, context.resolved.student.name)
 
 
 class BestSetting:
@@ -60,24 +61,11 @@ class BestSetting:
         best = OBJECTIVE.best_trial(candidates)
         if best is None:
             return None
-        spec, base, metrics = context.spec, context.base, best.metrics
         student = context.resolved.student.build(context.dataset.num_classes, context.dataset.input_shape)
-        tags = {
-            "study": spec.name, "dataset": context.dataset.name, "teacher": context.teacher_cfg.student,
-            "student": base["student"], "method": best.params.get("method", base.get("method")),
-            "label": best_label, "tuned": row["point"] or "-", "seed": best.seed, "run_id": best.run_id,
-            "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
-            "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]), "parameters": count_parameters(student),
-            **{f"hp.{k}": v for k, v in best.params.items()},
-            **self._champion_latency(context),
-        }
-        val_fraction = trial_config(best.params, base).val_fraction
-        decision = registry.register(
-            context.client, students.servable_model_uri(context.client, best.run_id, context.resolved.student, context.dataset),
-            registered_name(context), tags, val_mean=row["val_mean"],
-            seeds=row["n"], test_mean=row["test_mean"],
-            val_set=registry.validation_fingerprint(context.dataset, val_fraction),
-            test_set=registry.test_set_fingerprint(context.dataset), margin=spec.margin)
+        model_uri = students.servable_model_uri(context.client, best.run_id, context.resolved.student,
+                                                context.dataset)
+        decision = register_trial(context, best, row, registered_name(context), model_uri, context.base["student"],
+                                  {"parameters": count_parameters(student), **self._champion_latency(context)})
         context.echo(f"registry: {decision.name} version {decision.version} -> @{decision.alias} ({decision.reason})")
         return decision
 

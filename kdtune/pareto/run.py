@@ -9,7 +9,7 @@ from kdtune.costs import COST_KEYS, latency_tags
 from kdtune.errors import ConfigError
 from kdtune.pareto import COST_TEXT, Pareto, cost_metric, front_indices
 from kdtune.tags import (BASELINE_PREFIX, COST_TAG, DEVICE_TAG, FRONT_PREFIX, FRONT_STUDY_TAG, ON_FRONT_TAG,
-                         PHASE_TAG, STUDENT_TAG)
+                         PHASE_TAG, PRECISION_TAG, STUDENT_TAG, pareto_model_name)
 
 
 # ---- trials -----------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class ParetoRun:
                               "baseline_tuned": self.baseline_tuned.get(student, False), "params": member.params,
                               "version": None, "alias": "", "precision": "float32"})
         self._record_runs(study, final)
-        name = study.spec.register_as or f"kdtune-{study.dataset.name}-pareto"
+        name = study.spec.register_as or pareto_model_name(study.dataset.name)
         for row in self.rows:
             row["version"] = self._register(study, final, row, name)
         if self.plan.quantize:
@@ -190,9 +190,8 @@ class ParetoRun:
                 study.client.set_tag(trial.run_id, ON_FRONT_TAG, "1")
 
     def _register(self, study, final: list, row: dict, name: str) -> str | None:
-        from kdtune import registry
-        from kdtune.distill.registry import trial_config
         from kdtune.records import OBJECTIVE
+        from kdtune.registration import register_trial, validation_set
 
         candidates = [t for t in final if t.label == row["label"] and t.finished
                       and "weights_uri" in t.metrics]
@@ -200,29 +199,16 @@ class ParetoRun:
         summary = row["front"]
         if best is None or not summary or not summary["n"]:
             return None
-        costs, metrics, spec = row["costs"], best.metrics, study.spec
-        tags = {
-            "study": spec.name, "dataset": study.dataset.name, "teacher": study.teacher_cfg.student,
-            "student": row["student"], "method": best.params.get("method", study.base.get("method")),
-            "label": row["label"], "tuned": "-", "seed": best.seed, "run_id": best.run_id,
-            "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
-            "test_acc_per_seed": ",".join(f"{a:.4f}" for a in summary["test"]),
-            **{f"hp.{k}": v for k, v in best.params.items()},
-            "parameters": costs["params"], "flops": costs["flops"],
-            **latency_tags(costs),
-            FRONT_STUDY_TAG: self.parent_id, "pareto_cost": self.plan.cost_key,
-            "precision": row["precision"], **row.get("tags", {}),
-        }
-        if row["baseline"] and row["baseline"]["n"]:
-            tags["baseline_test_acc_mean"] = f"{row['baseline']['test_mean']:.6f}"
-        val_fraction = trial_config(best.params, study.base).val_fraction
+        costs = row["costs"]
+        tags = {"label": row["label"], "parameters": costs["params"], "flops": costs["flops"], **latency_tags(costs),
+                FRONT_STUDY_TAG: self.parent_id, "pareto_cost": self.plan.cost_key, PRECISION_TAG: row["precision"],
+                **({"baseline_test_acc_mean": f"{row['baseline']['test_mean']:.6f}"}
+                   if row["baseline"] and row["baseline"]["n"] else {}),
+                **row.get("tags", {})}
         model_uri = row.get("model_uri") or _model_uri(study, best, self.refs[row["student"]])
-        decision = registry.register(
-            study.client, model_uri, name, tags,
-            val_mean=summary["val_mean"], seeds=summary["n"], test_mean=summary["test_mean"],
-            val_set=registry.validation_fingerprint(study.dataset, val_fraction),
-            test_set=registry.test_set_fingerprint(study.dataset), margin=spec.margin, gated=False)
-        row["val_set"] = registry.validation_fingerprint(study.dataset, val_fraction)
+        decision = register_trial(study, best, {**summary, "point": "-"}, name, model_uri, row["student"], tags,
+                                  gated=False)
+        row["val_set"] = validation_set(study, best)
         self.decisions[row["label"]] = decision
         return decision.version
 
