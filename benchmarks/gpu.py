@@ -18,7 +18,7 @@ G1  KD step images/s, teacher online, crop+flip, batch 128: VGG-16 -> VGG-7 and 
 G2  fused vs unfused trials at K = 1, 4, 8 (VGG-16 -> VGG-7, bf16 on CUDA): unfused = each of the K students
     steps alone and runs its own teacher; fused = one teacher forward per batch, the K students stepping on its
     logits one after the other (kdtune/fusion.py); batched = the K students stepped as one vmap computation
-    (kdtune/batched.py, built here by hand). The figure is images/s per student (= all students' images/s / K);
+    (kdtune/train/batched.py, built here by hand). The figure is images/s per student (= all students' images/s / K);
     trials/h = 3600 * K * that / images per trial, a trial being the CIFAR recipe's 25 epochs of 47,500 images.
     For K >= 2 also the trial's own path: one epoch through fused_epochs with batched='on' vs 'off' (train and
     evaluate, batches drawn in the epoch), so the wiring's overheads (stack build, hand-back) are in the figure.
@@ -217,7 +217,7 @@ def _processes():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.engine", "kdtune.parts", "kdtune.fusion",
-                                    "kdtune.batched", "benchmarks.loops", "benchmarks.gpu"])
+                                    "kdtune.train.batched", "benchmarks.loops", "benchmarks.gpu"])
     return context
 
 
@@ -550,8 +550,8 @@ def wired_epochs(parts, configs, plan) -> dict:
 
 
 def _batched_step(parts, configs, teacher, lead, batches, plan):
-    """A step of K fresh students as one vmap computation (kdtune/batched.py), on the fused trial's batches."""
-    from kdtune.batched import BatchedStudents, MemberLoss
+    """A step of K fresh students as one vmap computation (kdtune/train/batched.py), on the fused trial's batches."""
+    from kdtune.train.batched import BatchedStudents, MemberLoss
     from kdtune.fusion import _teacher_logits
 
     students = []
@@ -583,7 +583,7 @@ def fused_rows(results: list[dict], plan: Plan) -> list[Row]:
             continue
         for key, what in (("unfused", "unfused (each student alone, its own teacher)"),
                           ("fused", "fused (one teacher forward, students in turn)"),
-                          ("batched", "batched (vmap, kdtune/batched.py)")):
+                          ("batched", "batched (vmap, kdtune/train/batched.py)")):
             value = r["per_student"][key]
             note = (r["batched_error"] if key == "batched" and r["batched_error"]
                     else f"{3600 * k * value / IMAGES_PER_TRIAL:.2f} trials/h" if value == value else "")

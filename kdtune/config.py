@@ -45,7 +45,7 @@ unset. deterministic=False (the default) lets cudnn.benchmark pick the fastest c
 (fixed-shape CNN training). The settings hold for the trial and are restored when it closes.
 
 Fused trials (kdtune/fusion.py): batched="auto" (default) steps the members of a fused trial as one vmap-batched
-computation (kdtune/batched.py) on CUDA when they allow it (kd or none, SGD, one architecture, no dropout, ...),
+computation (kdtune/train/batched.py) on CUDA when they allow it (kd or none, SGD, one architecture, no dropout, ...),
 batched="on" does so on any device (the CPU too), batched="off" never; members that do not allow it step one
 after the other. Either way each member trains what it trains alone, up to floating-point order.
 """

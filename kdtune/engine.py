@@ -37,7 +37,7 @@ from kdtune.augment import parse_augment
 from kdtune.data import Dataset, DeviceData, batch_source, test_source
 from kdtune.distill.base import Outputs
 from kdtune.errors import ConfigError, TrainingDiverged
-from kdtune.linking import LinkPlan
+from kdtune.train.linking import LinkPlan
 
 
 def pick_device(prefer: str | None = None) -> torch.device:

@@ -55,7 +55,7 @@ class StudyParts:
         `teacher`: a function several trainers share (fused students) that builds the network once, else the
         teacher is built when the trial needs it."""
         from kdtune.engine import Trainer
-        from kdtune.linking import plan_links
+        from kdtune.train.linking import plan_links
 
         method = config.method_class(config)
         links = plan_links(method.link_keys(), self.teacher, self.student)

@@ -237,7 +237,7 @@ def common_links(teacher, student) -> list[int]:
 def feature_map_links(spec) -> list[int]:
     """The numbered links both models declare whose features are maps (C x H x W or C x L) in both: what
     attention transfer can link (one probe forward of each network on two samples)."""
-    from kdtune.linking import plan_links, probe_shapes
+    from kdtune.train.linking import plan_links, probe_shapes
 
     teacher, student = models_of(spec)
     dataset = _load_dataset(spec, keep=True)
@@ -307,7 +307,7 @@ def _without_label(variant: dict) -> dict:
 def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher, students=None) -> None:
     """What needs the data and the networks: augmentation, the logit cache, links (each distinct case once)."""
     from kdtune.engine import training_augmentation
-    from kdtune.linking import check_method_on_models
+    from kdtune.train.linking import check_method_on_models
 
     seen_augment, seen_links = set(), set()
     for config in configs:

@@ -190,7 +190,7 @@ def test_a_fused_grid_keeps_a_run_a_row_and_a_failure_per_member(local_ray, mlfl
     assert version.tags["latency_runtime"] == "torch"
 
 
-# ---- batched members (TrialConfig.batched; kdtune/batched.py wired in by fused_epochs) ---------------------------
+# ---- batched members (TrialConfig.batched; kdtune/train/batched.py wired in by fused_epochs) ---------------------
 
 BATCHED_MEMBERS = (("kd", 2.0, 0.05), ("kd", 4.0, 0.03), ("none", 2.0, 0.02))
 
@@ -204,7 +204,7 @@ def batched_configs(batched="on", members=BATCHED_MEMBERS, **extra):
 @pytest.fixture
 def batched_steps(monkeypatch):
     """How many batched steps ran (the batched path must really be taken, not the sequential fallback)."""
-    from kdtune.batched import BatchedStudents
+    from kdtune.train.batched import BatchedStudents
 
     count = {"steps": 0}
     step = BatchedStudents.step
