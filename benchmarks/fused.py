@@ -108,7 +108,7 @@ def measure_epochs(teacher_cache: str, rounds: int = 5, epochs: int = 3, log=pri
     logits are cached once, so fusing shares only the batch drawing); "off" runs the teacher online, where the
     fused trial runs it once per batch instead of 9 times. Trainer set-up is not timed; one thread, as a trial."""
     from kdtune.data import load_dataset
-    from kdtune.engine import teacher_logits_for
+    from kdtune.train.teacher_logits import teacher_logits_for
     from kdtune.fusion import fused_epochs
 
     torch.set_num_threads(1)

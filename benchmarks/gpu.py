@@ -216,7 +216,7 @@ def _processes():
     if torch.cuda.is_available():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.engine", "kdtune.parts", "kdtune.fusion",
+    context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.train.trainer", "kdtune.parts", "kdtune.fusion",
                                     "kdtune.train.batched", "benchmarks.loops", "benchmarks.gpu"])
     return context
 
@@ -339,7 +339,7 @@ def kd_steps(plan: Plan, label: str, names: list[str], deadline: float, log=prin
                 log(f"  {label}: {name}: not built (section time is up)")
                 continue
             trainer = parts.trainer(_config(dataset, teacher, student, batch, precision), plan.device)
-            torch.backends.cudnn.benchmark = mode  # the Trainer turns it on for CUDA trials (kdtune/engine.py)
+            torch.backends.cudnn.benchmark = mode  # the Trainer turns it on for CUDA trials (kdtune/train/backends.py)
             _set_layout(trainer, channels_last)
             trainer.begin_epoch()
             steppers[name] = Stepper(trainer, _draw(trainer, 3))
@@ -1022,7 +1022,7 @@ def run(smoke: bool = False, write: bool = False, budget_s: float | None = None,
         log(f"  {key}: {value}")
     rows, texts, state = [], {}, {}
     benchmark_before = torch.backends.cudnn.benchmark
-    # what kdtune's CUDA trials run with (kdtune/engine.py, configure_backends), on before this process's first
+    # what kdtune's CUDA trials run with (kdtune/train/backends.py, configure_backends), on before this process's first
     # convolution: cuDNN caches the algorithm the first mode picks (see kd_steps)
     torch.backends.cudnn.benchmark = True
 

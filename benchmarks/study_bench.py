@@ -51,7 +51,7 @@ def make_timed_trial(log_path: str):
         import torch as _torch
         from ray import tune as _tune
 
-        from kdtune import engine as _engine
+        from kdtune.train import trainer as _trainer
         from kdtune import students as _students
         from kdtune import tracking as _tracking
         try:
@@ -84,7 +84,7 @@ def make_timed_trial(log_path: str):
             wrapper._bench_original = original
             setattr(owner, name, wrapper)
 
-        timed(_engine.Trainer, "__init__", "trainer_setup")
+        timed(_trainer.Trainer, "__init__", "trainer_setup")
         timed(_tracking.ChildRun, "__init__", "mlflow_open_run")
         timed(_tracking.ChildRun, "log_epoch", "mlflow_log_epoch")
         timed(_students, "log_weights", "mlflow_log_student", flag="in_log_model")

@@ -151,7 +151,7 @@ def format_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
 LINK_SPATIAL_MODES = ("refuse", "interpolate")
 EMBEDDING = "embedding"  # the link a method (rkd, crd) names to read each network's penultimate (N, D) embedding
 AUGMENT_FROM_BOOL = {True: "crop:4,flip", False: "none"}  # the meaning augment=true/false had before recipes
-OPTIMIZERS = ("sgd", "adam", "adamw")  # the student's optimiser (kdtune/engine.py builds it)
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the student's optimiser (kdtune/train/recipe.py builds it)
 PARAM_KINDS = ("float", "int", "str", "bool", "links", "pairs")
 
 

@@ -4,7 +4,7 @@ A temperature sweep runs the same teacher on the same batches once per temperatu
 too. Trials whose configs agree on everything that decides the batches and the stages (seed, batch size,
 epochs, first-stage epochs, augmentation, validation split, precision, the teacher cache) share them, whatever
 their methods: each batch is drawn and augmented once, the teacher runs once (a TeacherPass,
-kdtune/engine.py), and each member takes its own optimiser step. Every member has its own forward hooks on the
+kdtune/train/forward.py), and each member takes its own optimiser step. Every member has its own forward hooks on the
 shared teacher, so the one forward also catches each member's linked features (hints, FSP, links); it runs to
 the logits, or, when every member's stage stops early (a hint stage), until the last module one of them needs.
 
@@ -39,7 +39,7 @@ from typing import Iterator
 import torch
 
 from kdtune.distill.registry import trial_config
-from kdtune.engine import teacher_pass
+from kdtune.train.forward import teacher_pass
 from kdtune.errors import ConfigError, TrainingDiverged
 
 # what decides the batches, the stages and the teacher's inputs: members of a group agree on all of it

@@ -54,7 +54,7 @@ class StudyParts:
         """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights);
         `teacher`: a function several trainers share (fused students) that builds the network once, else the
         teacher is built when the trial needs it."""
-        from kdtune.engine import Trainer
+        from kdtune.train.trainer import Trainer
         from kdtune.train.linking import plan_links
 
         method = config.method_class(config)
@@ -71,7 +71,7 @@ class StudyParts:
         teacher online), else None."""
         import functools
 
-        from kdtune.engine import pick_device
+        from kdtune.train.devices import pick_device
 
         device = device or pick_device()
         shared = functools.cache(self.build_teacher)

@@ -306,7 +306,7 @@ def _without_label(variant: dict) -> dict:
 
 def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher, students=None) -> None:
     """What needs the data and the networks: augmentation, the logit cache, links (each distinct case once)."""
-    from kdtune.engine import training_augmentation
+    from kdtune.train.recipe import training_augmentation
     from kdtune.train.linking import check_method_on_models
 
     seen_augment, seen_links = set(), set()

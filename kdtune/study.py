@@ -508,7 +508,7 @@ class _Study:
 
 def _cache_teacher_logits(parts: StudyParts, val_fraction: float):
     """The teacher's logits on every un-augmented training sample."""
-    from kdtune.engine import teacher_logits_for
+    from kdtune.train.teacher_logits import teacher_logits_for
 
     return teacher_logits_for(parts.build_teacher(), parts.dataset, val_fraction)
 

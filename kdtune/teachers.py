@@ -386,7 +386,7 @@ def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dic
     """Runs inside a Ray task: train (or fine-tune), log the 'teacher' child run and its model. What it changes
     process-wide (threads, deterministic kernels) is put back when it ends, also when it fails: Ray reuses the
     process."""
-    from kdtune.engine import trial_settings
+    from kdtune.train.backends import trial_settings
 
     with trial_settings(threads):
         return _train_teacher(config, dataset, ref, initial_state, tracking, key)

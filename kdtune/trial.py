@@ -20,7 +20,7 @@ import torch
 from kdtune import students, tracking
 from kdtune.distill.registry import trial_config
 from kdtune.data import Dataset
-from kdtune.engine import pick_device
+from kdtune.train.devices import pick_device
 from kdtune.errors import TrainingDiverged
 from kdtune.parts import StudyParts
 
@@ -108,8 +108,8 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
 
     Ray runs the next trial in the same process (reuse_actors): whatever this one changed process-wide (threads,
     deterministic kernels, cudnn's flags, CUBLAS_WORKSPACE_CONFIG) is put back when it ends, also when it fails
-    (kdtune/engine.py trial_settings)."""
-    from kdtune.engine import trial_settings
+    (kdtune/train/backends.py trial_settings)."""
+    from kdtune.train.backends import trial_settings
 
     with trial_settings(threads):
         _distill(config, parts, context, base)

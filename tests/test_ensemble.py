@@ -14,7 +14,7 @@ from conftest import REPO
 from kdtune.config import TrialConfig
 from kdtune.distill import method_class
 from kdtune.distill.losses import ensemble_logits, soft_loss
-from kdtune.engine import teacher_logits_for
+from kdtune.train.teacher_logits import teacher_logits_for
 from kdtune.errors import ConfigError
 from kdtune.models.refs import model_ref
 from kdtune.parts import StudyParts

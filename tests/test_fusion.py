@@ -262,7 +262,7 @@ def ensemble_parts(digits, trained_digits_teacher):
 
 @pytest.fixture(scope="module")
 def cached_parts(digits, trained_digits_teacher):
-    from kdtune.engine import teacher_logits_for
+    from kdtune.train.teacher_logits import teacher_logits_for
 
     teacher = model_ref("digits_teacher").build(digits.num_classes, digits.input_shape)
     teacher.load_state_dict(trained_digits_teacher[0])

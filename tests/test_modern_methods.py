@@ -11,7 +11,7 @@ from kdtune.distill import method_class, trial_config
 from kdtune.distill.base import Outputs
 from kdtune.distill.dkd import dkd_terms
 from kdtune.distill.losses import soft_loss, standardize_logits
-from kdtune.engine import teacher_logits_for
+from kdtune.train.teacher_logits import teacher_logits_for
 from kdtune.ensemble import ensemble_refusal
 from kdtune.errors import ConfigError
 from kdtune.fusion import fused_epochs

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
-from kdtune.engine import cpu_has_native_bf16, teacher_logits_for
+from kdtune.train.devices import cpu_has_native_bf16
+from kdtune.train.teacher_logits import teacher_logits_for
 from kdtune.parts import teacher_network, trainer_for
 from kdtune.distill import trial_config
 
