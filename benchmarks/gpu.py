@@ -17,7 +17,7 @@ G1  KD step images/s, teacher online, crop+flip, batch 128: VGG-16 -> VGG-7 and 
     The lines under the table say which of the three (bf16, channels_last, benchmark mode) helped.
 G2  fused vs unfused trials at K = 1, 4, 8 (VGG-16 -> VGG-7, bf16 on CUDA): unfused = each of the K students
     steps alone and runs its own teacher; fused = one teacher forward per batch, the K students stepping on its
-    logits one after the other (kdtune/fusion.py); batched = the K students stepped as one vmap computation
+    logits one after the other (kdtune/train/fusion.py); batched = the K students stepped as one vmap computation
     (kdtune/train/batched.py, built here by hand). The figure is images/s per student (= all students' images/s / K);
     trials/h = 3600 * K * that / images per trial, a trial being the CIFAR recipe's 25 epochs of 47,500 images.
     For K >= 2 also the trial's own path: one epoch through fused_epochs with batched='on' vs 'off' (train and
@@ -216,8 +216,9 @@ def _processes():
     if torch.cuda.is_available():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.train.trainer", "kdtune.parts", "kdtune.fusion",
-                                    "kdtune.train.batched", "benchmarks.loops", "benchmarks.gpu"])
+    context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.train.trainer", "kdtune.train.parts",
+                                    "kdtune.train.fusion", "kdtune.train.batched", "benchmarks.loops",
+                                    "benchmarks.gpu"])
     return context
 
 
@@ -246,7 +247,7 @@ def _config(dataset, teacher: str, student: str, batch: int, precision: str, tem
 
 def _parts(dataset, teacher: str, student: str, state: dict):
     from kdtune.models.refs import model_ref
-    from kdtune.parts import StudyParts
+    from kdtune.train.parts import StudyParts
 
     return StudyParts(dataset, model_ref(student), model_ref(teacher), state)
 
@@ -268,7 +269,7 @@ def _draw(trainer, n: int) -> list:
 
 def _fused_stepper(members: list, shared, batches: list):
     """One fused step per call over pre-drawn batches in turn: one teacher forward, every member on its logits."""
-    from kdtune.fusion import _teacher_logits
+    from kdtune.train.fusion import _teacher_logits
 
     cycle = {"i": 0}
 
@@ -509,14 +510,14 @@ def fused_vs_unfused(plan: Plan, deadline: float, log=print) -> list[dict]:
 
 
 def wired_epochs(parts, configs, plan) -> dict:
-    """The trial's own path (kdtune/fusion.py fused_epochs, as kdtune/trial.py runs it): one epoch of K fresh
+    """The trial's own path (kdtune/train/fusion.py fused_epochs, as kdtune/trial.py runs it): one epoch of K fresh
     members with batched='on' and with batched='off', each timed on its second run (the first warms up cuDNN's
     autotuning and the allocator). Images/s per student over the epoch's training images; the epoch includes
     what the step timings leave out (drawing and augmenting batches, the batched stack's build and hand-back,
     the validation pass). `note`: why batched='on' stepped sequentially, if it did."""
     import logging
 
-    from kdtune.fusion import fused_epochs
+    from kdtune.train.fusion import fused_epochs
 
     notes: list[str] = []
 
@@ -552,7 +553,7 @@ def wired_epochs(parts, configs, plan) -> dict:
 def _batched_step(parts, configs, teacher, lead, batches, plan):
     """A step of K fresh students as one vmap computation (kdtune/train/batched.py), on the fused trial's batches."""
     from kdtune.train.batched import BatchedStudents, MemberLoss
-    from kdtune.fusion import _teacher_logits
+    from kdtune.train.fusion import _teacher_logits
 
     students = []
     for config in configs:
@@ -712,7 +713,7 @@ def fractional_rows(result: dict, plan: Plan) -> list[Row]:
 
 def memory_per_trial(plan: Plan, deadline: float, log=print) -> list[tuple[str, dict, int]]:
     """(what, {'allocated', 'reserved'} MiB, members): one trial alone per pair, fused and batched trials of K."""
-    from kdtune.fusion import _teacher_logits
+    from kdtune.train.fusion import _teacher_logits
 
     out = []
     steps = max(2, plan.warmup)
@@ -793,7 +794,7 @@ def memory_rows(results: list[tuple[str, dict, int]], fractional_result: dict | 
 def batched_vs_sequential(plan: Plan, deadline: float, log=print) -> list[dict]:
     from benchmarks import loops
     from kdtune.models.refs import model_ref
-    from kdtune.parts import StudyParts
+    from kdtune.train.parts import StudyParts
 
     threads = torch.get_num_threads()
     if not plan.cuda:

@@ -259,7 +259,7 @@ def _check_resources(spec) -> None:
         raise ConfigError(f"gpus_per_trial={spec.gpus_per_trial}: must be >= 0")
     if spec.max_concurrent is not None and spec.max_concurrent < 1:
         raise ConfigError(f"max_concurrent={spec.max_concurrent}: must be >= 1")
-    from kdtune.fusion import parse_fuse
+    from kdtune.train.fusion import parse_fuse
 
     parse_fuse(spec.fuse)
     if spec.image_size is not None and (not isinstance(spec.image_size, int) or spec.image_size < 1):

@@ -29,8 +29,8 @@ from typing import Any, Callable
 from kdtune import cluster, ensemble, registry, report, students, teachers, tracking, warmstart
 from kdtune.distill.registry import trial_config
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.parts import StudyParts
-from kdtune.fusion import group_size, group_variants
+from kdtune.train.parts import StudyParts
+from kdtune.train.fusion import group_size, group_variants
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
 from kdtune.storage import Location, check_storage

@@ -394,7 +394,7 @@ def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dic
 
 def _train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dict | None,
                    tracking: TrackingContext, key: str) -> dict:
-    from kdtune.parts import StudyParts
+    from kdtune.train.parts import StudyParts
 
     what = "fine-tuned from pretrained weights" if initial_state is not None else "trained from scratch"
     # key: "teacher", or one per ensemble member trained in the study (each its own run, found again on resume)

@@ -1,4 +1,4 @@
-"""One Ray Tune trial: one student, or several fused students (kdtune/fusion.py), logged to MLflow every epoch.
+"""One Ray Tune trial: one student, or several fused students (kdtune/train/fusion.py), logged to MLflow every epoch.
 
 A grid trial's Tune config is {"group": [variant, ...], "seed": s}, each variant a partial config with its
 "label" (and "point" when the study tunes recipe values); a group of one is the plain trial. An Optuna trial's
@@ -22,7 +22,7 @@ from kdtune.distill.registry import trial_config
 from kdtune.data import Dataset
 from kdtune.train.devices import pick_device
 from kdtune.errors import TrainingDiverged
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 
 FAILURE_TAG = "kdtune.failure"
 TUNE_TRIAL_TAG = "kdtune.tune_trial"  # every member run of one Tune trial carries its id
@@ -118,7 +118,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
 def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
     from ray import tune
 
-    from kdtune.fusion import fused_epochs
+    from kdtune.train.fusion import fused_epochs
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     members = members_of(config)
@@ -197,7 +197,7 @@ class CheckpointClock:
 
 def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset) -> None:
     """One member's epoch into its run; `training_time_s` is already its share of the fused epochs it trained in
-    (kdtune/fusion.py), so a study's sum over members counts each trial's training once. A trial times no
+    (kdtune/train/fusion.py), so a study's sum over members counts each trial's training once. A trial times no
     inference latency: other trials share its device while it runs, so the figure would be theirs as much as its
     own; the study measures the registered student's once, alone, after its trials (kdtune/study.py)."""
     trainer = run.trainer

@@ -11,9 +11,9 @@ from torch import nn
 
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, TrainingDiverged
-from kdtune.fusion import fused_epochs, group_size, group_variants, parse_fuse
+from kdtune.train.fusion import fused_epochs, group_size, group_variants, parse_fuse
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 from kdtune.distill import trial_config
 
 

@@ -67,7 +67,7 @@ def configure_backends(config: TrialConfig, device: torch.device):
     deterministic=False on CUDA: cudnn.benchmark=True (fixed-shape CNN training: the fastest algorithms),
     unless deterministic algorithms are already on in this process.
 
-    Several trainers may be open at once (fused members, kdtune/fusion.py), and they close in any order (a hints
+    Several trainers may be open at once (fused members, kdtune/train/fusion.py), and they close in any order (a hints
     member trains on alone after the others): the settings follow every open trainer's request (deterministic
     while any of them asks for it), and the process's own settings, read when the first of them opened, come back
     when the last one closes. A trial also restores them whatever happens (`trial_settings`).

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class TeacherPass:
-    """One teacher forward on a batch, run once for several fused students (kdtune/fusion.py): its logits (None
+    """One teacher forward on a batch, run once for several fused students (kdtune/train/fusion.py): its logits (None
     when it stopped at the last module the students' stages need) and each student's linked features, which that
     student's own FeatureTap on the shared teacher caught during the forward. Features several students link to
     are copied out of inference mode once, not once per student."""

@@ -12,7 +12,7 @@ modules whose parameters it leaves alone stay in eval mode (BatchNorm running st
 off), and the forward passes stop once every linked feature is captured (a hook raises the private
 `_StopForward`), so the layers after the last link do not run and the batch's logits are None.
 
-Randomness: the student is built under torch.manual_seed(config.seed) (kdtune/parts.py); the method's set-up
+Randomness: the student is built under torch.manual_seed(config.seed) (kdtune/train/parts.py); the method's set-up
 (adapters, a discriminator) runs under the same seed, whether or not the teacher was built in between (with a
 teacher-logit cache it is not), and every epoch reseeds the global generator, so a resumed trial draws what
 the uninterrupted one did. `deterministic=True` also makes the kernels deterministic (see kdtune/config.py).
@@ -279,7 +279,7 @@ class Trainer:
 
     def record_terms(self, terms: dict[str, torch.Tensor]) -> None:
         """Count one step's weighted loss terms into the epoch's sums (end_epoch logs and checks them); a fused
-        trial's batched step (kdtune/fusion.py) steps the student elsewhere and reports its terms here."""
+        trial's batched step (kdtune/train/fusion.py) steps the student elsewhere and reports its terms here."""
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
         self._batches += 1
@@ -318,7 +318,7 @@ class Trainer:
         return metrics
 
     def take_epoch_share(self, metrics: dict, seconds: float, members: int) -> None:
-        """Count `seconds`, this trainer's share of a fused epoch's wall time (kdtune/fusion.py: the epoch's time
+        """Count `seconds`, this trainer's share of a fused epoch's wall time (kdtune/train/fusion.py: the epoch's time
         split among the `members` that trained in it), as the epoch's training time instead of the time between
         its own begin_epoch and end_epoch; `metrics` (what end_epoch returned) says so."""
         self.training_time_s += seconds - metrics["epoch_time_s"]

@@ -66,7 +66,7 @@ class StudyParts:
                        links=links, device=device)
 
     def fused_trainers(self, configs: list[TrialConfig], device: torch.device | None = None):
-        """(trainers, shared teacher) for members that train together (kdtune/fusion.py): one teacher network,
+        """(trainers, shared teacher) for members that train together (kdtune/train/fusion.py): one teacher network,
         built the first time a member asks for it (each Trainer decides, as it does alone, whether it runs the
         teacher online), else None."""
         import functools
