@@ -132,7 +132,7 @@ def instrument_driver(marks: dict):
     """Time the driver's phases by wrapping kdtune's and Ray's functions (same behaviour, timestamps added)."""
     from ray import tune
 
-    from kdtune import cluster, resolve, study, teachers, tracking
+    from kdtune import cluster, resolve, study, teacher_training, tracking
 
     def wrap(owner, name, key):
         original = getattr(owner, name, None)
@@ -154,7 +154,7 @@ def instrument_driver(marks: dict):
     wrap(tracking.EmbeddedServer, "stop", "mlflow_server_stop")
     wrap(resolve, "resolve_dataset", "load_dataset")
     wrap(cluster, "init_ray", "ray_init")
-    wrap(teachers, "obtain_teacher", "teacher_obtain")
+    wrap(teacher_training, "obtain_teacher", "teacher_obtain")
     wrap(getattr(study, "_Study", study), "_teacher_logits_if_useful", "teacher_logits_cache")
     wrap(tune.Tuner, "fit", "tuner_fit")
     wrap(getattr(study, "_Study", study), "_register_best", "register_champion")

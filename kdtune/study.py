@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdtune import cluster, ensemble, registry, report, students, teachers, tracking, warmstart
+from kdtune import cluster, ensemble, registry, report, students, teacher_training, teachers, tracking, warmstart
 from kdtune.distill.registry import trial_config
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.train.parts import StudyParts
@@ -303,8 +303,9 @@ class _Study:
         spec, resolved = self.spec, self.resolved
         parts = StudyParts(self.dataset, resolved.student, resolved.teacher)
         if resolved.needs_teacher:
-            teacher = teachers.obtain_teacher(self.teacher_cfg, self.dataset, resolved.teacher, resolved.teacher_plan,
-                                              context, spec.cpus_per_trial, spec.gpus_per_trial, log=self.echo)
+            teacher = teacher_training.obtain_teacher(self.teacher_cfg, self.dataset, resolved.teacher,
+                                                      resolved.teacher_plan, context, spec.cpus_per_trial,
+                                                      spec.gpus_per_trial, log=self.echo)
             self.client.set_tag(context.parent_run_id, "kdtune.teacher", teacher.source)
             # the teacher's exact identity, whatever its source text: the registered version an alias resolved to,
             # and its weights' fingerprint (what a warm start matches earlier studies on: kdtune/warmstart.py)
