@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import Row
 from kdtune import recipes
 from kdtune.data import load_dataset
-from kdtune.parts import trainer_for
+from kdtune.train.parts import trainer_for
 from kdtune.distill import trial_config
 
 

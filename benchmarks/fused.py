@@ -3,7 +3,7 @@
 VGG-16 -> VGG-7 on CIFAR-shaped data (crop + flip, batch 128, teacher online, as a CIFAR sweep trains) and the
 digits pair (batch 40, one thread, as a study trial runs). Unfused: each of the 9 students steps on its own,
 running the teacher itself. Fused: one teacher forward per batch, the 9 students stepping on it
-(kdtune/fusion.py). Both sides run the same Trainers on the same batches; the figure is images per second per
+(kdtune/train/fusion.py). Both sides run the same Trainers on the same batches; the figure is images per second per
 student, the ratio fused/unfused, median over rounds. That step has the teacher online on both pairs; the digits
 sweep a study runs by default caches the teacher's logits instead, and `measure_epochs` times its whole epochs
 both ways (section 5c): cached, fusing shares only the batch drawing.
@@ -19,9 +19,9 @@ import torch
 from benchmarks import loops
 from benchmarks.common import Row, median
 from kdtune.config import TrialConfig
-from kdtune.fusion import _teacher_logits
+from kdtune.train.fusion import _teacher_logits
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 from kdtune.distill import trial_config
 
 TEMPERATURES = (0.6, 1, 1.5, 2, 2.5, 3, 5, 10, 40)
@@ -103,13 +103,13 @@ def rows(result: dict) -> list[Row]:
 
 def measure_epochs(teacher_cache: str, rounds: int = 5, epochs: int = 3, log=print) -> dict:
     """The digits sweep as its trials train it: whole epochs (batches drawn, steps, evaluation) through the trial
-    path (kdtune.fusion.fused_epochs, the 9 temperatures as one fused trial) against each setting's own epochs.
+    path (kdtune.train.fusion.fused_epochs, the 9 temperatures as one fused trial) against each setting's own epochs.
     teacher_cache "auto" is what a digits study does by default (logits-only methods, no augmentation: the teacher's
     logits are cached once, so fusing shares only the batch drawing); "off" runs the teacher online, where the
     fused trial runs it once per batch instead of 9 times. Trainer set-up is not timed; one thread, as a trial."""
     from kdtune.data import load_dataset
-    from kdtune.engine import teacher_logits_for
-    from kdtune.fusion import fused_epochs
+    from kdtune.train.teacher_logits import teacher_logits_for
+    from kdtune.train.fusion import fused_epochs
 
     torch.set_num_threads(1)
     dataset = load_dataset("digits")
@@ -172,11 +172,11 @@ def epoch_rows(result: dict) -> list[Row]:
 
 
 def accuracy_twins(epochs: int = 15, lr: float = 0.03, log=print) -> dict:
-    """The 9-temperature digits sweep trained fused (kdtune.fusion.fused_epochs, the trial path) and each
+    """The 9-temperature digits sweep trained fused (kdtune.train.fusion.fused_epochs, the trial path) and each
     setting alone, same seed, teacher online: each member's test accuracy both ways (the issue: "show both")."""
     from kdtune.data import load_dataset
-    from kdtune.fusion import fused_epochs
-    from kdtune.parts import trainer_for
+    from kdtune.train.fusion import fused_epochs
+    from kdtune.train.parts import trainer_for
 
     torch.set_num_threads(1)
     dataset = load_dataset("digits")

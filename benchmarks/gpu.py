@@ -17,8 +17,8 @@ G1  KD step images/s, teacher online, crop+flip, batch 128: VGG-16 -> VGG-7 and 
     The lines under the table say which of the three (bf16, channels_last, benchmark mode) helped.
 G2  fused vs unfused trials at K = 1, 4, 8 (VGG-16 -> VGG-7, bf16 on CUDA): unfused = each of the K students
     steps alone and runs its own teacher; fused = one teacher forward per batch, the K students stepping on its
-    logits one after the other (kdtune/fusion.py); batched = the K students stepped as one vmap computation
-    (kdtune/batched.py, built here by hand). The figure is images/s per student (= all students' images/s / K);
+    logits one after the other (kdtune/train/fusion.py); batched = the K students stepped as one vmap computation
+    (kdtune/train/batched.py, built here by hand). The figure is images/s per student (= all students' images/s / K);
     trials/h = 3600 * K * that / images per trial, a trial being the CIFAR recipe's 25 epochs of 47,500 images.
     For K >= 2 also the trial's own path: one epoch through fused_epochs with batched='on' vs 'off' (train and
     evaluate, batches drawn in the epoch), so the wiring's overheads (stack build, hand-back) are in the figure.
@@ -216,8 +216,9 @@ def _processes():
     if torch.cuda.is_available():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.engine", "kdtune.parts", "kdtune.fusion",
-                                    "kdtune.batched", "benchmarks.loops", "benchmarks.gpu"])
+    context.set_forkserver_preload(["torch", "torch._dynamo", "kdtune.train.trainer", "kdtune.train.parts",
+                                    "kdtune.train.fusion", "kdtune.train.batched", "benchmarks.loops",
+                                    "benchmarks.gpu"])
     return context
 
 
@@ -246,7 +247,7 @@ def _config(dataset, teacher: str, student: str, batch: int, precision: str, tem
 
 def _parts(dataset, teacher: str, student: str, state: dict):
     from kdtune.models.refs import model_ref
-    from kdtune.parts import StudyParts
+    from kdtune.train.parts import StudyParts
 
     return StudyParts(dataset, model_ref(student), model_ref(teacher), state)
 
@@ -268,7 +269,7 @@ def _draw(trainer, n: int) -> list:
 
 def _fused_stepper(members: list, shared, batches: list):
     """One fused step per call over pre-drawn batches in turn: one teacher forward, every member on its logits."""
-    from kdtune.fusion import _teacher_logits
+    from kdtune.train.fusion import _teacher_logits
 
     cycle = {"i": 0}
 
@@ -339,7 +340,7 @@ def kd_steps(plan: Plan, label: str, names: list[str], deadline: float, log=prin
                 log(f"  {label}: {name}: not built (section time is up)")
                 continue
             trainer = parts.trainer(_config(dataset, teacher, student, batch, precision), plan.device)
-            torch.backends.cudnn.benchmark = mode  # the Trainer turns it on for CUDA trials (kdtune/engine.py)
+            torch.backends.cudnn.benchmark = mode  # the Trainer turns it on for CUDA trials (kdtune/train/backends.py)
             _set_layout(trainer, channels_last)
             trainer.begin_epoch()
             steppers[name] = Stepper(trainer, _draw(trainer, 3))
@@ -509,14 +510,14 @@ def fused_vs_unfused(plan: Plan, deadline: float, log=print) -> list[dict]:
 
 
 def wired_epochs(parts, configs, plan) -> dict:
-    """The trial's own path (kdtune/fusion.py fused_epochs, as kdtune/trial.py runs it): one epoch of K fresh
+    """The trial's own path (kdtune/train/fusion.py fused_epochs, as kdtune/trial.py runs it): one epoch of K fresh
     members with batched='on' and with batched='off', each timed on its second run (the first warms up cuDNN's
     autotuning and the allocator). Images/s per student over the epoch's training images; the epoch includes
     what the step timings leave out (drawing and augmenting batches, the batched stack's build and hand-back,
     the validation pass). `note`: why batched='on' stepped sequentially, if it did."""
     import logging
 
-    from kdtune.fusion import fused_epochs
+    from kdtune.train.fusion import fused_epochs
 
     notes: list[str] = []
 
@@ -550,9 +551,9 @@ def wired_epochs(parts, configs, plan) -> dict:
 
 
 def _batched_step(parts, configs, teacher, lead, batches, plan):
-    """A step of K fresh students as one vmap computation (kdtune/batched.py), on the fused trial's batches."""
-    from kdtune.batched import BatchedStudents, MemberLoss
-    from kdtune.fusion import _teacher_logits
+    """A step of K fresh students as one vmap computation (kdtune/train/batched.py), on the fused trial's batches."""
+    from kdtune.train.batched import BatchedStudents, MemberLoss
+    from kdtune.train.fusion import _teacher_logits
 
     students = []
     for config in configs:
@@ -583,7 +584,7 @@ def fused_rows(results: list[dict], plan: Plan) -> list[Row]:
             continue
         for key, what in (("unfused", "unfused (each student alone, its own teacher)"),
                           ("fused", "fused (one teacher forward, students in turn)"),
-                          ("batched", "batched (vmap, kdtune/batched.py)")):
+                          ("batched", "batched (vmap, kdtune/train/batched.py)")):
             value = r["per_student"][key]
             note = (r["batched_error"] if key == "batched" and r["batched_error"]
                     else f"{3600 * k * value / IMAGES_PER_TRIAL:.2f} trials/h" if value == value else "")
@@ -712,7 +713,7 @@ def fractional_rows(result: dict, plan: Plan) -> list[Row]:
 
 def memory_per_trial(plan: Plan, deadline: float, log=print) -> list[tuple[str, dict, int]]:
     """(what, {'allocated', 'reserved'} MiB, members): one trial alone per pair, fused and batched trials of K."""
-    from kdtune.fusion import _teacher_logits
+    from kdtune.train.fusion import _teacher_logits
 
     out = []
     steps = max(2, plan.warmup)
@@ -793,7 +794,7 @@ def memory_rows(results: list[tuple[str, dict, int]], fractional_result: dict | 
 def batched_vs_sequential(plan: Plan, deadline: float, log=print) -> list[dict]:
     from benchmarks import loops
     from kdtune.models.refs import model_ref
-    from kdtune.parts import StudyParts
+    from kdtune.train.parts import StudyParts
 
     threads = torch.get_num_threads()
     if not plan.cuda:
@@ -1022,7 +1023,7 @@ def run(smoke: bool = False, write: bool = False, budget_s: float | None = None,
         log(f"  {key}: {value}")
     rows, texts, state = [], {}, {}
     benchmark_before = torch.backends.cudnn.benchmark
-    # what kdtune's CUDA trials run with (kdtune/engine.py, configure_backends), on before this process's first
+    # what kdtune's CUDA trials run with (kdtune/train/backends.py, configure_backends), on before this process's first
     # convolution: cuDNN caches the algorithm the first mode picks (see kd_steps)
     torch.backends.cudnn.benchmark = True
 

@@ -20,8 +20,9 @@ from benchmarks.common import StepClock
 from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
-from kdtune.engine import pick_device, teacher_logits_for
-from kdtune.parts import teacher_network, trainer_for
+from kdtune.train.devices import pick_device
+from kdtune.train.teacher_logits import teacher_logits_for
+from kdtune.train.parts import teacher_network, trainer_for
 from kdtune.distill import trial_config
 
 VAL_FRACTION = 0.05

@@ -19,7 +19,7 @@ import torch
 from kdtune.data import from_arrays, load_dataset
 from kdtune.distill import trial_config
 from kdtune.models import build_model
-from kdtune.parts import trainer_for
+from kdtune.train.parts import trainer_for
 
 METHODS = {
     "none": {}, "kd": {}, "kd+ls": {"method": "kd", "logit_standardize": True},

@@ -51,7 +51,7 @@ def make_timed_trial(log_path: str):
         import torch as _torch
         from ray import tune as _tune
 
-        from kdtune import engine as _engine
+        from kdtune.train import trainer as _trainer
         from kdtune import students as _students
         from kdtune import tracking as _tracking
         try:
@@ -84,7 +84,7 @@ def make_timed_trial(log_path: str):
             wrapper._bench_original = original
             setattr(owner, name, wrapper)
 
-        timed(_engine.Trainer, "__init__", "trainer_setup")
+        timed(_trainer.Trainer, "__init__", "trainer_setup")
         timed(_tracking.ChildRun, "__init__", "mlflow_open_run")
         timed(_tracking.ChildRun, "log_epoch", "mlflow_log_epoch")
         timed(_students, "log_weights", "mlflow_log_student", flag="in_log_model")
@@ -132,7 +132,7 @@ def instrument_driver(marks: dict):
     """Time the driver's phases by wrapping kdtune's and Ray's functions (same behaviour, timestamps added)."""
     from ray import tune
 
-    from kdtune import cluster, resolve, study, teachers, tracking
+    from kdtune import cluster, resolve, study, teacher_training, tracking
 
     def wrap(owner, name, key):
         original = getattr(owner, name, None)
@@ -154,7 +154,7 @@ def instrument_driver(marks: dict):
     wrap(tracking.EmbeddedServer, "stop", "mlflow_server_stop")
     wrap(resolve, "resolve_dataset", "load_dataset")
     wrap(cluster, "init_ray", "ray_init")
-    wrap(teachers, "obtain_teacher", "teacher_obtain")
+    wrap(teacher_training, "obtain_teacher", "teacher_obtain")
     wrap(getattr(study, "_Study", study), "_teacher_logits_if_useful", "teacher_logits_cache")
     wrap(tune.Tuner, "fit", "tuner_fit")
     wrap(getattr(study, "_Study", study), "_register_best", "register_champion")

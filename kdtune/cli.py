@@ -84,7 +84,7 @@ def cmd_mlflow_serve(args) -> int:
 # ---- teachers ---------------------------------------------------------------------------------------
 
 def cmd_teacher_train(args, client, uri) -> int:
-    from kdtune import cluster, teachers, tracking
+    from kdtune import cluster, teacher_training, teachers, tracking
     from kdtune.resolve import resolve_study
     from kdtune.study import StudySpec
 
@@ -108,9 +108,9 @@ def cmd_teacher_train(args, client, uri) -> int:
     try:
         context = tracking.TrackingContext(uri, experiment_id, parent.info.run_id)
         # --seed S: another member for an ensemble (alias seedS); champion moves only without --seed
-        teacher = teachers.train_and_register(config, resolved.dataset, resolved.teacher, context, args.cpus,
-                                              args.gpus, initial_state=plan.initial_state,
-                                              make_champion=args.seed is None)
+        teacher = teacher_training.train_and_register(config, resolved.dataset, resolved.teacher, context,
+                                                      args.cpus, args.gpus, initial_state=plan.initial_state,
+                                                      make_champion=args.seed is None)
         status = "FINISHED"
     finally:
         client.set_terminated(parent.info.run_id, status=status)

@@ -1,7 +1,8 @@
 """What kdtune needs to know when it runs on a Ray cluster rather than in one process.
 
-- `assigned_gpu_ids()`: the GPUs Ray gave the current task or actor (a trial), or None outside one. The engine's
-  `pick_device` follows it, so a trial trains where Ray placed it and never on a GPU given to another trial.
+- `assigned_gpu_ids()`: the GPUs Ray gave the current task or actor (a trial), or None outside one.
+  `pick_device` (kdtune/train/devices.py) follows it, so a trial trains where Ray placed it and never on a GPU
+  given to another trial.
 - `init_ray(address, py_modules)`: start or join Ray, shipping the user's own modules (model factories named
   by import path) to every node with Ray's runtime_env.
 - `reuse_actors(asked)`, `check_tracking_reachable(uri)`: the policies that depend on the cluster's shape.

@@ -44,8 +44,8 @@ CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before the process first uses
 unset. deterministic=False (the default) lets cudnn.benchmark pick the fastest convolution algorithms on CUDA
 (fixed-shape CNN training). The settings hold for the trial and are restored when it closes.
 
-Fused trials (kdtune/fusion.py): batched="auto" (default) steps the members of a fused trial as one vmap-batched
-computation (kdtune/batched.py) on CUDA when they allow it (kd or none, SGD, one architecture, no dropout, ...),
+Fused trials (kdtune/train/fusion.py): batched="auto" (default) steps the members of a fused trial as one vmap-batched
+computation (kdtune/train/batched.py) on CUDA when they allow it (kd or none, SGD, one architecture, no dropout, ...),
 batched="on" does so on any device (the CPU too), batched="off" never; members that do not allow it step one
 after the other. Either way each member trains what it trains alone, up to floating-point order.
 """
@@ -62,7 +62,7 @@ from kdtune.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 TEACHER_CACHE_MODES = ("auto", "on", "off")
-BATCHED_MODES = ("auto", "on", "off")  # fused members stepped as one vmap computation (kdtune/fusion.py)
+BATCHED_MODES = ("auto", "on", "off")  # fused members stepped as one vmap computation (kdtune/train/fusion.py)
 SOFT_SCALES = ("T2", "none")  # soft term times T^2 (Hinton) or not (the seeds' plain KL / cross-entropy)
 HINT_LOSSES = ("mean", "sum")  # hint term: MSE, or FitNets' 1/2 * squared L2 norm summed per sample
 ADV_LOSSES = ("paper", "nonsaturating")  # seed 004's adversarial term: as written (unbounded), or bounded
@@ -151,7 +151,7 @@ def format_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
 LINK_SPATIAL_MODES = ("refuse", "interpolate")
 EMBEDDING = "embedding"  # the link a method (rkd, crd) names to read each network's penultimate (N, D) embedding
 AUGMENT_FROM_BOOL = {True: "crop:4,flip", False: "none"}  # the meaning augment=true/false had before recipes
-OPTIMIZERS = ("sgd", "adam", "adamw")  # the student's optimiser (kdtune/engine.py builds it)
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the student's optimiser (kdtune/train/recipe.py builds it)
 PARAM_KINDS = ("float", "int", "str", "bool", "links", "pairs")
 
 
@@ -284,9 +284,9 @@ class TrialConfig:
     val_fraction: float = 0.1
     teacher_cache: str = "auto"
     deterministic: bool = False  # deterministic algorithms only (module docstring); False: cudnn.benchmark on CUDA
-    batched: str = "auto"  # fused trials: step members as one vmap computation (kdtune/fusion.py): auto = on CUDA
-    # when the group allows it, on = whenever it allows it (CPU too), off = never; a group that does not allow it
-    # runs its members one after the other
+    batched: str = "auto"  # fused trials: step members as one vmap computation (kdtune/train/fusion.py): auto =
+    # on CUDA when the group allows it, on = whenever it allows it (CPU too), off = never; a group that does not
+    # allow it runs its members one after the other
     params: tuple = ()  # the method's declared parameters: ((name, value), ...) in declaration order
     method_class: Any = field(default=None, compare=False, repr=False)  # the method's declaration (not a field
     # of the flat form: `method` names it)

@@ -195,7 +195,7 @@ def measure(refs: dict, num_classes: int, input_shape, device: torch.device | No
     thread count, whatever `device` is (kdtune installs onnxruntime's CPU package); the CPU is recorded."""
     import tempfile
 
-    from kdtune.engine import pick_device
+    from kdtune.train.devices import pick_device
 
     check_runtime(runtime)
     torch.set_num_threads(max(1, int(threads)))

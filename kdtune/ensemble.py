@@ -76,7 +76,7 @@ def teacher_accuracies(parts, val_fraction: float, sources: list[str]) -> list[d
     The splits and normalisation are the students' (the training split's statistics, the same validation split)."""
     from kdtune.data import batch_source, test_source
     from kdtune.distill.losses import ensemble_logits
-    from kdtune.engine import pick_device
+    from kdtune.train.devices import pick_device
 
     device = pick_device()
     dataset = parts.dataset

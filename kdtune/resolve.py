@@ -242,7 +242,7 @@ def common_links(teacher, student) -> list[int]:
 def feature_map_links(spec) -> list[int]:
     """The numbered links both models declare whose features are maps (C x H x W or C x L) in both: what
     attention transfer can link (one probe forward of each network on two samples)."""
-    from kdtune.linking import plan_links, probe_shapes
+    from kdtune.train.linking import plan_links, probe_shapes
 
     teacher, student = models_of(spec)
     dataset = _load_dataset(spec, keep=True)
@@ -264,7 +264,7 @@ def _check_resources(spec) -> None:
         raise ConfigError(f"gpus_per_trial={spec.gpus_per_trial}: must be >= 0")
     if spec.max_concurrent is not None and spec.max_concurrent < 1:
         raise ConfigError(f"max_concurrent={spec.max_concurrent}: must be >= 1")
-    from kdtune.fusion import parse_fuse
+    from kdtune.train.fusion import parse_fuse
 
     parse_fuse(spec.fuse)
     if spec.image_size is not None and (not isinstance(spec.image_size, int) or spec.image_size < 1):
@@ -311,8 +311,8 @@ def _without_label(variant: dict) -> dict:
 
 def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, teacher, students=None) -> None:
     """What needs the data and the networks: augmentation, the logit cache, links (each distinct case once)."""
-    from kdtune.engine import training_augmentation
-    from kdtune.linking import check_method_on_models
+    from kdtune.train.recipe import training_augmentation
+    from kdtune.train.linking import check_method_on_models
 
     seen_augment, seen_links = set(), set()
     for config in configs:

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdtune import cluster, ensemble, registry, report, teachers, tracking, warmstart
+from kdtune import cluster, ensemble, registry, report, teacher_training, teachers, tracking, warmstart
 from kdtune.distill.registry import trial_config
 from kdtune.errors import KdtuneError
-from kdtune.parts import StudyParts
-from kdtune.fusion import group_size, group_variants
+from kdtune.train.parts import StudyParts
+from kdtune.train.fusion import group_size, group_variants
 from kdtune.records import OBJECTIVE, TrialRecord, status_of
 from kdtune.resolve import ResolvedStudy, resolve_study
 from kdtune.study_context import StudyContext
@@ -295,8 +295,9 @@ class _Study:
         spec, resolved = self.spec, self.resolved
         parts = StudyParts(self.dataset, resolved.student, resolved.teacher)
         if resolved.needs_teacher:
-            teacher = teachers.obtain_teacher(self.teacher_cfg, self.dataset, resolved.teacher, resolved.teacher_plan,
-                                              context, spec.cpus_per_trial, spec.gpus_per_trial, log=self.echo)
+            teacher = teacher_training.obtain_teacher(self.teacher_cfg, self.dataset, resolved.teacher,
+                                                      resolved.teacher_plan, context, spec.cpus_per_trial,
+                                                      spec.gpus_per_trial, log=self.echo)
             self.client.set_tag(context.parent_run_id, TEACHER_TAG, teacher.source)
             # the teacher's exact identity, whatever its source text: the registered version an alias resolved to,
             # and its weights' fingerprint (what a warm start matches earlier studies on: kdtune/warmstart.py)
@@ -424,7 +425,7 @@ class _Study:
 
 def _cache_teacher_logits(parts: StudyParts, val_fraction: float):
     """The teacher's logits on every un-augmented training sample."""
-    from kdtune.engine import teacher_logits_for
+    from kdtune.train.teacher_logits import teacher_logits_for
 
     return teacher_logits_for(parts.build_teacher(), parts.dataset, val_fraction)
 

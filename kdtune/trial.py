@@ -1,4 +1,4 @@
-"""One Ray Tune trial: one student, or several fused students (kdtune/fusion.py), logged to MLflow every epoch.
+"""One Ray Tune trial: one student, or several fused students (kdtune/train/fusion.py), logged to MLflow every epoch.
 
 A grid trial's Tune config is {"group": [variant, ...], "seed": s}, each variant a partial config with its
 "label" (and "point" when the study tunes recipe values); a group of one is the plain trial. An Optuna trial's
@@ -20,9 +20,9 @@ import torch
 from kdtune import students, tracking
 from kdtune.distill.registry import trial_config
 from kdtune.data import Dataset
-from kdtune.engine import pick_device
+from kdtune.train.devices import pick_device
 from kdtune.errors import TrainingDiverged
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 from kdtune.tags import (FAILURE_TAG, LABEL_TAG, OVERRIDES_TAG, POINT_TAG, ROLE_STUDENT, ROLE_TAG, STOPPED_TAG,
                          PARENT_TAG, TUNE_TRIAL_TAG)
 
@@ -108,8 +108,8 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
 
     Ray runs the next trial in the same process (reuse_actors): whatever this one changed process-wide (threads,
     deterministic kernels, cudnn's flags, CUBLAS_WORKSPACE_CONFIG) is put back when it ends, also when it fails
-    (kdtune/engine.py trial_settings)."""
-    from kdtune.engine import trial_settings
+    (kdtune/train/backends.py trial_settings)."""
+    from kdtune.train.backends import trial_settings
 
     with trial_settings(threads):
         _distill(config, parts, context, base)
@@ -118,7 +118,7 @@ def distill_trial(config: dict, parts: StudyParts, context, base: dict, threads:
 def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
     from ray import tune
 
-    from kdtune.fusion import fused_epochs
+    from kdtune.train.fusion import fused_epochs
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     members = members_of(config)
@@ -197,7 +197,7 @@ class CheckpointClock:
 
 def _record_epoch(run: _MemberRun, metrics: dict, dataset: Dataset) -> None:
     """One member's epoch into its run; `training_time_s` is already its share of the fused epochs it trained in
-    (kdtune/fusion.py), so a study's sum over members counts each trial's training once. A trial times no
+    (kdtune/train/fusion.py), so a study's sum over members counts each trial's training once. A trial times no
     inference latency: other trials share its device while it runs, so the figure would be theirs as much as its
     own; the study measures the registered student's once, alone, after its trials (kdtune/study.py)."""
     trainer = run.trainer

@@ -11,7 +11,7 @@ as the paper's starred rows use a third of the iterations.
 Forms: the FSP loss is seed 002's eq. 2 (one lambda = --fsp-weight for every pair); the second stages are the
 main task alone (hard loss, no soft term, as seed 002), so no T^2 question arises; FitNet*'s hint loss is the
 mean squared error by default (--hint-loss sum: FitNets' 1/2 * ||u - r(v)||^2 summed per sample). Stage 1 trains
-only the layers up to the last linked one; the others keep their BatchNorm statistics (kdtune/engine.py).
+only the layers up to the last linked one; the others keep their BatchNorm statistics (kdtune/train/trainer.py).
 """
 from kdtune.config import HINT_LOSSES
 from kdtune.options import finish, spec_from_args, study_parser, user_errors

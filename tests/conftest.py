@@ -47,7 +47,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_digits_teacher(digits):
     """A digits teacher trained once with the engine (a few seconds)."""
-    from kdtune.parts import trainer_for
+    from kdtune.train.parts import trainer_for
 
     config = trial_config(dict(student="digits_teacher", method="none", epochs=12, lr=0.05))
     trainer = trainer_for(config, digits)

@@ -1,4 +1,4 @@
-"""kdtune/batched.py: K students stepped as one vmap computation train what K students stepped alone train."""
+"""kdtune/train/batched.py: K students stepped as one vmap computation train what K students stepped alone train."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdtune import models
-from kdtune.batched import BatchedStudents, MemberLoss, NotBatchable, check_batchable
+from kdtune.train.batched import BatchedStudents, MemberLoss, NotBatchable, check_batchable
 from kdtune.distill.losses import hard_loss, soft_loss
 from kdtune.distill import trial_config
 

@@ -427,13 +427,14 @@ def test_actor_reuse_is_automatic_unless_the_user_chooses(monkeypatch):
     (["0"], False, "cpu", True),      # logical GPUs on a CPU-only node (`ray start --num-gpus=2`)
 ])
 def test_pick_device_follows_what_ray_assigned(monkeypatch, caplog, assigned, cuda, expected, warns):
-    from kdtune import cluster, engine
+    from kdtune import cluster
+    from kdtune.train import devices
 
     monkeypatch.setattr(cluster, "assigned_gpu_ids", lambda: assigned)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with caplog.at_level("WARNING", logger="kdtune"):
-        assert engine.pick_device().type == expected
+        assert devices.pick_device().type == expected
     messages = [r.getMessage() for r in caplog.records]
     if warns:
         assert messages == ["kdtune: Ray assigned GPU 0 to this trial but CUDA is not available on this node "

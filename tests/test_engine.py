@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kdtune.engine import teacher_logits_for
-from kdtune.parts import teacher_network, trainer_for
+from kdtune.train.teacher_logits import teacher_logits_for
+from kdtune.train.parts import teacher_network, trainer_for
 from kdtune.errors import ConfigError, TrainingDiverged
 from kdtune.distill import trial_config
 

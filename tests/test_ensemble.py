@@ -14,10 +14,10 @@ from conftest import REPO
 from kdtune.config import TrialConfig
 from kdtune.distill import method_class
 from kdtune.distill.losses import ensemble_logits, soft_loss
-from kdtune.engine import teacher_logits_for
+from kdtune.train.teacher_logits import teacher_logits_for
 from kdtune.errors import ConfigError
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 from kdtune.study import StudySpec, run_study
 from kdtune.tracking import client_for
 from kdtune.distill import trial_config
@@ -28,7 +28,7 @@ T = 3.0
 @pytest.fixture(scope="module")
 def two_teachers(digits):
     """Two digits teachers of different seeds, trained briefly with the engine."""
-    from kdtune.parts import trainer_for
+    from kdtune.train.parts import trainer_for
 
     states = []
     for seed in (0, 1):

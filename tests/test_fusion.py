@@ -11,9 +11,9 @@ from torch import nn
 
 from kdtune.config import TrialConfig
 from kdtune.errors import ConfigError, TrainingDiverged
-from kdtune.fusion import fused_epochs, group_size, group_variants, parse_fuse
+from kdtune.train.fusion import fused_epochs, group_size, group_variants, parse_fuse
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 from kdtune.distill import trial_config
 
 
@@ -190,7 +190,7 @@ def test_a_fused_grid_keeps_a_run_a_row_and_a_failure_per_member(local_ray, mlfl
     assert version.tags["latency_runtime"] == "torch"
 
 
-# ---- batched members (TrialConfig.batched; kdtune/batched.py wired in by fused_epochs) ---------------------------
+# ---- batched members (TrialConfig.batched; kdtune/train/batched.py wired in by fused_epochs) ---------------------
 
 BATCHED_MEMBERS = (("kd", 2.0, 0.05), ("kd", 4.0, 0.03), ("none", 2.0, 0.02))
 
@@ -204,7 +204,7 @@ def batched_configs(batched="on", members=BATCHED_MEMBERS, **extra):
 @pytest.fixture
 def batched_steps(monkeypatch):
     """How many batched steps ran (the batched path must really be taken, not the sequential fallback)."""
-    from kdtune.batched import BatchedStudents
+    from kdtune.train.batched import BatchedStudents
 
     count = {"steps": 0}
     step = BatchedStudents.step
@@ -265,7 +265,7 @@ def ensemble_parts(digits, trained_digits_teacher):
 
 @pytest.fixture(scope="module")
 def cached_parts(digits, trained_digits_teacher):
-    from kdtune.engine import teacher_logits_for
+    from kdtune.train.teacher_logits import teacher_logits_for
 
     teacher = model_ref("digits_teacher").build(digits.num_classes, digits.input_shape)
     teacher.load_state_dict(trained_digits_teacher[0])

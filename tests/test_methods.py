@@ -11,8 +11,8 @@ import torch
 
 from kdtune.distill import method_class
 from kdtune.distill.base import Outputs
-from kdtune.engine import teacher_logits_for
-from kdtune.parts import teacher_network, trainer_for
+from kdtune.train.teacher_logits import teacher_logits_for
+from kdtune.train.parts import teacher_network, trainer_for
 from kdtune.errors import ConfigError
 from kdtune.models import build_model
 from kdtune.distill import trial_config

@@ -11,12 +11,12 @@ from kdtune.distill import method_class, trial_config
 from kdtune.distill.base import Outputs
 from kdtune.distill.dkd import dkd_terms
 from kdtune.distill.losses import soft_loss, standardize_logits
-from kdtune.engine import teacher_logits_for
+from kdtune.train.teacher_logits import teacher_logits_for
 from kdtune.ensemble import ensemble_refusal
 from kdtune.errors import ConfigError
-from kdtune.fusion import fused_epochs
+from kdtune.train.fusion import fused_epochs
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts, teacher_network
+from kdtune.train.parts import StudyParts, teacher_network
 
 # each new method with a setting that trains on the digits pair (digits_teacher -> digits_student)
 # (the papers' weights are CIFAR's: on the 8x8 digits pair, whose student has no BatchNorm, DKD's beta 8 and DIST's

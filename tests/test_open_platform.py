@@ -234,7 +234,7 @@ def test_pretrained_teacher_fine_tunes_from_the_weights_file_where_the_error_sai
 
 def test_streamed_folder_trains_like_the_in_memory_one(tmp_path):
     """Same data, same seed: the DataLoader path gives the in-memory path's accuracy (up to float order)."""
-    from kdtune.parts import trainer_for
+    from kdtune.train.parts import trainer_for
     from kdtune.sources import resolve_dataset
 
     root = write_png_folder(tmp_path / "pets", per_class=(20, 6))

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from kdtune import models
 from kdtune.config import TrialConfig
 from kdtune.data import Dataset
-from kdtune.engine import cpu_has_native_bf16, teacher_logits_for
-from kdtune.parts import teacher_network, trainer_for
+from kdtune.train.devices import cpu_has_native_bf16
+from kdtune.train.teacher_logits import teacher_logits_for
+from kdtune.train.parts import teacher_network, trainer_for
 from kdtune.distill import trial_config
 
 KD = {"method": "kd", "temperature": 3.0, "alpha": 0.7, "hard_weight": 0.3, "epochs": 1, "lr": 0.05,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdtune import cli, registry
-from kdtune.parts import trainer_for
+from kdtune.train.parts import trainer_for
 from kdtune.models import build_model
 from kdtune.tracking import ChildRun, ServableModel, TrackingContext, client_for, get_or_create_experiment
 from kdtune.distill import trial_config

@@ -11,7 +11,7 @@ from kdtune.data import from_arrays
 from kdtune.distill import trial_config
 from kdtune.errors import ConfigError
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts, trainer_for
+from kdtune.train.parts import StudyParts, trainer_for
 from kdtune.resolve import expand_tuning
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdtune.models.refs import model_ref
-from kdtune.parts import StudyParts
+from kdtune.train.parts import StudyParts
 from kdtune.tracking import TrackingContext, client_for, get_or_create_experiment
 from kdtune.trial import distill_trial
 

@@ -48,7 +48,7 @@ def test_the_readme_method_is_a_method_with_its_declared_parameter(user_package,
     monkeypatch.syspath_prepend(str(user_package))
     from kdtune.distill import method_class, trial_config
     from kdtune.errors import ConfigError
-    from kdtune.parts import trainer_for
+    from kdtune.train.parts import trainer_for
 
     assert method_class(METHOD).name == "logit_mse"
     config = trial_config({"method": METHOD, "weight": 0.5, "epochs": 2, "lr": 0.01})

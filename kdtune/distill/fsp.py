@@ -7,7 +7,7 @@ height and width; it is taken in both networks, so the student's matrix lines up
 Stage 'main' (epochs): the main task, hard_weight * CE, plus alpha * S * KL when alpha > 0
 (alpha=0 is seed 002's stage 2; S = T^2 or 1 by soft_scale, as for kd).
 The FSP stage keeps every student module it does not train in eval mode (BatchNorm statistics unchanged,
-dropout off) and its forward stops after the last linked layer (kdtune/engine.py).
+dropout off) and its forward stops after the last linked layer (kdtune/train/trainer.py).
 
 Widths must match too (seed 002's ResNet-8/26/32 all have 16/32/64 channels per section): a 1x1 adapter would
 let the student match a projection of its flow instead of the flow itself, which the paper never does, so

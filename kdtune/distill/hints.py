@@ -8,7 +8,7 @@ layer, so it is there even when widths match; heights and widths must already ag
 Stage 'main' (epochs): the whole student trains with KD, hard_weight * CE + alpha * S * KL (seed 001 §2.3;
 S = T^2 under soft_scale="T2", the default, or 1 under soft_scale="none", the form seed 001 writes).
 The hint stage keeps every student module it does not train in eval mode (their BatchNorm statistics stay
-as they are, their dropout is off) and its forward stops after the last guided layer (kdtune/engine.py).
+as they are, their dropout is off) and its forward stops after the last guided layer (kdtune/train/trainer.py).
 
 Hint/guided pairs are links, as for method 'links' (a number or teacher.path=student.path): link k is the teacher's hint layer and the
 student's guided layer; several links give several pairs. D is set by hint_loss:

@@ -26,7 +26,7 @@ def student_parts(parts, students: dict) -> dict:
 
 def student_trial(config: dict, parts: dict, context, base: dict, threads: int) -> None:
     """The Ray Tune trainable of a Pareto study: distill_trial with the parts of the student the config names
-    (members of a fused trial share their student: kdtune/fusion.py groups by it)."""
+    (members of a fused trial share their student: kdtune/train/fusion.py groups by it)."""
     from kdtune.trial import distill_trial, members_of
 
     student = members_of(config)[0].overrides.get("student", base["student"])

@@ -4,7 +4,7 @@ A temperature sweep runs the same teacher on the same batches once per temperatu
 too. Trials whose configs agree on everything that decides the batches and the stages (seed, batch size,
 epochs, first-stage epochs, augmentation, validation split, precision, the teacher cache) share them, whatever
 their methods: each batch is drawn and augmented once, the teacher runs once (a TeacherPass,
-kdtune/engine.py), and each member takes its own optimiser step. Every member has its own forward hooks on the
+kdtune/train/forward.py), and each member takes its own optimiser step. Every member has its own forward hooks on the
 shared teacher, so the one forward also catches each member's linked features (hints, FSP, links); it runs to
 the logits, or, when every member's stage stops early (a hint stage), until the last module one of them needs.
 
@@ -14,7 +14,7 @@ same computation, and each member keeps its own stream of the global random gene
 around its step. A member whose loss diverges fails alone; the others go on. Members of different methods may
 share a trial; one with more stages (hints, FSP) goes on alone on the same batches after the others finish.
 
-Batched members (TrialConfig.batched; kdtune/batched.py): members that allow it step as one vmap computation
+Batched members (TrialConfig.batched; kdtune/train/batched.py): members that allow it step as one vmap computation
 instead of one after the other inside the step: "auto" (default) on CUDA, "on" on any device, "off" never.
 A member allows it when its method is kd or none, its optimiser plain SGD over the student alone and its student
 runs under vmap without random draws (no dropout, no BatchNorm with momentum=None); the group needs one
@@ -39,7 +39,7 @@ from typing import Iterator
 import torch
 
 from kdtune.distill.registry import trial_config
-from kdtune.engine import teacher_pass
+from kdtune.train.forward import teacher_pass
 from kdtune.errors import ConfigError, TrainingDiverged
 
 # what decides the batches, the stages and the teacher's inputs: members of a group agree on all of it
@@ -152,7 +152,7 @@ def fused_epochs(trainers: list, teacher: torch.nn.Module | None = None) -> Iter
         yield results
 
 
-# ---- the batched step (kdtune/batched.py) in the trial path ---------------------------------------------------
+# ---- the batched step (kdtune/train/batched.py) in the trial path ---------------------------------------------
 
 @dataclass
 class _EpochPlan:
@@ -175,7 +175,7 @@ def wants_batched(trainer) -> bool:
 def _plan_epoch(trainers: list, live: list[int], teacher, refused: set[int], said: set[str]) -> _EpochPlan:
     """Which live members step batched this epoch (built afresh from their modules and optimisers, so a member
     that diverged or finished is simply left out) and which sequentially; reasons for the latter are logged."""
-    from kdtune.batched import NotBatchable
+    from kdtune.train.batched import NotBatchable
 
     members = []
     for i in live:
@@ -230,7 +230,7 @@ def check_member(trainer) -> None:
     """Raise NotBatchable unless the trainer's step is one the batched step computes exactly: method kd or none
     (one stage, logits only), plain SGD over the student's parameters alone, a student vmap can run without
     drawing random numbers (no dropout: the batched step could not draw the member's own dropout masks)."""
-    from kdtune.batched import MemberLoss, NotBatchable, check_batchable
+    from kdtune.train.batched import MemberLoss, NotBatchable, check_batchable
 
     MemberLoss.from_config(trainer.config)  # kd or none
     if len(trainer.stages) != 1 or trainer.stages[0].train_up_to or trainer.method.needs_teacher_features:
@@ -257,7 +257,7 @@ class BatchedGroup:
     momentum buffers exist twice (the members' modules and optimisers, and the stack)."""
 
     def __init__(self, trainers: list):
-        from kdtune.batched import BatchedStudents, MemberLoss, NotBatchable
+        from kdtune.train.batched import BatchedStudents, MemberLoss, NotBatchable
 
         self.trainers = trainers
         lead = trainers[0]

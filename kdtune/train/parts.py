@@ -54,8 +54,8 @@ class StudyParts:
         """A Trainer for one trial: a fresh student from its reference (or `student`, e.g. pretrained weights);
         `teacher`: a function several trainers share (fused students) that builds the network once, else the
         teacher is built when the trial needs it."""
-        from kdtune.engine import Trainer
-        from kdtune.linking import plan_links
+        from kdtune.train.trainer import Trainer
+        from kdtune.train.linking import plan_links
 
         method = config.method_class(config)
         links = plan_links(method.link_keys(), self.teacher, self.student)
@@ -66,12 +66,12 @@ class StudyParts:
                        links=links, device=device)
 
     def fused_trainers(self, configs: list[TrialConfig], device: torch.device | None = None):
-        """(trainers, shared teacher) for members that train together (kdtune/fusion.py): one teacher network,
+        """(trainers, shared teacher) for members that train together (kdtune/train/fusion.py): one teacher network,
         built the first time a member asks for it (each Trainer decides, as it does alone, whether it runs the
         teacher online), else None."""
         import functools
 
-        from kdtune.engine import pick_device
+        from kdtune.train.devices import pick_device
 
         device = device or pick_device()
         shared = functools.cache(self.build_teacher)

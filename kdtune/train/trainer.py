@@ -12,7 +12,7 @@ modules whose parameters it leaves alone stay in eval mode (BatchNorm running st
 off), and the forward passes stop once every linked feature is captured (a hook raises the private
 `_StopForward`), so the layers after the last link do not run and the batch's logits are None.
 
-Randomness: the student is built under torch.manual_seed(config.seed) (kdtune/parts.py); the method's set-up
+Randomness: the student is built under torch.manual_seed(config.seed) (kdtune/train/parts.py); the method's set-up
 (adapters, a discriminator) runs under the same seed, whether or not the teacher was built in between (with a
 teacher-logit cache it is not), and every epoch reseeds the global generator, so a resumed trial draws what
 the uninterrupted one did. `deterministic=True` also makes the kernels deterministic (see kdtune/config.py).
@@ -24,8 +24,7 @@ import math
 import os
 import time
 import warnings
-import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Iterator
 
 import torch
@@ -33,39 +32,15 @@ from torch import nn
 
 from kdtune import models
 from kdtune.config import TrialConfig
-from kdtune.augment import parse_augment
 from kdtune.data import Dataset, DeviceData, batch_source, test_source
 from kdtune.distill.base import Outputs
 from kdtune.errors import ConfigError, TrainingDiverged
-from kdtune.linking import LinkPlan
-
-
-def pick_device(prefer: str | None = None) -> torch.device:
-    """The device Ray assigned: inside a Ray trial/task, CUDA only if Ray gave it GPUs (it restricts
-    CUDA_VISIBLE_DEVICES to them, so the first is cuda:0), else the CPU; outside Ray, CUDA when available.
-
-    A trial given GPUs on a node without CUDA (e.g. `ray start --num-gpus=2` declared on a CPU-only machine)
-    trains on the CPU and logs a warning saying so.
-    """
-    if prefer:
-        return torch.device(prefer)
-    from kdtune.cluster import assigned_gpu_ids
-
-    gpu_ids = assigned_gpu_ids()
-    if gpu_ids is None:  # not inside a Ray task or actor
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not gpu_ids:  # Ray gave this trial no GPU: leave any GPU on the node to the trials that got one
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    import logging
-    import os
-
-    logging.getLogger("kdtune").warning(
-        "kdtune: Ray assigned GPU %s to this trial but CUDA is not available on this node "
-        "(CUDA_VISIBLE_DEVICES=%s); training on the CPU",
-        ",".join(gpu_ids), os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-    return torch.device("cpu")
+from kdtune.train.backends import CUBLAS_WORKSPACE, configure_backends
+from kdtune.train.devices import cpu_has_native_bf16, pick_device, use_channels_last
+from kdtune.train.evaluation import evaluate
+from kdtune.train.forward import TeacherPass, run_until
+from kdtune.train.linking import LinkPlan
+from kdtune.train.recipe import build_optimizer, build_scheduler, training_augmentation
 
 
 class Trainer:
@@ -196,9 +171,7 @@ class Trainer:
                              [teacher_modules[name] for name in plan.teacher.values()] if teacher_modules else [])
         parameters = student + list(self.method.student_side_parameters(stage))
         self.optimizer = build_optimizer(parameters, self.config)
-        config = self.config
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step_epochs,
-                                                         gamma=config.lr_gamma)
+        self.scheduler = build_scheduler(self.optimizer, self.config)
         self.optimizer_stage = index
         self.method.use_stage(stage)
 
@@ -306,7 +279,7 @@ class Trainer:
 
     def record_terms(self, terms: dict[str, torch.Tensor]) -> None:
         """Count one step's weighted loss terms into the epoch's sums (end_epoch logs and checks them); a fused
-        trial's batched step (kdtune/fusion.py) steps the student elsewhere and reports its terms here."""
+        trial's batched step (kdtune/train/fusion.py) steps the student elsewhere and reports its terms here."""
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
         self._batches += 1
@@ -345,7 +318,7 @@ class Trainer:
         return metrics
 
     def take_epoch_share(self, metrics: dict, seconds: float, members: int) -> None:
-        """Count `seconds`, this trainer's share of a fused epoch's wall time (kdtune/fusion.py: the epoch's time
+        """Count `seconds`, this trainer's share of a fused epoch's wall time (kdtune/train/fusion.py: the epoch's time
         split among the `members` that trained in it), as the epoch's training time instead of the time between
         its own begin_epoch and end_epoch; `metrics` (what end_epoch returned) says so."""
         self.training_time_s += seconds - metrics["epoch_time_s"]
@@ -417,19 +390,9 @@ class Trainer:
         return torch.cat(student), torch.cat(teacher), torch.cat(labels)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: DeviceData, model: nn.Module | None = None) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of the student (or `model`) on a split."""
-        model = model or self.student
-        model.eval()
-        correct = torch.zeros((), device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        for images, labels, _ in split.batches(max(256, self.config.batch_size)):
-            with self._autocast():
-                logits = model(images)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-            correct += (logits.argmax(1) == labels).sum()
-        return float(correct) / len(split), float(loss_sum) / len(split)
+        return evaluate(model or self.student, split, max(256, self.config.batch_size), self.device, self._autocast)
 
     def final_test_metrics(self) -> dict:
         test_acc, test_loss = self.evaluate(self.test)
@@ -479,217 +442,3 @@ class Trainer:
             self._teacher_tap.remove()
         self._restore_backends()
         self._restore_backends = lambda: None
-
-
-class TeacherPass:
-    """One teacher forward on a batch, run once for several fused students (kdtune/fusion.py): its logits (None
-    when it stopped at the last module the students' stages need) and each student's linked features, which that
-    student's own FeatureTap on the shared teacher caught during the forward. Features several students link to
-    are copied out of inference mode once, not once per student."""
-
-    def __init__(self, logits: torch.Tensor | None):
-        self.logits = logits
-        self._copies: dict[int, torch.Tensor] = {}
-
-    def features(self, tap: models.FeatureTap) -> dict[int, torch.Tensor]:
-        out = {}
-        for key, value in tap.features.items():
-            if id(value) not in self._copies:  # inference tensors cannot enter autograd: a plain copy
-                self._copies[id(value)] = value.clone()
-            out[key] = self._copies[id(value)]
-        return out
-
-
-def teacher_pass(teacher: nn.Module, images: torch.Tensor, lead: "Trainer", stop_at: list[nn.Module]) -> TeacherPass:
-    """The shared teacher forward of a fused step, as `lead` (any member: they share precision and layout) runs it."""
-    if lead.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), lead._autocast():
-        logits = run_until(teacher, images, stop_at)
-    return TeacherPass(None if logits is None else logits.clone())
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook once every feature a partial forward needs is captured (caught in run_until)."""
-
-
-def run_until(model: nn.Module, images: torch.Tensor, stop_at: list[nn.Module]) -> torch.Tensor | None:
-    """model(images), or, with modules in `stop_at`, its forward up to the moment each of them has run once:
-    returns None then (no logits). The FeatureTap hooks on those modules were registered first, so they have
-    stored their features when the stop hook, registered here, runs."""
-    if not stop_at:
-        return model(images)
-    waiting = set(range(len(stop_at)))
-
-    def hook(index):
-        def stop(_module, _inputs, _output):
-            waiting.discard(index)
-            if not waiting:
-                raise _StopForward
-        return stop
-
-    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(stop_at)]
-    try:
-        return model(images)  # reached only if some module of stop_at did not run: the whole forward ran
-    except _StopForward:
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def build_optimizer(parameters, config: TrialConfig) -> torch.optim.Optimizer:
-    """The student's optimiser (config.optimizer): SGD with momentum (the seeds' recipes), Adam, or AdamW
-    (decoupled weight decay), each at config.lr; StepLR schedules all three."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return kind(parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                weight_decay=config.weight_decay)
-
-
-CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
-
-
-class _Request:
-    """What one open Trainer asks of the backends; held by its restore function only, so a Trainer dropped
-    without close() stops asking once it is garbage-collected."""
-
-    __slots__ = ("deterministic", "device_type", "__weakref__")
-
-    def __init__(self, deterministic: bool, device_type: str):
-        self.deterministic, self.device_type = deterministic, device_type
-
-
-# The Trainers open in this process (their requests), and the process's own settings from before the first of them
-# opened: fused members open and close one at a time.
-_OPEN_TRAINERS: "weakref.WeakKeyDictionary[_Request, bool]" = weakref.WeakKeyDictionary()
-_PROCESS_BACKENDS: tuple = ()
-
-
-def _backends() -> tuple:
-    cudnn = torch.backends.cudnn
-    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            cudnn.deterministic, cudnn.benchmark)
-
-
-def _set_backends(state: tuple) -> None:
-    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state[2], state[3]
-
-
-def _apply_backends() -> None:
-    """The settings the open trainers ask for, on top of the process's own: deterministic while any of them is."""
-    own = _PROCESS_BACKENDS
-    asked = list(_OPEN_TRAINERS)
-    if any(request.deterministic for request in asked):
-        os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8")
-        _set_backends((True, False, True, False))
-        return
-    _set_backends(own)
-    if any(request.device_type == "cuda" for request in asked) and not (own[0] or own[2]):
-        torch.backends.cudnn.benchmark = True
-
-
-def configure_backends(config: TrialConfig, device: torch.device):
-    """Set the trial's determinism / cudnn choices (kdtune/config.py, deterministic); return what undoes them
-    (Trainer.close), so a reused Ray actor's next trial starts from the process's own settings.
-
-    deterministic=True: torch.use_deterministic_algorithms(True, warn_only=False), cudnn.deterministic=True,
-    cudnn.benchmark=False, and CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (deterministic cuBLAS needs it; it
-    takes effect if the process has not used cuBLAS yet, so set it yourself for scripts that have).
-    deterministic=False on CUDA: cudnn.benchmark=True (fixed-shape CNN training: the fastest algorithms),
-    unless deterministic algorithms are already on in this process.
-
-    Several trainers may be open at once (fused members, kdtune/fusion.py), and they close in any order (a hints
-    member trains on alone after the others): the settings follow every open trainer's request (deterministic
-    while any of them asks for it), and the process's own settings, read when the first of them opened, come back
-    when the last one closes. A trial also restores them whatever happens (`trial_settings`).
-    """
-    global _PROCESS_BACKENDS
-    if not _OPEN_TRAINERS:
-        _PROCESS_BACKENDS = _backends()
-    request = _Request(bool(config.deterministic), device.type)
-    _OPEN_TRAINERS[request] = True
-    _apply_backends()
-
-    def restore() -> None:
-        if _OPEN_TRAINERS.pop(request, None) is None:
-            return  # closed already, or its trial's end put the process back (trial_settings)
-        if _OPEN_TRAINERS:
-            _apply_backends()
-        else:
-            _set_backends(_PROCESS_BACKENDS)
-
-    return restore
-
-
-@contextmanager
-def trial_settings(threads: int):
-    """The process-wide settings a trial (or a teacher task) changes, put back when it ends, also when it fails:
-    torch's thread count (set to `threads` here), deterministic algorithms and cudnn's flags (each Trainer's
-    configure_backends), CUBLAS_WORKSPACE_CONFIG. Ray reuses a trial's process for the next trial
-    (reuse_actors): without this, a trial whose Trainers were never closed (a member that diverged, an error)
-    would hand its deterministic kernels to the next one."""
-    open_before = set(_OPEN_TRAINERS)
-    backends, workspace, own_threads = _backends(), os.environ.get(CUBLAS_WORKSPACE), torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        for request in set(_OPEN_TRAINERS) - open_before:  # this trial's trainers: none of them asks anything now
-            _OPEN_TRAINERS.pop(request, None)
-        _set_backends(backends)
-        if workspace is None:
-            os.environ.pop(CUBLAS_WORKSPACE, None)
-        else:
-            os.environ[CUBLAS_WORKSPACE] = workspace
-        torch.set_num_threads(own_threads)
-
-
-def use_channels_last(device: torch.device, precision: str) -> bool:
-    """NHWC activations and weights: on GPUs under bf16 (tensor cores) and on every CPU (oneDNN's native layout).
-
-    Measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, the channels_last ablation): the fp32 VGG-7 training
-    step runs ~1.15x faster with 2 threads (52% instead of 46% of the fp32 matmul peak), the KD step with the
-    VGG-16 teacher ~1.12x; results are the same up to float rounding (tests/test_performance_paths.py).
-    """
-    return device.type == "cpu" or precision == "bf16"
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16: without them oneDNN emulates bf16 matmuls, slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, probe, lambda: False)())
-               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def training_augmentation(config: TrialConfig, dataset: Dataset):
-    """The trial's augmentation (None: none): its recipe, or the dataset's default; checked against the samples."""
-    augment = parse_augment(config.augment_recipe(dataset.default_augment), dataset.input_shape)
-    if augment is not None and tuple(augment.output_shape(dataset.input_shape)) != tuple(dataset.input_shape):
-        raise ConfigError(f"augment={config.augment_recipe(dataset.default_augment)!r}: turns samples of shape "
-                          f"{tuple(dataset.input_shape)} into {tuple(augment.output_shape(dataset.input_shape))}, "
-                          "but validation and test samples keep their shape; crop to the dataset's size "
-                          "(e.g. random_resized_crop:224 with --image-size 224)")
-    return augment
-
-
-@torch.no_grad()
-def teacher_logits_for(teacher: nn.Module, dataset: Dataset, val_fraction: float,
-                       device: torch.device | None = None, batch_size: int = 512) -> torch.Tensor:
-    """Teacher logits for every training sample, on un-augmented inputs, row i = sample index i: (N, C), or
-    (members, N, C) for an ensemble teacher (kdtune/ensemble.py), whose members' logits are kept apart because
-    the soft target they make depends on each trial's temperature (distill/losses.py, ensemble_logits)."""
-    device = device or pick_device()
-    train_idx, _ = dataset.split(val_fraction)
-    mean, std = dataset.channel_stats(train_idx)
-    teacher.eval().to(device)
-    every = batch_source(dataset, torch.arange(len(dataset.train_labels)), mean, std, device)
-    logits = None
-    for images, _, indices in every.batches(batch_size):
-        out = teacher(images).float().cpu()
-        if logits is None:
-            logits = torch.empty(*out.shape[:-2], len(every), dataset.num_classes)
-        logits[..., indices.cpu(), :] = out
-    return logits

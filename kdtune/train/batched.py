@@ -1,6 +1,6 @@
 """K students of one architecture stepped as one batched computation: `torch.func` (vmap) over stacked weights.
 
-Fused trials (kdtune/fusion.py) run the teacher once per batch and then step each member in turn: K small
+Fused trials (kdtune/train/fusion.py) run the teacher once per batch and then step each member in turn: K small
 forward/backward passes, each launching its own kernels. Where the members share the architecture (a
 temperature or alpha sweep always does), their weights can be stacked along a new leading dimension and the K
 steps written as one: `torch.func.stack_module_state` stacks parameters and buffers, `functional_call` runs the
@@ -31,7 +31,7 @@ features are out of reach (the step sees logits only, as fused trials do). The t
 tensor every member reads, or (K, N, C), one target per member (an ensemble teacher, whose soft target depends on
 each member's temperature).
 
-Wired into the trial path by kdtune/fusion.py (`fused_epochs`, TrialConfig.batched): each epoch it builds a
+Wired into the trial path by kdtune/train/fusion.py (`fused_epochs`, TrialConfig.batched): each epoch it builds a
 BatchedStudents from the live members' modules and optimiser state, steps it on the shared batches and hands
 weights, BatchNorm statistics and momentum buffers back before the epoch's evaluation and checkpoint.
 benchmarks/gpu.py (G2, G5) measures it next to the sequential fused step.
