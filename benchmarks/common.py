@@ -17,7 +17,7 @@ def threads() -> int:
 
 
 def cpu_name() -> str:
-    from kdtune.costs import cpu_model
+    from kdtune.train.costs import cpu_model
 
     return cpu_model() or platform.processor() or "unknown CPU"
 

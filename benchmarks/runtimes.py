@@ -1,7 +1,7 @@
 """Latency of students in eager PyTorch and in onnxruntime (the file `kdtune models export --format onnx` writes),
 side by side in one run, as ratios: `python -m benchmarks.runtimes [--threads N] [--students REF ...]`.
 
-Both runtimes time the same architectures with kdtune/costs.py's `measure` (warm-up, median of repeats spread
+Both runtimes time the same architectures with kdtune/train/costs.py's `measure` (warm-up, median of repeats spread
 over rounds through all models), on the CPU with the same thread count; onnxruntime needs kdtune[export].
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ DEFAULT = ["digits_student", "vgg:blocks=8x16x16,fc=32,width=2", "digits_teacher
 def main(argv=None) -> int:
     import torch
 
-    from kdtune import costs
+    from kdtune.train import costs
     from kdtune.models.refs import model_ref
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

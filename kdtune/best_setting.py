@@ -70,14 +70,14 @@ class BestSetting:
         return decision
 
     def _champion_latency(self, context: StudyContext) -> dict[str, str]:
-        """The registered student's latency as version tags (kdtune/costs.py latency_tags): measured once, here,
+        """The registered student's latency as version tags (kdtune/train/costs.py latency_tags): measured once, here,
         after every trial of the study has ended, alone where a trial runs (the driver for a local CPU study, else
         one Ray task with a trial's CPUs and a whole GPU), the way a Pareto study measures its candidates. Latency
         depends on the architecture, not on the trained weights. A failed measurement costs the version its
         latency tags, not its registration."""
         import math
 
-        from kdtune import costs
+        from kdtune.train import costs
 
         spec, dataset, ref = context.spec, context.dataset, context.resolved.student
         try:

@@ -1,8 +1,8 @@
 """What kdtune needs to know when it runs on a Ray cluster rather than in one process.
 
-- `assigned_gpu_ids()`: the GPUs Ray gave the current task or actor (a trial), or None outside one.
-  `pick_device` (kdtune/train/devices.py) follows it, so a trial trains where Ray placed it and never on a GPU
-  given to another trial.
+- `assigned_gpu_ids()` (kdtune/train/devices.py): the GPUs Ray gave the current task or actor (a trial), or
+  None outside one. `pick_device` follows it, so a trial trains where Ray placed it and never on a GPU given to
+  another trial.
 - `init_ray(address, py_modules)`: start or join Ray, shipping the user's own modules (model factories named
   by import path) to every node with Ray's runtime_env.
 - `reuse_actors(asked)`, `check_tracking_reachable(uri)`: the policies that depend on the cluster's shape.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -29,25 +28,6 @@ from typing import Iterator
 LOCK_TIMEOUT_S = 6 * 3600.0  # a CIFAR download over a slow link; a lock held longer than this is a hung process
 CONNECT_TIMEOUT_ENV = "KDTUNE_RAY_CONNECT_TIMEOUT_S"
 CONNECT_TIMEOUT_S = 10.0  # a GCS that has not answered by then is not there (ray.init itself retries for minutes)
-
-
-def assigned_gpu_ids() -> list[str] | None:
-    """The accelerator IDs Ray assigned to this task/actor ([] for a CPU-only trial); None outside a Ray worker.
-
-    A fractional request (0.25 GPU) still gets one ID: the GPU it shares. Ray also sets CUDA_VISIBLE_DEVICES to
-    these IDs, so inside the trial the first assigned GPU is `cuda:0`.
-    """
-    ray = sys.modules.get("ray")  # a trial has imported ray already; plain scripts and tests need not
-    if ray is None or not ray.is_initialized():
-        return None
-    try:
-        from ray._private.worker import WORKER_MODE, global_worker
-
-        if global_worker.mode != WORKER_MODE:  # the driver has no assignment of its own
-            return None
-        return [str(i) for i in ray.get_gpu_ids()]
-    except Exception:  # an older or newer Ray without these internals: fall back to plain CUDA detection
-        return None
 
 
 @contextmanager

@@ -24,25 +24,11 @@ from __future__ import annotations
 import json
 
 import torch
-from torch import nn
 
 from kdtune.errors import ConfigError
+from kdtune.results import ENSEMBLE, format_teachers
 from kdtune.tags import TEACHERS_TAG
 
-ENSEMBLE = "ensemble"
-
-
-class EnsembleTeacher(nn.Module):
-    """Members of one architecture (or any); forward returns their logits stacked: (members, N, C)."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        if len(members) < 2:
-            raise ConfigError(f"an ensemble teacher needs 2 or more members, got {len(members)}")
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(x) for member in self.members])
 
 
 def check_methods(configs, members: int) -> None:
@@ -117,22 +103,3 @@ def log_teacher_accuracies(client, parent_run_id: str, rows: list[dict], echo=pr
     tracking.log_metrics(client, parent_run_id, metrics, step=0)
     for line in format_teachers(rows):
         echo(line)
-
-
-def format_teachers(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    what = "ensemble teacher" if len(rows) > 1 else "teacher"
-    lines = [f"{what} (accuracy on the students' validation and test splits):",
-             f"  {'':<10} {'val acc':>8} {'test acc':>9}  source"]
-    for row in rows:
-        name = "ensemble" if row["member"] == ENSEMBLE else (f"member {row['member']}" if len(rows) > 1 else "teacher")
-        lines.append(f"  {name:<10} {100 * row['val_acc']:>7.2f}% {100 * row['test_acc']:>8.2f}%  {row['source']}")
-    return lines
-
-
-def read_teacher_rows(tags: dict) -> list[dict]:
-    try:
-        return json.loads(tags.get(TEACHERS_TAG, "[]"))
-    except ValueError:
-        return []

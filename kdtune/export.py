@@ -17,7 +17,6 @@ ONNX needs the optional extra `export` (onnx, onnxscript, onnxruntime): pip inst
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import warnings
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdtune.errors import KdtuneError
+from kdtune.train.model_files import ExportError, export_file, require_extra, run_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,12 +35,6 @@ if TYPE_CHECKING:
 FORMATS = ("onnx", "pt2")
 TOLERANCE = 1e-4  # max abs difference of float32 logits between the file and the registered model
 CHECK_SAMPLES = 256  # dataset test samples the file is checked on, beside the logged input example
-ONNX_OPSET = 18
-EXTRA_MODULES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "pt2": ()}
-
-
-class ExportError(KdtuneError):
-    """An export that cannot be done as asked, or a file that does not match the registered model."""
 
 
 @dataclass
@@ -67,19 +60,6 @@ class Exported:
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:  # argparse takes any word: a wrong one is this one line, not a usage message
         raise ExportError(f"--format {fmt!r}: not an export format; allowed: weights, {', '.join(FORMATS)}")
-
-
-def require_extra(fmt: str) -> None:
-    """The optional packages a format needs, or one line naming the extra that installs them."""
-    missing = []
-    for module in EXTRA_MODULES[fmt]:
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise ExportError(f"--format {fmt} needs {', '.join(missing)}, not installed: "
-                          "pip install 'kdtune[export]'")
 
 
 def check_out(out: str | Path) -> Path:
@@ -190,49 +170,6 @@ def _dataset_samples(name: str | None, limit: int) -> torch.Tensor | None:
 
 
 # ---- export and verify -----------------------------------------------------------------------------
-
-def export_file(model: torch.nn.Module, fmt: str, sample: torch.Tensor, path: Path, meta: dict) -> None:
-    """Write `model` as `fmt` to `path`, batch dimension dynamic."""
-    import torch
-
-    batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "exporting a model in training mode": an exported graph is eval already
-        if fmt == "onnx":
-            program = torch.onnx.export(model, (sample,), dynamo=True, dynamic_shapes=({0: batch},),
-                                        input_names=["images"], output_names=["logits"], opset_version=ONNX_OPSET,
-                                        verbose=False)
-            program.model.metadata_props.update({k: str(v) for k, v in meta.items()})
-            program.save(str(path), external_data=False)
-        else:
-            program = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(path), extra_files={"kdtune.json": json.dumps(meta)})
-
-
-def run_file(fmt: str, path: Path, samples: torch.Tensor, threads: int | None = None) -> np.ndarray:
-    """The exported file's outputs on `samples`, run by the runtime that will serve it."""
-    import torch
-
-    if fmt == "onnx":
-        session = onnx_session(path, threads)
-        return session.run(None, {session.get_inputs()[0].name: samples.numpy()})[0]
-    program = torch.export.load(str(path))
-    with torch.no_grad():
-        return program.module()(samples).numpy()
-
-
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session over an ONNX file, all graph optimisations on."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
 
 def max_abs_diff(fmt: str, path: Path, model: torch.nn.Module, samples: torch.Tensor) -> float:
     """Largest |file - registered model| over the outputs on `samples` and on the first sample alone."""

@@ -209,7 +209,7 @@ def make_report(study: StudyRuns) -> Report:
             "accuracy_vs_temperature", "heatmap_alpha_temperature", "accuracy_per_link_set")]
         texts.pop("matrix.txt", None)
         texts["pareto_front.txt"] = front[1]
-    from kdtune.ensemble import format_teachers, read_teacher_rows
+    from kdtune.results import format_teachers, read_teacher_rows
 
     if read_teacher_rows(study.parent.data.tags):
         texts["teachers.txt"] = "\n".join(format_teachers(read_teacher_rows(study.parent.data.tags)))
@@ -580,7 +580,7 @@ def _e(text) -> str:
 
 def _teachers_html(study: StudyRuns) -> str:
     """The teacher's (each ensemble member's, and the ensemble's) accuracy on the students' splits."""
-    from kdtune.ensemble import ENSEMBLE, read_teacher_rows
+    from kdtune.results import ENSEMBLE, read_teacher_rows
 
     rows = read_teacher_rows(study.parent.data.tags)
     if not rows:

@@ -6,11 +6,13 @@ accuracy; its test accuracy is what gets reported.
 """
 from __future__ import annotations
 
+import json
+
 import math
 import statistics
 
 from kdtune.records import OBJECTIVE, TrialRecord
-from kdtune.tags import BASELINE_LABEL
+from kdtune.tags import BASELINE_LABEL, TEACHERS_TAG
 
 
 
@@ -305,3 +307,27 @@ def format_matrix(summary: list[dict], row_key: str, col_key: str, row_header: s
         lines.append(f"baseline student (no distillation): {mean_and_spread(baseline)} % "
                      f"over {baseline['n']} seed(s)")
     return "\n".join(lines)
+
+
+# ---- an ensemble teacher's rows (kdtune/ensemble.py writes them to the study run; the report reads them) ----
+
+ENSEMBLE = "ensemble"  # the row of the members' averaged probabilities
+
+
+def format_teachers(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    what = "ensemble teacher" if len(rows) > 1 else "teacher"
+    lines = [f"{what} (accuracy on the students' validation and test splits):",
+             f"  {'':<10} {'val acc':>8} {'test acc':>9}  source"]
+    for row in rows:
+        name = "ensemble" if row["member"] == ENSEMBLE else (f"member {row['member']}" if len(rows) > 1 else "teacher")
+        lines.append(f"  {name:<10} {100 * row['val_acc']:>7.2f}% {100 * row['test_acc']:>8.2f}%  {row['source']}")
+    return lines
+
+
+def read_teacher_rows(tags: dict) -> list[dict]:
+    try:
+        return json.loads(tags.get(TEACHERS_TAG, "[]"))
+    except ValueError:
+        return []

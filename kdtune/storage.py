@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
 from pathlib import Path
 
+from kdtune.deadlines import with_deadline
 from kdtune.errors import ConfigError
 
 CHECK_TIMEOUT_S = 20.0
@@ -140,27 +140,6 @@ def _first_line(error: BaseException) -> str:
 def _with_deadline(fn, timeout_s: float, what: str):
     """Run fn() in a thread; a store that does not answer (a wrong endpoint, retries) is reported in time."""
     return with_deadline(fn, timeout_s, ConfigError(f"{what}: no answer within {timeout_s:.0f}s{_endpoint_note()}"))
-
-
-def with_deadline(fn, timeout_s: float, timeout_error: Exception):
-    """fn()'s value, or its exception, or `timeout_error` when it has not answered within `timeout_s`: a
-    server that does not answer (a wrong endpoint, a database behind a firewall) is reported in time."""
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed to the caller
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise timeout_error
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def _endpoint_note() -> str:

@@ -37,6 +37,15 @@ ON_FRONT_TAG = "kdtune.pareto.on_front"
 COST_TAG = "kdtune.pareto.cost"  # the study run: the front's cost axis
 DEVICE_TAG = "kdtune.pareto.device"  # the study run: where latency was measured
 
+# a Pareto study's cost metrics on student runs, and their words
+COST_TEXT = {"latency_ms_batch1": "latency at batch 1 (ms)", "latency_ms_per_image": "latency per image in a "
+             "batch (ms)", "params": "parameters", "flops": "FLOPs per sample"}
+
+
+def cost_metric(key: str) -> str:
+    return f"cost_{key}"
+
+
 # ---- labels of the results table ---------------------------------------------------------------------------
 BASELINE_LABEL = "baseline"  # the student trained without distillation
 FRONT_PREFIX, BASELINE_PREFIX = "front: ", "baseline: "  # a Pareto study's confirm rows

@@ -236,7 +236,7 @@ def check_backend_store_uri(uri: str, timeout_s: float = 20.0) -> None:
         hint = DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
         raise TrackingError(f"backend store {shown}: the {backend} driver is not installed "
                             f"({_first_line(error)}); {hint}") from None
-    from kdtune.storage import with_deadline
+    from kdtune.deadlines import with_deadline
 
     def connect():
         with engine.connect() as connection:
@@ -614,7 +614,7 @@ def log_onnx_model(client, run_id: str, path, input_example, name: str) -> str:
     import onnx
     from mlflow.models import infer_signature
 
-    from kdtune.export import onnx_session
+    from kdtune.train.model_files import onnx_session
 
     session = onnx_session(path)
     outputs = session.run(None, {session.get_inputs()[0].name: input_example})[0]

@@ -427,10 +427,9 @@ def test_actor_reuse_is_automatic_unless_the_user_chooses(monkeypatch):
     (["0"], False, "cpu", True),      # logical GPUs on a CPU-only node (`ray start --num-gpus=2`)
 ])
 def test_pick_device_follows_what_ray_assigned(monkeypatch, caplog, assigned, cuda, expected, warns):
-    from kdtune import cluster
     from kdtune.train import devices
 
-    monkeypatch.setattr(cluster, "assigned_gpu_ids", lambda: assigned)
+    monkeypatch.setattr(devices, "assigned_gpu_ids", lambda: assigned)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with caplog.at_level("WARNING", logger="kdtune"):
@@ -444,7 +443,7 @@ def test_pick_device_follows_what_ray_assigned(monkeypatch, caplog, assigned, cu
 
 
 def test_outside_ray_there_is_no_assignment():
-    from kdtune.cluster import assigned_gpu_ids
+    from kdtune.train.devices import assigned_gpu_ids
 
     assert assigned_gpu_ids() is None
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdtune import cli, costs, export, registry
+from kdtune import cli, export, registry
+from kdtune.train import costs
 from kdtune.models import build_model
 from kdtune.tracking import (ServableModel, client_for, log_dataset, log_model, register_model, use_tracking)
 
@@ -236,7 +237,7 @@ def test_an_int8_student_calibrated_on_training_samples_keeps_its_accuracy(store
     import onnx
     from onnx import TensorProto
 
-    from kdtune import quantize
+    from kdtune.train import quantize
     from kdtune.errors import ConfigError
 
     samples, chosen = quantize.calibration_samples(digits, 128, val_fraction=0.1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdtune import costs
+from kdtune.train import costs
 from kdtune.errors import ConfigError
 from kdtune.models.families import expand_family
 from kdtune.models.refs import model_ref

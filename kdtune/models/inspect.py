@@ -65,7 +65,7 @@ def check_module_path(
     model: nn.Module, path: str, role: str, ref: str | None = None, dataset: str | None = None
 ) -> nn.Module:
     """The submodule at `path`, or a ConfigError naming the nearest module paths and how to list them all."""
-    from kdtune.models import EMBEDDING_PATH, classifier_path
+    from kdtune.models.zoo import EMBEDDING_PATH, classifier_path
 
     modules = dict(model.named_modules())
     if path == EMBEDDING_PATH:

@@ -287,7 +287,7 @@ def builtin_pretrained(name: str, num_classes: int, input_shape: tuple[int, ...]
             f"{what}: built-in model {name} has no pretrained weights; those that do: {', '.join(PRETRAINED_BUILTINS)}; "
             f"or use torchvision:NAME / timm:NAME"
         )
-    from kdtune.models import build_model
+    from kdtune.models.zoo import build_model
 
     batch_norm = name.endswith("_bn")
     path = torch_hub_file(_torchvision_weights(name, what).url, what)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kdtune.errors import ConfigError
-from kdtune.models import _MODELS, model_names, model_spec
+from kdtune.models.zoo import _MODELS, model_names, model_spec
 from kdtune.models import pretrained as _pretrained
 from kdtune.models.pretrained import one_line
 

@@ -9,7 +9,7 @@ front, front.py what the report and `kdtune models pareto` read back from MLflow
 
 What a Pareto study runs (the driver, kdtune/study.py, calls the steps below through run.py's ParetoRun):
   costs        every candidate architecture measured once, one at a time, before anything is created: parameters
-               and FLOPs (deterministic) and latency (kdtune/costs.py) on the device a trial would use (the driver
+               and FLOPs (deterministic) and latency (kdtune/train/costs.py) on the device a trial would use (the driver
                on a local CPU study, else one Ray task with a whole GPU); a budget no candidate meets stops here
   search       Optuna multi-objective (validation accuracy up, the chosen cost down) over the student and the
                method's parameters (kdtune/pareto_search.py); early stopping, if on, is ASHA on validation
@@ -32,17 +32,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from kdtune.costs import check_runtime
+from kdtune.train.costs import check_runtime
 from kdtune.errors import ConfigError
 
 COSTS = {"latency": "latency_ms_batch1", "latency_per_image": "latency_ms_per_image", "params": "params",
          "flops": "flops"}
-COST_TEXT = {"latency_ms_batch1": "latency at batch 1 (ms)", "latency_ms_per_image": "latency per image in a "
-             "batch (ms)", "params": "parameters", "flops": "FLOPs per sample"}
-
-
-def cost_metric(key: str) -> str:
-    return f"cost_{key}"
 
 
 @dataclass
@@ -58,7 +52,7 @@ class Pareto:
     latency_batch: int = 256
     warmup: int = 5
     repeats: int = 21
-    latency_runtime: str = "torch"  # torch | onnxruntime (kdtune/costs.py): where latency is timed
+    latency_runtime: str = "torch"  # torch | onnxruntime (kdtune/train/costs.py): where latency is timed
     quantize: str | None = None  # "int8": each front member's int8 twin joins the front (kdtune/int8_front.py)
     calibration_samples: int = 256  # training samples the int8 activation ranges are calibrated on
     _refs: dict = field(default_factory=dict, repr=False)
@@ -177,7 +171,7 @@ def check_param_budget(plan: Pareto, refs: dict, dataset) -> None:
     """--max-params against the candidates (deterministic, in the driver, before anything is created)."""
     if plan.max_params is None:
         return
-    from kdtune.costs import parameters
+    from kdtune.train.costs import parameters
 
     counts = {spec: parameters(ref.build(dataset.num_classes, dataset.input_shape)) for spec, ref in refs.items()}
     smallest = min(counts, key=counts.get)

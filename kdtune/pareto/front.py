@@ -2,8 +2,8 @@
 NAME` (the registered front, cheapest first)."""
 from __future__ import annotations
 
-from kdtune.pareto import COST_TEXT, cost_metric
-from kdtune.tags import COST_TAG, DEVICE_TAG, FRONT_STUDY_TAG, ON_FRONT_TAG, PHASE_TAG, STUDENT_TAG
+from kdtune.tags import (COST_TAG, COST_TEXT, DEVICE_TAG, FRONT_STUDY_TAG, ON_FRONT_TAG, PHASE_TAG, STUDENT_TAG,
+                         cost_metric)
 
 
 # ---- the report's figure (from MLflow alone) -------------------------------------------------------

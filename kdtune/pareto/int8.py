@@ -3,11 +3,11 @@ like the member and registered beside it.
 
 For every front member, after its confirm runs (kdtune/pareto.py):
   quantise   each seed's trained student (the weights its run logged) exported to ONNX and quantised statically
-             by onnxruntime (kdtune/quantize.py: int8 weights per channel and activations, ranges calibrated on
+             by onnxruntime (kdtune/train/quantize.py: int8 weights per channel and activations, ranges calibrated on
              samples of that run's training split, never validation or test)
   measure    validation and test accuracy of the int8 file in onnxruntime, per seed, on the splits the fp32
              member is judged on; latency of the best seed's int8 file (on validation) and of its fp32 file,
-             interleaved in one process where a trial would run (kdtune/costs.py), so the two are side by side
+             interleaved in one process where a trial would run (kdtune/train/costs.py), so the two are side by side
   register   the int8 file as an MLflow ONNX model (signature, input example) in the same run as its fp32 twin,
              a version of the same registered model, tagged precision=int8 and with its own latency; the
              champion rule then picks among fp32 and int8 members alike
@@ -42,7 +42,8 @@ class Quantised:
 
 def quantise_trial(study, trial, ref, folder: Path, calibration: int) -> Quantised:
     """The int8 twin of one confirm trial's student, evaluated on its validation split and the test set."""
-    from kdtune import quantize, students
+    from kdtune import students
+    from kdtune.train import quantize
     from kdtune.distill.registry import trial_config
 
     dataset = study.dataset
@@ -67,7 +68,8 @@ def summary_of(quantised: list[Quantised]) -> dict:
 def int8_rows(study, run, final: list, echo=print) -> list[dict]:
     """A front row for the int8 twin of every registered fp32 row of `run` (a ParetoRun), its model logged and
     its latency measured; registering is the caller's (one registration path for both precisions)."""
-    from kdtune import cluster, costs as costs_module
+    from kdtune import cluster
+    from kdtune.train import costs as costs_module
 
     plan, spec = run.plan, study.spec
     members = [r for r in run.rows if r["version"]]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 
-from kdtune.costs import COST_KEYS, latency_tags
+from kdtune.train.costs import COST_KEYS, latency_tags
 from kdtune.errors import ConfigError
-from kdtune.pareto import COST_TEXT, Pareto, cost_metric, front_indices
-from kdtune.tags import (BASELINE_PREFIX, COST_TAG, DEVICE_TAG, FRONT_PREFIX, FRONT_STUDY_TAG, ON_FRONT_TAG,
-                         PHASE_TAG, PRECISION_TAG, STUDENT_TAG, pareto_model_name)
+from kdtune.pareto import Pareto, front_indices
+from kdtune.tags import (BASELINE_PREFIX, COST_TAG, COST_TEXT, DEVICE_TAG, FRONT_PREFIX, FRONT_STUDY_TAG, ON_FRONT_TAG,
+                         PHASE_TAG, PRECISION_TAG, STUDENT_TAG, cost_metric, pareto_model_name)
 
 
 # ---- trials -----------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class ParetoRun:
     def measure(cls, spec, resolved, echo=print) -> "ParetoRun":
         """Every candidate architecture's costs, one model at a time, before any MLflow run or folder exists."""
         from kdtune import cluster
-        from kdtune import costs as costs_module
+        from kdtune.train import costs as costs_module
 
         plan, dataset = spec.pareto, resolved.dataset
         refs = {s: resolved.students[s] for s in plan.refs()}

@@ -2,7 +2,7 @@
 budgets from the command line, the StudySpec they make, and what the script prints."""
 from __future__ import annotations
 
-from kdtune.costs import RUNTIMES
+from kdtune.train.costs import RUNTIMES
 from kdtune.errors import ConfigError
 from kdtune.pareto import COSTS, Pareto
 

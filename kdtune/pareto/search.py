@@ -4,7 +4,7 @@ OptunaSearch takes a list of metrics and modes and then creates a multi-objectiv
 (`directions=[...]`; TPE and NSGA-II both handle several objectives; Optuna gets no intermediate values then,
 only each trial's final ones). Tune's `TuneConfig` and ASHA take one metric, and Tune checks that every result
 holds each metric its searcher names. Trials report validation accuracy; the cost of a student is a property of
-its architecture, measured once per architecture before the search (kdtune/costs.py), so this searcher names
+its architecture, measured once per architecture before the search (kdtune/train/costs.py), so this searcher names
 only validation accuracy to Tune and tells Optuna both values when a trial completes, the cost looked up in
 that table: no trial times anything while other trials share the device.
 """

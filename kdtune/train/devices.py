@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -18,7 +20,6 @@ def pick_device(prefer: str | None = None) -> torch.device:
     """
     if prefer:
         return torch.device(prefer)
-    from kdtune.cluster import assigned_gpu_ids
 
     gpu_ids = assigned_gpu_ids()
     if gpu_ids is None:  # not inside a Ray task or actor
@@ -52,3 +53,22 @@ def cpu_has_native_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     return any(bool(getattr(cpu, probe, lambda: False)())
                for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def assigned_gpu_ids() -> list[str] | None:
+    """The accelerator IDs Ray assigned to this task/actor ([] for a CPU-only trial); None outside a Ray worker.
+
+    A fractional request (0.25 GPU) still gets one ID: the GPU it shares. Ray also sets CUDA_VISIBLE_DEVICES to
+    these IDs, so inside the trial the first assigned GPU is `cuda:0`.
+    """
+    ray = sys.modules.get("ray")  # a trial has imported ray already; plain scripts and tests need not
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+
+        if global_worker.mode != WORKER_MODE:  # the driver has no assignment of its own
+            return None
+        return [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # an older or newer Ray without these internals: fall back to plain CUDA detection
+        return None

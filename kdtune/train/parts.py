@@ -35,7 +35,7 @@ class StudyParts:
         if self.teacher is None or self.teacher_state is None:
             return None
         if isinstance(self.teacher_state, (list, tuple)):
-            from kdtune.ensemble import EnsembleTeacher
+            from kdtune.train.ensemble_teacher import EnsembleTeacher
 
             return EnsembleTeacher([self._network(state) for state in self.teacher_state])
         return self._network(self.teacher_state)

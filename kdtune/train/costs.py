@@ -65,7 +65,7 @@ def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ConfigError(f"--latency-runtime {runtime!r}: allowed: {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime":
-        from kdtune.export import ExportError, require_extra
+        from kdtune.train.model_files import ExportError, require_extra
 
         try:
             require_extra("onnx")
@@ -124,8 +124,8 @@ def onnx_session(model: nn.Module, input_shape, folder: str, threads: int | None
     an onnxruntime CPU session over it with `threads` intra-op threads (default: torch's thread count)."""
     from pathlib import Path
 
-    from kdtune.export import export_file
-    from kdtune.export import onnx_session as session_for
+    from kdtune.train.model_files import export_file
+    from kdtune.train.model_files import onnx_session as session_for
 
     was_training = model.training
     model = model.cpu().eval()
@@ -240,7 +240,7 @@ def onnx_file_latencies(files: dict[str, bytes], input_shape, threads: int, batc
     import tempfile
     from pathlib import Path
 
-    from kdtune.export import onnx_session as session_for
+    from kdtune.train.model_files import onnx_session as session_for
 
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(threads)))

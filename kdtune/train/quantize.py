@@ -9,7 +9,7 @@
     compare(fp32, int8, samples, labels)     accuracy of each file, agreement of their predictions, the largest
                                              logit difference and the file sizes, all run in onnxruntime
 
-Int8 is a trade, not a free gain: `compare` says what it costs in accuracy, `kdtune.costs.onnxruntime_timings`
+Int8 is a trade, not a free gain: `compare` says what it costs in accuracy, `kdtune.train.costs.onnxruntime_timings`
 what it saves in time (on a CPU without int8 dot-product instructions, and for networks as small as the digits
 student, the quantise/dequantise steps can cost more than the int8 arithmetic saves). Needs kdtune[export].
 """
@@ -108,7 +108,7 @@ def int8_onnx(model: "torch.nn.Module", dataset, folder: str | Path, n: int = CA
     `n` training samples of `dataset`."""
     import torch
 
-    from kdtune.export import export_file
+    from kdtune.train.model_files import export_file
 
     folder = Path(folder)
     fp32, int8 = folder / "student.onnx", folder / "student.int8.onnx"
@@ -136,7 +136,7 @@ def compare(fp32_path: str | Path, int8_path: str | Path, samples: "np.ndarray",
     """Both files run in onnxruntime on `samples` (e.g. the test set, for reporting)."""
     import numpy as np
 
-    from kdtune.export import onnx_session
+    from kdtune.train.model_files import onnx_session
 
     outputs = []
     for path in (fp32_path, int8_path):
