@@ -19,7 +19,7 @@ import torch
 
 from kdtune.data import Dataset
 from kdtune.errors import TrackingError
-from kdtune.tracking import quiet_mlflow
+from kdtune.tracking.server import quiet_mlflow
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -163,3 +163,56 @@ def promote(client, name: str, version: str, margin: float = 0.0, force: bool = 
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "gate", reason)
     return Decision(name, version, CHAMPION, reason)
+
+
+# ---- lineage: the splits as MLflow dataset inputs of a study run -------------------------------------------
+
+DATASET_CONTEXTS = ("training", "validation", "testing")
+
+
+def log_dataset(client, run_id: str, dataset, val_fraction: float) -> dict[str, str]:
+    """The study's dataset as inputs of its (parent) run, as `mlflow.log_input` logs them: one input per split,
+    named after the dataset, with context training (the training set as given, validation included: what a
+    registered teacher is matched on), validation (carved from it, what selection and the registry gate use)
+    and testing. Each digest is the hash part of kdtune's fingerprint of that split (above), the
+    same value a registered version's `val_set`/`test_set` tag holds, so a registered student leads back to
+    the study run and the exact samples it was chosen on. Tags: kdtune.samples (the split's size; for training:
+    the samples trials train on, validation left out), kdtune.fingerprint. Returns context -> fingerprint."""
+    import json
+
+    import numpy as np
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from kdtune.tracking.runs import retrying
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+
+    _, val_idx = dataset.split(val_fraction)
+    n_val, n_test = len(val_idx), len(dataset.test_labels)
+    fingerprints = {"training": train_set_fingerprint(dataset),
+                    "validation": validation_fingerprint(dataset, val_fraction),
+                    "testing": test_set_fingerprint(dataset)}
+    sizes = {"training": dataset.num_train - n_val, "validation": n_val, "testing": n_test}
+    rows = {"training": dataset.num_train, "validation": n_val, "testing": n_test}
+    shape = [int(d) for d in dataset.input_shape]
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape), "samples"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "labels")])
+    source = CodeDatasetSource({"kdtune.dataset": dataset.name, "num_classes": int(dataset.num_classes),
+                                "stored": "memory" if dataset.in_memory else "files",
+                                "val_fraction": float(val_fraction)})
+    inputs = []
+    for context in DATASET_CONTEXTS:
+        meta = MetaDataset(source, name=dataset.name, digest=fingerprints[context].rsplit(":", 1)[1], schema=schema)
+        profile = {"num_rows": rows[context], "samples_used": sizes[context], "num_classes": int(dataset.num_classes),
+                   "sample_shape": shape}
+        entity = DatasetEntity(**{**meta.to_dict(), "profile": json.dumps(profile)})
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("kdtune.samples", str(sizes[context])),
+                InputTag("kdtune.fingerprint", fingerprints[context])]
+        if context == "training":
+            tags.append(InputTag("kdtune.validation_held_out", str(n_val)))
+        inputs.append(DatasetInput(entity, tags))
+    retrying(lambda: client.log_inputs(run_id, datasets=inputs), "log the study's dataset", client.tracking_uri)
+    return fingerprints

@@ -276,7 +276,7 @@ class _Study:
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
         # lineage: the splits as MLflow dataset inputs, their digests kdtune's fingerprints (kdtune/tracking.py)
-        tracking.log_dataset(self.client, parent.info.run_id, self.dataset, trial_config({}, self.base).val_fraction)
+        registry.log_dataset(self.client, parent.info.run_id, self.dataset, trial_config({}, self.base).val_fraction)
         return experiment_id, parent.info.run_id
 
     def _study_dir(self) -> Location:

@@ -19,7 +19,8 @@ from torch import nn
 from kdtune import cli, export, registry
 from kdtune.train import costs
 from kdtune.models import build_model
-from kdtune.tracking import (ServableModel, client_for, log_dataset, log_model, register_model, use_tracking)
+from kdtune.registry import log_dataset
+from kdtune.tracking import ServableModel, client_for, log_model, register_model, use_tracking
 
 NAME = "test-export-student"
 
