@@ -1,6 +1,6 @@
 """The MLflow tracking server under a cluster's load: 64 concurrent writers, SQLite against PostgreSQL.
 
-Each writer does what a kdtune trial does to MLflow (kdtune/tracking.py ChildRun): open a child run with its
+Each writer does what a kdtune trial does to MLflow (kdtune/tracking/runs.py ChildRun): open a child run with its
 tags, log its params in one batch, one log_batch of the epoch's metrics per epoch, its final tags, a small model
 file (proxied by the server to its artifact store), and close the run. Every configuration gets the same load,
 back to back in one run; then the store itself (SQLite file / PostgreSQL tables, read directly) is counted:

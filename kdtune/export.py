@@ -246,7 +246,7 @@ def export(client, ref: str, fmt: str, out: str | Path, tolerance: float = TOLER
 
 
 def is_int8(version) -> bool:
-    """A registered version that is an int8 ONNX file (kdtune/int8_front.py), not a PyTorch model."""
+    """A registered version that is an int8 ONNX file (kdtune/pareto/int8.py), not a PyTorch model."""
     return version.tags.get("precision") == "int8"
 
 

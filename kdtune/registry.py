@@ -8,7 +8,7 @@ fingerprint) and reported, never used to choose: a registry that moves on test a
 every later study that starts from the champion. Every version carries what a reader needs to trust it: study, dataset, teacher, method,
 hyperparameters, test accuracy (per seed and mean), parameter count and the student's inference latency with
 what it was measured on (`latency_device`, `latency_threads`, `latency_runtime`; kdtune/train/costs.py latency_tags),
-timed alone after the study's trials (kdtune/study.py) or, for a Pareto study, before them (kdtune/pareto.py).
+timed alone after the study's trials (kdtune/study.py) or, for a Pareto study, before them (kdtune/pareto/run.py).
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def load_student(model_uri: str, tracking_uri: str | None = None, store: str | o
     except Exception as error:
         raise TrackingError(f"{shown}: not in the registry of {tracking.redact(uri)} ({tracking._first_line(error)});"
                             " `kdtune models list` shows what is registered") from None
-    if precision == "int8":  # kdtune/int8_front.py registers int8 students as ONNX files
+    if precision == "int8":  # kdtune/pareto/int8.py registers int8 students as ONNX files
         raise TrackingError(f"{shown}: version {version} is an int8 ONNX student (--quantize int8): it runs in "
                             f"onnxruntime, not PyTorch; `kdtune models export {name}/{version} --format onnx --out "
                             "FILE` writes its file")

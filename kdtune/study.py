@@ -275,7 +275,7 @@ class _Study:
             "val_samples": len(self.dataset.split(trial_config({}, self.base).val_fraction)[1]),
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
-        # lineage: the splits as MLflow dataset inputs, their digests kdtune's fingerprints (kdtune/tracking.py)
+        # lineage: the splits as MLflow dataset inputs, their digests kdtune's fingerprints (kdtune/registry.py)
         registry.log_dataset(self.client, parent.info.run_id, self.dataset, trial_config({}, self.base).val_fraction)
         return experiment_id, parent.info.run_id
 

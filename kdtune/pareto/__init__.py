@@ -53,7 +53,7 @@ class Pareto:
     warmup: int = 5
     repeats: int = 21
     latency_runtime: str = "torch"  # torch | onnxruntime (kdtune/train/costs.py): where latency is timed
-    quantize: str | None = None  # "int8": each front member's int8 twin joins the front (kdtune/int8_front.py)
+    quantize: str | None = None  # "int8": each front member's int8 twin joins the front (kdtune/pareto/int8.py)
     calibration_samples: int = 256  # training samples the int8 activation ranges are calibrated on
     _refs: dict = field(default_factory=dict, repr=False)
 

@@ -1,7 +1,7 @@
 """Int8 members of a Pareto front (`--quantize int8`): each front member's post-training int8 twin, measured
 like the member and registered beside it.
 
-For every front member, after its confirm runs (kdtune/pareto.py):
+For every front member, after its confirm runs (kdtune/pareto/run.py):
   quantise   each seed's trained student (the weights its run logged) exported to ONNX and quantised statically
              by onnxruntime (kdtune/train/quantize.py: int8 weights per channel and activations, ranges calibrated on
              samples of that run's training split, never validation or test)

@@ -1,4 +1,4 @@
-"""Ray Tune's OptunaSearch with a second objective, the cost of the trial's student (kdtune/pareto.py).
+"""Ray Tune's OptunaSearch with a second objective, the cost of the trial's student (kdtune/pareto/run.py).
 
 OptunaSearch takes a list of metrics and modes and then creates a multi-objective Optuna study
 (`directions=[...]`; TPE and NSGA-II both handle several objectives; Optuna gets no intermediate values then,

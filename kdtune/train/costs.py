@@ -234,7 +234,7 @@ def interleaved_medians(time_it, keys: list, batch: int, repeats: int, rounds: i
 
 def onnx_file_latencies(files: dict[str, bytes], input_shape, threads: int, batch: int = 256, warmup: int = 5,
                         repeats: int = 21, rounds: int = 3) -> tuple[dict, float]:
-    """The Ray task body for ONNX files already made (e.g. int8 students, kdtune/int8_front.py): ({key: Costs-like
+    """The Ray task body for ONNX files already made (e.g. int8 students, kdtune/pareto/int8.py): ({key: Costs-like
     dict of the two latencies, device, threads, runtime}, seconds it took), each file run by onnxruntime on the
     CPU with `threads` threads, the files interleaved as `measure` interleaves models."""
     import tempfile
