@@ -9,11 +9,6 @@
 - `probe_address(address)`: before joining a cluster, whether a Ray GCS answers there (seconds, not Ray's own
   minutes of reconnecting); `check_resources(cpus, gpus)`: whether any node (or, on an autoscaling cluster, any
   node type it can launch) has what one trial asks for, instead of trials pending forever. Both fail in one line.
-- `staging_lock(folder, name)`: an inter-process lock on a file inside `folder`, for one-time staging work
-  (a dataset download) that several processes, or several nodes sharing one NFS/EFS data dir, may start at once.
-  `filelock` uses flock(); Linux NFS clients (v4, EFS) turn that into POSIX locks the server enforces, so the
-  lock holds across nodes too. Whoever gets the lock second finds the work done and skips it.
-
 The cluster itself (cloud and on-premises launcher configs, submitting a study, node loss) is described in
 README.md, section "On a cluster", and in cluster.yaml.
 """
@@ -21,38 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-LOCK_TIMEOUT_S = 6 * 3600.0  # a CIFAR download over a slow link; a lock held longer than this is a hung process
 CONNECT_TIMEOUT_ENV = "KDTUNE_RAY_CONNECT_TIMEOUT_S"
 CONNECT_TIMEOUT_S = 10.0  # a GCS that has not answered by then is not there (ray.init itself retries for minutes)
-
-
-@contextmanager
-def staging_lock(folder: str | os.PathLike, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
-    """Hold `folder/.<name>.lock` (created if needed) for the duration of the block; yields the lock file path.
-
-    Raises TimeoutError naming the lock file if another process holds it for longer than `timeout_s`.
-    """
-    from filelock import FileLock, Timeout
-
-    path = Path(folder) / f".{name}.lock"
-    lock = FileLock(str(path), timeout=timeout_s)
-    try:
-        try:
-            lock.acquire()
-        except FileNotFoundError:  # the holder removed the folder it had made (its download failed): retry
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-    except Timeout:
-        raise TimeoutError(f"{path}: still locked by another process after {timeout_s:.0f}s "
-                           "(a download that hangs? remove the file if no kdtune process is running)") from None
-    try:
-        yield path
-    finally:
-        lock.release()
 
 
 def init_ray(address: str | None, py_modules: list[str] | None = None) -> None:

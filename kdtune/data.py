@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kdtune.augment import DEFAULT_IMAGE_AUGMENT, Augment, parse_augment
-from kdtune.cluster import staging_lock
+from kdtune.locks import staging_lock
 from kdtune.errors import ConfigError, DatasetError
 
 SPLIT_SEED = 20240611  # fixed: every trial of every study validates on the same samples
