@@ -23,6 +23,7 @@ in a runtime, and a budget compares figures of one kind only. onnxruntime needs 
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -193,12 +194,18 @@ def measure(refs: dict, num_classes: int, input_shape, device: torch.device | No
 
     runtime "onnxruntime": each model exported to ONNX once and timed in onnxruntime on the CPU with the same
     thread count, whatever `device` is (kdtune installs onnxruntime's CPU package); the CPU is recorded."""
+
+
+    check_runtime(runtime)
+    with torch_threads(threads):
+        return _measure(refs, num_classes, input_shape, device, batch, warmup, repeats, rounds, runtime)
+
+
+def _measure(refs, num_classes, input_shape, device, batch, warmup, repeats, rounds, runtime) -> dict[str, dict]:
     import tempfile
 
     from kdtune.train.devices import pick_device
 
-    check_runtime(runtime)
-    torch.set_num_threads(max(1, int(threads)))
     device = torch.device("cpu") if runtime == "onnxruntime" else (device or pick_device())
     shape = tuple(int(d) for d in input_shape)
     models, counts = {}, {}
@@ -216,6 +223,18 @@ def measure(refs: dict, num_classes: int, input_shape, device: torch.device | No
     name = device_name(device)
     return {spec: Costs(*counts[spec], *medians[spec], name, torch.get_num_threads(), runtime).as_dict()
             for spec in refs}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set for a measurement and put back after it: timing a model must not change
+    the calling process (a test run, a driver) for whatever runs next."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def interleaved_medians(time_it, keys: list, batch: int, repeats: int, rounds: int = 3) -> dict:
@@ -237,13 +256,18 @@ def onnx_file_latencies(files: dict[str, bytes], input_shape, threads: int, batc
     """The Ray task body for ONNX files already made (e.g. int8 students, kdtune/pareto/int8.py): ({key: Costs-like
     dict of the two latencies, device, threads, runtime}, seconds it took), each file run by onnxruntime on the
     CPU with `threads` threads, the files interleaved as `measure` interleaves models."""
-    import tempfile
-    from pathlib import Path
-
     from kdtune.train.model_files import onnx_session as session_for
 
     started = time.perf_counter()
-    torch.set_num_threads(max(1, int(threads)))
+    with torch_threads(threads):
+        table = _time_files(files, input_shape, batch, warmup, repeats, rounds, session_for)
+    return table, time.perf_counter() - started
+
+
+def _time_files(files, input_shape, batch, warmup, repeats, rounds, session_for) -> dict:
+    import tempfile
+    from pathlib import Path
+
     shape = tuple(int(d) for d in input_shape)
     with tempfile.TemporaryDirectory() as folder:
         sessions = {}
@@ -255,10 +279,9 @@ def onnx_file_latencies(files: dict[str, bytes], input_shape, threads: int, batc
             lambda key, size, count: onnxruntime_timings(sessions[key], shape, size, warmup, count),
             list(files), batch, repeats, rounds)
     name = device_name(torch.device("cpu"))
-    table = {key: {"latency_ms_batch1": one, "latency_ms_per_image": per_image, "device": name,
-                   "threads": torch.get_num_threads(), "runtime": "onnxruntime"}
-             for key, (one, per_image) in medians.items()}
-    return table, time.perf_counter() - started
+    return {key: {"latency_ms_batch1": one, "latency_ms_per_image": per_image, "device": name,
+                  "threads": torch.get_num_threads(), "runtime": "onnxruntime"}
+            for key, (one, per_image) in medians.items()}
 
 
 def measure_task(refs: dict, num_classes: int, input_shape, threads: int, device: str | None = None,
