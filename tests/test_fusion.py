@@ -239,8 +239,8 @@ def assert_same_training(alone_trainer, alone, fused_trainer, fused):
     want_state, got_state = alone_trainer.optimizer.state, fused_trainer.optimizer.state
     for p_want, p_got in zip(alone_trainer.student.parameters(), fused_trainer.student.parameters()):
         want_buffer = want_state[p_want]["momentum_buffer"]  # gradient-like: judged against its own scale
-        torch.testing.assert_close(got_state[p_got]["momentum_buffer"], want_buffer, rtol=1e-4,
-                                   atol=1e-4 * float(want_buffer.abs().max()))
+        torch.testing.assert_close(got_state[p_got]["momentum_buffer"], want_buffer, rtol=1e-3,
+                                   atol=1e-3 * float(want_buffer.abs().max()))  # the weights' bound, same reason
 
 
 def run_batched(parts, configs):
