@@ -16,7 +16,7 @@ def report_parts(study_runs):
     """(Plot, front table text) for a Pareto study's report, or None for any other study."""
     if not is_pareto(study_runs):
         return None
-    from kdtune.report import Plot, _figure, _png
+    from kdtune.report_figures import Plot, _figure, _png
 
     key = study_runs.parent.data.tags[COST_TAG]
     metric = cost_metric(key)
