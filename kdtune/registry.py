@@ -20,6 +20,7 @@ import torch
 from kdtune.data import Dataset
 from kdtune.errors import TrackingError
 from kdtune.tracking.server import quiet_mlflow
+from kdtune.tags import DATASET_SOURCE_KEY, FINGERPRINT_TAG, HELD_OUT_TAG, SAMPLES_TAG
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -200,7 +201,7 @@ def log_dataset(client, run_id: str, dataset, val_fraction: float) -> dict[str, 
     shape = [int(d) for d in dataset.input_shape]
     schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape), "samples"),
                      TensorSpec(np.dtype(np.int64), (-1,), "labels")])
-    source = CodeDatasetSource({"kdtune.dataset": dataset.name, "num_classes": int(dataset.num_classes),
+    source = CodeDatasetSource({DATASET_SOURCE_KEY: dataset.name, "num_classes": int(dataset.num_classes),
                                 "stored": "memory" if dataset.in_memory else "files",
                                 "val_fraction": float(val_fraction)})
     inputs = []
@@ -209,10 +210,10 @@ def log_dataset(client, run_id: str, dataset, val_fraction: float) -> dict[str, 
         profile = {"num_rows": rows[context], "samples_used": sizes[context], "num_classes": int(dataset.num_classes),
                    "sample_shape": shape}
         entity = DatasetEntity(**{**meta.to_dict(), "profile": json.dumps(profile)})
-        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("kdtune.samples", str(sizes[context])),
-                InputTag("kdtune.fingerprint", fingerprints[context])]
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag(SAMPLES_TAG, str(sizes[context])),
+                InputTag(FINGERPRINT_TAG, fingerprints[context])]
         if context == "training":
-            tags.append(InputTag("kdtune.validation_held_out", str(n_val)))
+            tags.append(InputTag(HELD_OUT_TAG, str(n_val)))
         inputs.append(DatasetInput(entity, tags))
     retrying(lambda: client.log_inputs(run_id, datasets=inputs), "log the study's dataset", client.tracking_uri)
     return fingerprints

@@ -39,7 +39,8 @@ from kdtune.results import (format_gain, format_matrix, format_table, mean_and_s
 from kdtune.report_figures import (Plot, _is_alpha_temperature_grid, _label_order,
                                     accuracy_per_link_set, accuracy_vs_temperature, heatmap, is_confirm, loss_terms,
                                     outcome, parameter_importance, val_acc_per_epoch)
-from kdtune.tags import FAILURE_TAG, STOPPED_TAG
+from kdtune.tags import (FAILURE_TAG, LABEL_TAG, OVERRIDES_TAG, POINT_TAG, ROLE_STUDENT, ROLE_STUDY, ROLE_TAG,
+                         STOPPED_TAG, TEACHER_TAG)
 
 REPORT_ARTIFACT_PATH = "report"
 MATRIX_CORNER = ("T", "alpha")
@@ -65,7 +66,7 @@ def find_study_run(client, study: str) -> str:
         names = sorted(e.name for e in client.search_experiments())
         raise KdtuneError(f"study {study!r}: neither a study name nor a run id on {client.tracking_uri}; "
                           f"studies there: {', '.join(names) or 'none'}") from None
-    if run.data.tags.get("kdtune.role") != "study":
+    if run.data.tags.get(ROLE_TAG) != ROLE_STUDY:
         raise KdtuneError(f"run {study}: not a study run (kdtune.role={run.data.tags.get('kdtune.role')!r}); "
                           "give a study's parent run id or the study name")
     return run.info.run_id
@@ -103,7 +104,7 @@ def load_study(client, parent_run_id: str) -> StudyRuns:
     parent = client.get_run(parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id)
     children = _all_runs(client, parent.info.experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'")
-    students = sorted((r for r in children if r.data.tags.get("kdtune.role") == "student"),
+    students = sorted((r for r in children if r.data.tags.get(ROLE_TAG) == ROLE_STUDENT),
                       key=lambda r: r.info.start_time)
     return StudyRuns(client, parent, experiment.name, students)
 
@@ -129,9 +130,9 @@ def trial_of(run) -> TrialRecord:
         status = UNFINISHED if status == STOPPED else status  # no stop tag: still running, or its driver died
     else:  # a run recorded before kdtune logged epochs_total: its final epoch logged test_acc
         status = FINISHED if "test_acc" in metrics else UNFINISHED
-    return TrialRecord("study", tags["kdtune.label"], json.loads(tags.get("kdtune.overrides", "{}")),
+    return TrialRecord("study", tags[LABEL_TAG], json.loads(tags.get(OVERRIDES_TAG, "{}")),
                        int(run.data.params.get("seed", 0)), status, metrics, error, run.info.run_id,
-                       point=tags.get("kdtune.point", ""))
+                       point=tags.get(POINT_TAG, ""))
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def _header_html(report: Report) -> str:
 def _header_items(report: Report) -> list[tuple[str, str]]:
     study, parent = report.study, report.study.parent
     params, tags, info = study.params, parent.data.tags, parent.info
-    teacher = params.get("teacher", "?") + (f" ({tags['kdtune.teacher']})" if "kdtune.teacher" in tags else "")
+    teacher = params.get("teacher", "?") + (f" ({tags[TEACHER_TAG]})" if TEACHER_TAG in tags else "")
     kind = (f"Optuna search ({params.get('search.num_samples', '?')} samples) + confirm re-runs" if study.is_search
             else f"grid, {params.get('seeds', '?')} seed(s) per setting")
     counts = Counter(outcome(t) for t in report.trials)

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WEIGHTS_ARTIFACT = "weights/student.pt"  # not under "student/": MLflow 3 reads that path as a logged model's
-WEIGHTS_TAG = "kdtune.weights_uri"  # on a run whose student was logged: the run finished its training
-MODEL_TAG = "kdtune.model_uri"  # on a run whose student was also logged as a servable model
+from kdtune.tags import MODEL_TAG, WEIGHTS_ARTIFACT, WEIGHTS_TAG
 
 
 def log_weights(run, student: nn.Module, normalisation: dict, sample_dims: int, student_spec: str) -> str:

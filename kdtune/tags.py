@@ -81,3 +81,12 @@ def teacher_model_name(dataset: str, architecture: str) -> str:
 
 KDTUNE_MODELS = "name LIKE 'kdtune-%'"  # a registry filter: every model kdtune registered
 TEACHER_MODELS = "name LIKE 'kdtune-teacher-%'"
+
+# ---- recorded with them ------------------------------------------------------------------------------------
+NODE_TAG = "kdtune.node_id"  # a trial attempt's Ray node
+DEVICE_TAG_OF_RUN = "kdtune.device"  # a trial attempt's device
+SAMPLES_TAG = "kdtune.samples"  # a dataset input: the split's size
+FINGERPRINT_TAG = "kdtune.fingerprint"  # a dataset input: kdtune's fingerprint of the split
+HELD_OUT_TAG = "kdtune.validation_held_out"  # the training input: validation samples carved from it
+DATASET_SOURCE_KEY = "kdtune.dataset"  # a dataset input's source: the dataset's name
+PRECISION_META = "kdtune.precision"  # an exported file's metadata: float32 | int8

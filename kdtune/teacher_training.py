@@ -16,6 +16,7 @@ from kdtune.data import Dataset
 from kdtune.teachers import (PRETRAINED, TEACHER_ALIAS, TRAIN, EnsemblePlan, Teacher, TeacherPlan,
                              load_teacher_state, registry_name, resolved_version, seed_alias)
 from kdtune.tracking import ChildRun, ServableModel, TrackingContext, register_model
+from kdtune.tags import ROLE_TAG, ROLE_TEACHER, TEACHER_INIT_TAG
 
 
 def train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: dict | None,
@@ -37,7 +38,7 @@ def _train_teacher(config: TrialConfig, dataset: Dataset, ref, initial_state: di
     # key: "teacher", or one per ensemble member trained in the study (each its own run, found again on resume)
     name = f"teacher {ref.spec}" + (f" seed={config.seed}" if key != "teacher" else "")
     run = ChildRun(tracking, trial_key=key, run_name=name,
-                   params=config.to_flat(), tags={"kdtune.role": "teacher", "kdtune.teacher.init": what})
+                   params=config.to_flat(), tags={ROLE_TAG: ROLE_TEACHER, TEACHER_INIT_TAG: what})
     network = None
     if initial_state is not None:
         network = ref.build(dataset.num_classes, dataset.input_shape)
@@ -111,7 +112,7 @@ def train_and_register(config: TrialConfig, dataset: Dataset, ref, tracking: Tra
 
     from kdtune.registry import training_split_fingerprint
 
-    tags = {"kdtune.role": "teacher", "dataset": dataset.name, "architecture": ref.spec,
+    tags = {ROLE_TAG: ROLE_TEACHER, "dataset": dataset.name, "architecture": ref.spec,
             "train_set": train_set_fingerprint(dataset),
             # the samples it trained on: a study checks they exclude its students' validation split
             "val_fraction": config.val_fraction, "fit_set": training_split_fingerprint(dataset, config.val_fraction),

@@ -23,8 +23,8 @@ from kdtune.data import Dataset
 from kdtune.train.devices import pick_device
 from kdtune.errors import TrainingDiverged
 from kdtune.train.parts import StudyParts
-from kdtune.tags import (FAILURE_TAG, LABEL_TAG, OVERRIDES_TAG, POINT_TAG, ROLE_STUDENT, ROLE_TAG, STOPPED_TAG,
-                         PARENT_TAG, TUNE_TRIAL_TAG)
+from kdtune.tags import (DEVICE_TAG_OF_RUN, FAILURE_TAG, LABEL_TAG, NODE_TAG, OVERRIDES_TAG, PARENT_TAG,
+                         POINT_TAG, ROLE_STUDENT, ROLE_TAG, STOPPED_TAG, TUNE_TRIAL_TAG, WEIGHTS_TAG)
 
 MEMBERS_KEY = "members"  # the reported metric holding each member's last metrics (JSON)
 
@@ -85,7 +85,7 @@ class _MemberRun:
             OVERRIDES_TAG: json.dumps(member.overrides, sort_keys=True)}, attempt_tags=attempt)
         self.metrics: dict = dict(self.run.recorded.metrics) if self.run.completed else {}
         if self.run.completed:
-            self.metrics["weights_uri"] = self.run.recorded.tags[students.WEIGHTS_TAG]
+            self.metrics["weights_uri"] = self.run.recorded.tags[WEIGHTS_TAG]
         previous = self.run.recorded.tags.get(FAILURE_TAG, "") if self.run.recorded and not self.run.completed else ""
         # a retry cannot fix a diverging configuration: it stays failed instead of training again
         self.error = previous if previous.startswith("TrainingDiverged") else None
@@ -128,7 +128,7 @@ def _distill(config: dict, parts: StudyParts, context, base: dict) -> None:
     every_epoch = "group" not in config
     trial_id = tune.get_context().get_trial_id() or "local"  # None outside a Tune session (a script, a test)
     device = pick_device()
-    attempt = {"kdtune.node_id": _node_id(), "kdtune.device": str(device)}
+    attempt = {NODE_TAG: _node_id(), DEVICE_TAG_OF_RUN: str(device)}
     runs = [_MemberRun(m, i, len(members), context, base, trial_id, attempt) for i, m in enumerate(members)]
     training = [r for r in runs if r.trains]
     if not training:  # all done before (a driver that died after the trial's end), or all failed for good

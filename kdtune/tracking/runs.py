@@ -15,7 +15,7 @@ from torch import nn
 from kdtune import metric_writer, mlflow_auth
 from kdtune.errors import TrackingError
 
-from kdtune.tags import PARENT_TAG, TRIAL_KEY_TAG
+from kdtune.tags import FAILURE_TAG, MODEL_TAG, PARENT_TAG, TRIAL_KEY_TAG, WEIGHTS_TAG
 from kdtune.tracking.models import log_model
 from kdtune.tracking.server import _first_line, redact
 
@@ -157,7 +157,7 @@ class ChildRun:
         # A run that finished with its model logged is complete even if Tune never heard of it (the driver
         # died between the trial's end and Tune's next save): the trial reports it instead of training again.
         self.completed = (existing is not None and existing.info.status == "FINISHED"
-                          and bool({"kdtune.weights_uri", "kdtune.model_uri"} & set(existing.data.tags)))
+                          and bool({WEIGHTS_TAG, MODEL_TAG} & set(existing.data.tags)))
         self.recorded = existing.data if existing is not None else None
         if existing is not None:
             self.run_id = existing.info.run_id
@@ -216,7 +216,7 @@ class ChildRun:
     def log_model(self, model: nn.Module, input_example: torch.Tensor, name: str = "student") -> str:
         """Log the model with an input example; return its model URI (what the registry takes)."""
         uri = log_model(self.client, self.run_id, model, input_example, name)
-        self.set_tags({"kdtune.model_uri": uri})
+        self.set_tags({MODEL_TAG: uri})
         return uri
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -228,7 +228,7 @@ class ChildRun:
             self.flush()
         except TrackingError as error:
             reason = f"{reason}; {error}"
-        self.set_tags({"kdtune.failure": reason[:4000]})
+        self.set_tags({FAILURE_TAG: reason[:4000]})
         self._terminate("FAILED")
 
     def _terminate(self, status: str) -> None:

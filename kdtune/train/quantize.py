@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdtune.errors import ConfigError
+from kdtune.tags import PRECISION_META
 
 if TYPE_CHECKING:
     import numpy as np
@@ -113,7 +114,7 @@ def int8_onnx(model: "torch.nn.Module", dataset, folder: str | Path, n: int = CA
     folder = Path(folder)
     fp32, int8 = folder / "student.onnx", folder / "student.int8.onnx"
     samples, _ = calibration_samples(dataset, n, val_fraction, seed)
-    export_file(model, "onnx", torch.from_numpy(samples[:2]), fp32, {"kdtune.precision": "float32"})
+    export_file(model, "onnx", torch.from_numpy(samples[:2]), fp32, {PRECISION_META: "float32"})
     quantize_onnx(fp32, int8, samples)
     return fp32, int8
 
