@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from kdtune import report
+from kdtune import report, report_figures
 from kdtune.errors import KdtuneError
 from kdtune.results import format_matrix, format_table
 from kdtune.records import TrialRecord
@@ -138,7 +138,7 @@ def test_search_report_shows_asha_stopping_points_and_parameter_importance(local
 
     study = report.load_study(client, result.parent_run_id)
     trials = [t for t in map(report.trial_of, study.students) if not report.is_confirm(t)]
-    panels = report.importance_panels(trials)
+    panels = report_figures.importance_panels(trials)
     title, count, importances = panels[0]
     assert title == "all trials" and count == 6
     assert set(importances) <= {"method", "temperature", "alpha"}
@@ -153,10 +153,10 @@ def test_importance_gets_a_panel_per_conditional_parameter_set():
     trials = [trial({"method": "kd", "temperature": 1.0 + i, "alpha": 0.1 * (i + 1)}, 0.5) for i in range(6)]
     trials += [trial({"method": "links", "temperature": 2.0 + (i % 3), "alpha": 0.2 + 0.1 * (i % 2),
                       "beta": 0.1 * (i + 1), "links": "2"}, 0.1 * (i + 1)) for i in range(8)]
-    panels = report.importance_panels(trials)
+    panels = report_figures.importance_panels(trials)
     assert [(title, count) for title, count, _ in panels] == [("all trials", 14),
                                                               ("trials with beta, links (links=2, method=links)", 8)]
     conditional = panels[1][2]
     assert set(conditional) == {"temperature", "alpha", "beta"}
     assert max(conditional, key=conditional.get) == "beta"
-    assert report.importance_panels(trials[:6]) == []  # equal accuracies: nothing to explain, no figure
+    assert report_figures.importance_panels(trials[:6]) == []  # equal accuracies: nothing to explain, no figure
