@@ -119,7 +119,7 @@ def test_an_unknown_study_is_one_clear_error(mlflow_server):
 def test_search_report_shows_asha_stopping_points_and_parameter_importance(local_ray, mlflow_server, tmp_path):
     space = MethodSpace(("kd", "links"), ("2", "3", "2,3"))
     spec = study_spec("report_search", mlflow_server, tmp_path / "ray", overrides={"epochs": 4},
-                      search=Search(space, num_samples=6, grace_period=1, reduction_factor=2, seed=1))
+                      search=Search(space, num_samples=6, grace_period=1, reduction_factor=3, seed=1))
     result = run_study(spec, echo=lambda *a: None)
     client = client_for(mlflow_server.uri)
     page = report.build_report(client, result.parent_run_id, tmp_path / "report")
