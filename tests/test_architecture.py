@@ -142,17 +142,7 @@ def test_the_core_imports_no_framework(drawing):
     assert heavy == {}
 
 
-def oversize() -> dict[str, int]:
-    """Modules ARCHITECTURE.md lists as still over the bound, with the size each may not exceed."""
-    block = re.search(r"```oversize\n(.*?)```", (REPO / "ARCHITECTURE.md").read_text(), flags=re.S)
-    return {m: int(n) for m, n in (line.split() for line in (block.group(1) if block else "").splitlines() if line)}
-
-
 def test_no_module_is_longer_than_the_bound(drawing):
     known, _, _ = drawing
-    allowed = oversize()
-    long = {m: n for m, p in known.items()
-            if (n := len(p.read_text().splitlines())) > max(MAX_LINES, allowed.get(m, 0))}
+    long = {m: n for m, p in known.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
-    assert {m: n for m, n in allowed.items() if len(known[m].read_text().splitlines()) <= MAX_LINES} == {}, \
-        "split already: remove it from ARCHITECTURE.md's oversize list"

@@ -487,7 +487,7 @@ def test_processes_sharing_a_data_dir_download_a_dataset_once(tmp_path):
     # the real loader, pointed at this server instead of the CIFAR host (which this machine cannot reach)
     script = (
         "import dataclasses, sys\n"
-        "import kdtune.data as data\n"
+        "import kdtune.data.builtin as data\n"
         "files = data._CIFAR['cifar10']\n"
         "source = dataclasses.replace(files.source, mirrors=(sys.argv[1],), files=((files.source.files[0][0], sys.argv[2]),))\n"
         "data._CIFAR['cifar10'] = dataclasses.replace(files, source=source)\n"
@@ -528,7 +528,7 @@ def test_a_download_that_fails_leaves_no_lock_file_behind(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     import dataclasses
 
-    import kdtune.data as data
+    import kdtune.data.builtin as data
 
     files = data._CIFAR["cifar10"]
     source = dataclasses.replace(files.source, mirrors=(f"http://127.0.0.1:{server.server_port}/",))

@@ -57,7 +57,7 @@ def split_samples(dataset, split: str, indices=None) -> tuple["np.ndarray", "np.
         images = dataset.train_images if split == "train" else dataset.test_images
         samples = images[indices].float() * dataset.scale
     else:
-        from kdtune.data import _FileBatches
+        from kdtune.data.streamed import _FileBatches
 
         raw, _, _, error = _FileBatches(dataset, split)[indices.tolist()]
         if error:
