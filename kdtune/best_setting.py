@@ -64,7 +64,7 @@ class BestSetting:
         student = context.resolved.student.build(context.dataset.num_classes, context.dataset.input_shape)
         model_uri = students.servable_model_uri(context.client, best.run_id, context.resolved.student,
                                                 context.dataset)
-        decision = register_trial(context, best, row, registered_name(context), model_uri, context.base["student"],
+        decision = register_trial(context, best, row, registered_name(context), model_uri, context.base.shared.student,
                                   {"parameters": count_parameters(student), **self._champion_latency(context)})
         context.echo(f"registry: {decision.name} version {decision.version} -> @{decision.alias} ({decision.reason})")
         return decision

@@ -5,7 +5,6 @@ says whether the registry gate decides the alias now (`gated`)."""
 from __future__ import annotations
 
 from kdtune import registry
-from kdtune.distill.registry import trial_config
 from kdtune.study_context import StudyContext
 
 
@@ -17,7 +16,7 @@ def register_trial(context: StudyContext, trial, row: dict, name: str, model_uri
     metrics = trial.metrics
     tags = {
         "study": context.spec.name, "dataset": context.dataset.name, "teacher": context.teacher_cfg.student,
-        "student": student, "method": trial.params.get("method", context.base.get("method")),
+        "student": student, "method": trial.params.get("method", context.base.shared.method),
         "label": trial.label, "tuned": row.get("point") or "-", "seed": trial.seed, "run_id": trial.run_id,
         "val_acc": f"{metrics['val_acc']:.4f}", "test_acc": f"{metrics['test_acc']:.4f}",
         "test_acc_per_seed": ",".join(f"{a:.4f}" for a in row["test"]),
@@ -32,4 +31,4 @@ def register_trial(context: StudyContext, trial, row: dict, name: str, model_uri
 
 def validation_set(context: StudyContext, trial) -> str:
     """The fingerprint of the validation split `trial` was judged on (the gate compares only like with like)."""
-    return registry.validation_fingerprint(context.dataset, trial_config(trial.params, context.base).val_fraction)
+    return registry.validation_fingerprint(context.dataset, context.base.trial(trial.params).val_fraction)

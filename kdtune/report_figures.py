@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kdtune.log_levels import logger_level
 from kdtune.records import STOPPED, TrialRecord
 from kdtune.results import BASELINE_LABEL, mean_and_spread, pick_best
 
@@ -329,12 +331,12 @@ def _rebuilt_study(trials: list[dict]):
     distributions = {name: _distribution(seen) for name, seen in values.items()}
     if not distributions:
         return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for trial in trials:
-        study.add_trial(optuna.trial.create_trial(
-            params=trial.params, distributions={n: distributions[n] for n in trial.params},
-            value=trial.metrics["val_acc"]))
+    with logger_level("optuna", logging.WARNING):
+        study = optuna.create_study(direction="maximize")
+        for trial in trials:
+            study.add_trial(optuna.trial.create_trial(
+                params=trial.params, distributions={n: distributions[n] for n in trial.params},
+                value=trial.metrics["val_acc"]))
     return study
 
 

@@ -14,13 +14,15 @@ version exists yet. Trials later receive these objects and resolve nothing.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from kdtune import recipes
 from kdtune.config import TrialConfig
-from kdtune.distill.registry import trial_config
+from kdtune.distill.registry import StudyBase, trial_config
 from kdtune.data import Dataset
 from kdtune.errors import ConfigError
+from kdtune.log_levels import logger_level
 from kdtune.sources import resolve_dataset
 from kdtune.teachers import TeacherPlan, plan_teacher
 
@@ -30,7 +32,7 @@ class ResolvedStudy:
     dataset: Dataset
     student: object  # ModelRef
     teacher: object  # ModelRef
-    base: dict  # the flat config every student trial starts from
+    base: StudyBase  # the shared values every student trial starts from
     configs: list[TrialConfig]  # every trial config the study can produce
     teacher_config: TrialConfig  # how the teacher is trained (its `student` field is the teacher)
     teacher_plan: TeacherPlan | None  # None: no trial uses a teacher
@@ -76,10 +78,10 @@ def resolve_study(spec, echo=print) -> ResolvedStudy:
         for ref in students.values():
             ref.check(dataset.num_classes, dataset.input_shape, role="student")
         check_param_budget(pareto, students, dataset)
-    base = {"dataset": dataset.name, "teacher": teacher.spec, "student": student.spec,
-            **recipe["student_recipe"], **spec.overrides}
+    base = StudyBase({"dataset": dataset.name, "teacher": teacher.spec, "student": student.spec,
+                      **recipe["student_recipe"], **spec.overrides})
     variants = expand_tuning(spec.variants, spec.tune)
-    configs = [trial_config({**_without_label(v), "seed": seed}, base)
+    configs = [base.trial({**_without_label(v), "seed": seed})
                for v in variants for seed in range(spec.seeds)]
     for search in (spec.search, spec.baseline_search):
         if search is not None:
@@ -340,7 +342,7 @@ def _check_against_data(configs: list[TrialConfig], dataset: Dataset, student, t
                 raise ConfigError(f"student {config.student}: {error}") from None
 
 
-def _sample_search_space(search, base: dict, samples: int = 48) -> list[TrialConfig]:
+def _sample_search_space(search, base: StudyBase, samples: int = 48) -> list[TrialConfig]:
     """Draw configurations from the define-by-run space (random sampler) and validate each one now,
     so a bad range fails before any trial instead of inside one."""
     import optuna
@@ -349,12 +351,12 @@ def _sample_search_space(search, base: dict, samples: int = 48) -> list[TrialCon
         raise ConfigError(f"num_samples={search.num_samples}: must be >= 1")
     if search.time_budget_s is not None and search.time_budget_s <= 0:
         raise ConfigError(f"time_budget_s={search.time_budget_s}: must be > 0")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
-    configs = [trial_config(point, base) for point in search.points_to_evaluate]
-    for _ in range(samples):
-        trial = study.ask()
-        constants = search.suggest(trial) or {}
-        configs.append(trial_config({**trial.params, **constants}, base))
-        study.tell(trial, 0.0)
+    configs = [base.trial(point) for point in search.points_to_evaluate]
+    with logger_level("optuna", logging.WARNING):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed))
+        for _ in range(samples):
+            trial = study.ask()
+            constants = search.suggest(trial) or {}
+            configs.append(base.trial({**trial.params, **constants}))
+            study.tell(trial, 0.0)
     return configs

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdtune import cluster, ensemble, registry, report, teacher_training, teachers, tracking, warmstart
-from kdtune.distill.registry import trial_config
 from kdtune.errors import KdtuneError
 from kdtune.train.parts import StudyParts
 from kdtune.train.fusion import group_size, group_variants
@@ -142,8 +141,7 @@ def run_study(spec: StudySpec, echo=print) -> StudyResult:
     store = Path(spec.store_dir).resolve()
     uri = spec.tracking_uri or (saved or {}).get("tracking_uri_external")
     start_ray = lambda: cluster.init_ray(spec.address, resolved.user_modules)  # noqa: E731
-    with tracking.tracking_server(uri, store, echo, meanwhile=start_ray) as uri:
-        tracking.use_tracking(uri)
+    with tracking.tracking_server(uri, store, echo, meanwhile=start_ray) as uri, tracking.tracking_at(uri):
         return _Study(spec, resolved, uri, store, saved, echo).run(started)
 
 
@@ -261,7 +259,7 @@ class _Study:
                                               # which samples: a warm start matches earlier studies on it
                                               TRAIN_SET_TAG: registry.train_set_fingerprint(self.dataset)})
         tracking.log_params(self.client, parent.info.run_id, {
-            "dataset": self.dataset.name, "teacher": self.teacher_cfg.student, "student": self.base["student"],
+            "dataset": self.dataset.name, "teacher": self.teacher_cfg.student, "student": self.base.shared.student,
             "seeds": spec.seeds, "variants": len(spec.variants),
             "search": spec.search is not None or bool(self.resolved.searches),
             "search.num_samples": sum(s.num_samples for s in [*([spec.search] if spec.search else []),
@@ -272,11 +270,11 @@ class _Study:
             "baseline_search": spec.baseline_search.num_samples if spec.baseline_search else 0,
             "train_samples": self.dataset.num_train, "test_samples": len(self.dataset.test_labels),
             # the validation split is carved from the training set, stratified by class (data.py)
-            "val_samples": len(self.dataset.split(trial_config({}, self.base).val_fraction)[1]),
+            "val_samples": len(self.dataset.split(self.base.shared.val_fraction)[1]),
             **{f"base.{k}": v for k, v in self.base.items() if k not in ("dataset", "teacher", "student")},
         })
         # lineage: the splits as MLflow dataset inputs, their digests kdtune's fingerprints (kdtune/registry.py)
-        registry.log_dataset(self.client, parent.info.run_id, self.dataset, trial_config({}, self.base).val_fraction)
+        registry.log_dataset(self.client, parent.info.run_id, self.dataset, self.base.shared.val_fraction)
         return experiment_id, parent.info.run_id
 
     def _study_dir(self) -> Location:
@@ -322,7 +320,7 @@ class _Study:
         students' splits: logged to the parent run (kdtune/ensemble.py), listed by the report."""
         spec = self.spec
         sources = [m.source for m in teacher.members] if teacher.members else [teacher.source]
-        fraction = trial_config({}, self.base).val_fraction
+        fraction = self.base.shared.val_fraction
         rows = cluster.run_like_a_trial(ensemble.teacher_accuracies, parts, fraction, sources,
                                         cpus=spec.cpus_per_trial, gpus=spec.gpus_per_trial)
         ensemble.log_teacher_accuracies(self.client, context.parent_run_id, rows, self.echo)

@@ -20,7 +20,7 @@ class StudyContext:
         return self.resolved.dataset
 
     @property
-    def base(self) -> dict:
+    def base(self) -> "StudyBase":
         return self.resolved.base
 
     @property

@@ -350,7 +350,7 @@ def identity_of(study, tags: dict) -> dict:
     """What must match between two studies for one's best points to seed the other's search (beside each
     point's recipe, `fit`): the dataset (name, size, samples' fingerprint), the student, and the teacher's
     weights; `tags` are this study's parent-run tags (the teacher's, once it is obtained)."""
-    return {"dataset": study.dataset.name, "teacher": study.teacher_cfg.student, "student": study.base["student"],
+    return {"dataset": study.dataset.name, "teacher": study.teacher_cfg.student, "student": study.base.shared.student,
             "train_samples": study.dataset.num_train, "train_set": tags.get(TRAIN_SET_TAG),
             "teacher_source": tags.get(TEACHER_TAG), "teacher_weights": tags.get(TEACHER_WEIGHTS_TAG),
             "teacher_version": tags.get(TEACHER_VERSION_TAG)}

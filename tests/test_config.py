@@ -63,3 +63,25 @@ def test_augment_accepts_recipes_and_the_old_booleans():
     assert trial_config({"augment": True}).augment == "crop:4,flip"
     assert trial_config({"augment": "false"}).augment_recipe("crop:4,flip") == ""
     assert trial_config({}).augment_recipe("crop:4,flip") == "crop:4,flip"  # the dataset's default
+
+
+def test_a_study_base_gives_each_method_its_own_parameters_and_cannot_be_changed_in_place():
+    import pickle
+
+    from kdtune.distill.registry import StudyBase
+
+    base = StudyBase({"dataset": "digits", "student": "digits_student", "epochs": 3, "temperature": 6.0})
+    assert base.shared.epochs == 3 and base.shared.student == "digits_student"
+    assert base.trial({"method": "kd"}).temperature == 6.0  # --set temperature=6 reaches the KD trials
+    dkd = base.trial({"method": "dkd"})
+    assert dkd.beta == trial_config({"method": "dkd"}).beta  # DKD keeps its own default
+    assert base.trial({"method": "none"}).param("temperature") is None  # the baseline has no temperature
+    changed = base.replace(epochs=5)
+    assert changed.shared.epochs == 5 and base.shared.epochs == 3
+    with pytest.raises(AttributeError, match="read-only"):
+        base.shared = None
+    with pytest.raises(TypeError):
+        base["epochs"] = 4
+    assert dict(pickle.loads(pickle.dumps(base))) == dict(base)  # shipped to every trial by Ray
+    with pytest.raises(ConfigError, match="epochs"):
+        StudyBase({"epochs": "many"}).shared

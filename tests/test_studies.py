@@ -31,7 +31,16 @@ def test_search_stops_weak_trials_early_and_samples_only_applicable_parameters(l
                                    points_to_evaluate=[{"method": "kd", "temperature": 4.0, "alpha": 0.9}]),
                      tracking_uri=mlflow_server.uri, storage=str(tmp_path), max_concurrent=2,
                      register_as="test-search-student")
-    result = run_study(spec, echo=lambda *a: None)
+    import mlflow
+
+    mine = f"sqlite:///{tmp_path / 'my-own.db'}"  # the user's script has MLflow pointed at its own store
+    mlflow.set_tracking_uri(mine)
+    try:
+        result = run_study(spec, echo=lambda *a: None)
+        # run_study pointed MLflow at the study's server only while it ran
+        assert mlflow.get_tracking_uri() == mine and os.environ.get("MLFLOW_TRACKING_URI") == mine
+    finally:
+        mlflow.set_tracking_uri(None)
     search = result.phases["search"]
     assert len(search) == 8
     epochs = [t.metrics["epoch"] for t in search]

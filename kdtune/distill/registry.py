@@ -3,6 +3,7 @@
     method_class("dkd")                          # a built-in
     method_class("mylab.methods:LogitMSE")       # a subclass of kdtune.distill.Method, imported once
     trial_config({"method": "dkd", "beta": 8})   # a validated TrialConfig (kdtune/config.py)
+    StudyBase({...}).trial({"method": "dkd"})     # the same, on top of a study's shared values
 
 A user's method is imported in the driver, where the study is resolved and every trial config checked; trials
 import it again by the same reference from the user's code the study ships to every node (Ray's runtime_env,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kdtune.config import TrialConfig
@@ -79,3 +81,50 @@ def trial_config(flat: dict[str, Any], base: dict[str, Any] | None = None) -> Tr
     """A validated TrialConfig from a flat dict on top of a study's `base` (kdtune/config.py, from_flat)."""
     method = (flat.get("method") or (base or {}).get("method") or TrialConfig.method)
     return TrialConfig.from_flat({**flat, "method": method}, method_class(method), base=base)
+
+
+class StudyBase(Mapping):
+    """A study's shared trial values (dataset, pair, recipe, `--set` overrides), read-only.
+
+    Not one TrialConfig: a base holds values for several methods' parameters (`--set temperature=4` reaches the
+    KD trials, not the baseline, and DKD keeps its own default when unset), while a TrialConfig holds one method's
+    parameters filled in with its defaults. So the base stays a mapping of the values given, and `shared` is its
+    typed, validated view (student, val_fraction, epochs...) built once; `trial(flat)` makes a trial's config."""
+
+    __slots__ = ("_values", "_shared")
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_shared", None)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a StudyBase is read-only: use replace(...)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"StudyBase({self._values!r})"
+
+    def __reduce__(self):  # shipped to every trial by Ray
+        return (StudyBase, (self._values,))
+
+    @property
+    def shared(self) -> TrialConfig:
+        """The base's own trial config (its method, or the default one): the typed fields every trial shares."""
+        if self._shared is None:
+            object.__setattr__(self, "_shared", self.trial({}))
+        return self._shared
+
+    def trial(self, flat: Mapping[str, Any]) -> TrialConfig:
+        """A trial's validated config: `flat` (a variant, a Tune config) on top of this base."""
+        return trial_config(dict(flat), self._values)
+
+    def replace(self, **changes: Any) -> "StudyBase":
+        return StudyBase({**self._values, **changes})

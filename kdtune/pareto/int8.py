@@ -44,12 +44,11 @@ def quantise_trial(study, trial, ref, folder: Path, calibration: int) -> Quantis
     """The int8 twin of one confirm trial's student, evaluated on its validation split and the test set."""
     from kdtune import students
     from kdtune.train import quantize
-    from kdtune.distill.registry import trial_config
 
     dataset = study.dataset
     folder.mkdir(parents=True, exist_ok=True)
     model = students.servable_student(study.client, trial.run_id, ref, dataset.num_classes, dataset.input_shape)
-    val_fraction = trial_config(trial.params, study.base).val_fraction
+    val_fraction = study.base.trial(trial.params).val_fraction
     fp32, int8 = quantize.int8_onnx(model, dataset, folder, calibration, val_fraction, seed=trial.seed)
     _, val_idx = dataset.split(val_fraction)
     on_val = quantize.compare(fp32, int8, *quantize.split_samples(dataset, "train", val_idx))

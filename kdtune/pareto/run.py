@@ -68,7 +68,7 @@ class ParetoRun:
         # where a trial would run, on a whole device: nothing else runs on it while it is timed
         table, seconds = cluster.run_like_a_trial(costs_module.measure_task, **arguments, cpus=spec.cpus_per_trial,
                                                   gpus=math.ceil(spec.gpus_per_trial))
-        run = cls(plan, refs, table, seconds, resolved.base["student"])
+        run = cls(plan, refs, table, seconds, resolved.base.shared.student)
         echo(f"pareto: measured {len(table)} candidate student(s) in {seconds:.1f}s on {run.device}")
         if plan.latency_budget_ms is not None:
             fastest = min(table, key=lambda s: table[s]["latency_ms_batch1"])

@@ -3,6 +3,7 @@ its trial key, so a retried or resumed trial continues its own run), retries acr
 batched params and metrics."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -29,12 +30,16 @@ class TrackingContext:
     parent_run_id: str
 
 
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+
+
 def use_tracking(uri: str) -> None:
     """Point this process's MLflow (fluent API: log_model, register_model, load_model) at `uri`.
 
-    Called by entry points only (a study's driver, a trial, a teacher task, the `kdtune` command), never at
-    import time. Trials run in parallel: MLflow's per-run "View run at ..." lines and artifact progress bars
-    would bury the study's own output, so they are off unless the user set these variables.
+    For entry points only (a trial, a teacher task, the `kdtune` command), never at import time; a study inside
+    a user's own script uses `tracking_at`. Trials run in parallel: MLflow's per-run "View run at ..." lines and
+    artifact progress bars would bury the study's own output, so they are off unless the user set these variables.
     """
     import mlflow
 
@@ -43,6 +48,27 @@ def use_tracking(uri: str) -> None:
     mlflow_auth.load_credentials()  # a credentials file's user and password, where MLflow's client reads them
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # else the registry may default to a local ./mlflow.db
+
+
+@contextlib.contextmanager
+def tracking_at(uri: str):
+    """`use_tracking(uri)` while the block runs, then the caller's MLflow settings back: `run_study` is called
+    from users' scripts, which may have MLflow pointed elsewhere. MLflow keeps each URI twice (a module global and
+    an environment variable, for subprocesses): unset both, then put the caller's variables back."""
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in _TRACKING_ENV}
+    use_tracking(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def client_for(uri: str):
