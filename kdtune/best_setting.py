@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from kdtune import cluster, students
 from kdtune.records import OBJECTIVE
+from kdtune.results import SettingRow
 from kdtune.registration import register_trial
 from kdtune.study_context import StudyContext
 from kdtune.tags import student_model_name
@@ -37,7 +38,7 @@ class BestSetting:
     def confirm_variants(self, phases: dict, chosen: list[dict]) -> list[dict]:
         return chosen
 
-    def finish(self, context: StudyContext, phases: dict, final: list, summary: list[dict], parent_id: str):
+    def finish(self, context: StudyContext, phases: dict, final: list, summary: list[SettingRow], parent_id: str):
         from kdtune.results import pick_best
 
         best_label = pick_best(summary, allow_failed=context.spec.allow_failed_best)
@@ -51,12 +52,12 @@ class BestSetting:
         return [result.table(), verdict(result.summary, baseline_tuning(result.spec.tune, search.num_samples
                                                                         if search else 0)), failures]
 
-    def _register_best(self, context: StudyContext, trials: list, summary: list[dict], best_label: str):
+    def _register_best(self, context: StudyContext, trials: list, summary: list[SettingRow], best_label: str):
         """Register the best configuration's best seed; the registry gate decides whether it is champion."""
         from kdtune.models import count_parameters
 
-        row = next(r for r in summary if r["label"] == best_label)
-        candidates = [t for t in trials if t.label == best_label and t.point == row["point"] and t.finished
+        row = next(r for r in summary if r.label == best_label)
+        candidates = [t for t in trials if t.label == best_label and t.point == row.point and t.finished
                       and "weights_uri" in t.metrics]
         best = OBJECTIVE.best_trial(candidates)
         if best is None:

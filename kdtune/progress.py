@@ -29,6 +29,7 @@ import time
 from ray.tune import Callback
 
 from kdtune.records import OBJECTIVE
+from kdtune.scoped import environment_restored, logger_level
 
 REFRESH_S = 0.5  # a terminal's line is redrawn at most this often (and on every event)
 
@@ -327,27 +328,22 @@ def quiet_tune():
     """While a phase runs: Ray Tune's legacy output engine (the one that honours verbose=0; the newer one prints
     its own tables even when silent), no traceback per failed trial (TUNE_PRINT_ALL_TRIAL_ERRORS=0; our callback
     prints the reason and the error file; set it to 1 to see Ray's), no excessive-sync warning (kdtune/study.py,
-    _run_config), and no closing "Trials did not complete" list (each failure was already a line). Restored
-    afterwards: nothing here outlives the phase."""
+    _run_config), no closing "Trials did not complete" list (each failure was already a line), and no Optuna
+    line per study created and trial told (the searcher's). Restored afterwards: nothing here outlives the phase."""
     values = {"RAY_AIR_NEW_OUTPUT": "0",
               "TUNE_PRINT_ALL_TRIAL_ERRORS": os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS", "0"),
               "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S":
                   os.environ.get("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")}
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
     tune_logger = logging.getLogger("ray.tune.tune")
     quiet = _DropIncompleteTrials()
-    tune_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        tune_logger.removeFilter(quiet)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        finish_lines()
+    with environment_restored(values), logger_level("optuna", logging.WARNING):
+        os.environ.update(values)
+        tune_logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            tune_logger.removeFilter(quiet)
+            finish_lines()
 
 
 class _DropIncompleteTrials(logging.Filter):

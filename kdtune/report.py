@@ -34,7 +34,7 @@ from pathlib import Path
 from kdtune import tracking
 from kdtune.errors import KdtuneError
 from kdtune.records import FINISHED, STOPPED, UNFINISHED, TrialRecord, status_of
-from kdtune.results import (format_gain, format_matrix, format_table, mean_and_spread, percent,
+from kdtune.results import (SettingRow, format_gain, format_matrix, format_table, mean_and_spread, percent,
                             baseline_tuning, format_failures, other_points_note, pick_best, summarise, verdict)
 from kdtune.report_figures import (Plot, _is_alpha_temperature_grid, _label_order,
                                     accuracy_per_link_set, accuracy_vs_temperature, heatmap, is_confirm, loss_terms,
@@ -141,7 +141,7 @@ def trial_of(run) -> TrialRecord:
 class Report:
     study: StudyRuns
     trials: list[TrialRecord]  # every student trial
-    summary: list[dict]  # the study's table: the grid, or a search's confirm phase
+    summary: list[SettingRow]  # the study's table: the grid, or a search's confirm phase
     plots: list[Plot]
     texts: dict[str, str]  # file name -> text table
 
@@ -325,20 +325,21 @@ def _tuning(params: dict) -> str | None:
     return baseline_tuning(tune, int(float(params.get("baseline_search", 0) or 0)))
 
 
-def _summary_html(summary: list[dict], tuning: str | None = None) -> str:
+def _summary_html(summary: list[SettingRow], tuning: str | None = None) -> str:
     if not summary:
         return "<p class=\"note\">No trial has finished yet.</p>"
     best = pick_best(summary)
     rows, classes = [], []
     for row in summary:
-        notes = ", ".join(f"{row[k]} {k}" for k in ("failed", "stopped") if row[k])
-        if row["failed"]:
+        notes = ", ".join(f"{count} {what}" for what, count in (("failed", row.failed), ("stopped", row.stopped))
+                          if count)
+        if row.failed:
             notes += " (flagged: not chosen as best)"
         notes = "; ".join(filter(None, [notes, other_points_note(row)]))
-        rows.append([row["label"], row.get("point") or "-", percent(row["val_mean"]),
-                     mean_and_spread(row) if row["n"] else "-",
-                     percent(row["test_median"]), format_gain(row), f"{row['n']}/{row['total']}", notes])
-        classes.append("best" if row["label"] == best else "")
+        rows.append([row.label, row.point or "-", percent(row.val_mean),
+                     mean_and_spread(row) if row.n else "-",
+                     percent(row.test_median), format_gain(row), f"{row.n}/{row.total}", notes])
+        classes.append("best" if row.label == best else "")
     table = _table(["setting", "chosen on val", "val acc (%)", "test acc (%) mean ± std", "median",
                     "vs baseline [95% CI]", "finished", "notes"], rows, classes)
     return (table + f"<p class=\"note\">Bold: the best setting by mean validation accuracy ({_e(best)}); "
@@ -353,7 +354,7 @@ def _failures_html(report: Report) -> str:
     failed = [t for t in report.trials if t.failed]
     if not failed:
         return ""
-    chosen = {row["label"]: row.get("point", "") for row in report.summary}
+    chosen = {row.label: row.point for row in report.summary}
     search = report.study.is_search
 
     def where(trial) -> str:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kdtune.log_levels import logger_level
+from kdtune.scoped import logger_level
 from kdtune.records import STOPPED, TrialRecord
-from kdtune.results import BASELINE_LABEL, mean_and_spread, pick_best
+from kdtune.results import BASELINE_LABEL, SettingRow, mean_and_spread, pick_best
 
 if TYPE_CHECKING:
     from kdtune.report import StudyRuns
@@ -40,29 +40,29 @@ def outcome(trial: TrialRecord) -> str:
 
 
 
-def _label_order(trials: list[dict]) -> list[str]:
+def _label_order(trials: list[TrialRecord]) -> list[str]:
     """Baseline first, then labels in the order their first trial started (the study's variant order)."""
     labels = [BASELINE_LABEL] + [t.label for t in trials]
     return list(dict.fromkeys(labels))
 
 
-def _finished_rows(summary: list[dict], key: str) -> list[dict]:
-    return [r for r in summary if r["n"] and key in r["params"] and r["label"] != BASELINE_LABEL]
+def _finished_rows(summary: list[SettingRow], key: str) -> list[SettingRow]:
+    return [r for r in summary if r.n and key in r.params and r.label != BASELINE_LABEL]
 
 
-def _varies(summary: list[dict], key: str) -> bool:
-    return len({r["params"][key] for r in _finished_rows(summary, key)}) > 1
+def _varies(summary: list[SettingRow], key: str) -> bool:
+    return len({r.params[key] for r in _finished_rows(summary, key)}) > 1
 
 
-def _is_alpha_temperature_grid(summary: list[dict]) -> bool:
+def _is_alpha_temperature_grid(summary: list[SettingRow]) -> bool:
     """Both vary, and no two rows share a (T, alpha) cell (else another varied parameter would be hidden)."""
-    rows = [r for r in summary if "temperature" in r["params"] and "alpha" in r["params"]]
-    unique = len({(r["params"]["temperature"], r["params"]["alpha"]) for r in rows}) == len(rows)
+    rows = [r for r in summary if "temperature" in r.params and "alpha" in r.params]
+    unique = len({(r.params["temperature"], r.params["alpha"]) for r in rows}) == len(rows)
     return unique and _varies(summary, "temperature") and _varies(summary, "alpha")
 
 
-def _baseline(summary: list[dict]) -> dict | None:
-    return next((r for r in summary if r["label"] == BASELINE_LABEL and r["n"]), None)
+def _baseline(summary: list[SettingRow]) -> SettingRow | None:
+    return next((r for r in summary if r.label == BASELINE_LABEL and r.n), None)
 
 
 # ---- figures -------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def _png(figure) -> bytes:
 
 def _draw_baseline(ax, baseline: dict | None) -> None:
     if baseline:
-        mean, std = 100 * baseline["test_mean"], 100 * baseline["test_std"]
+        mean, std = 100 * baseline.test_mean, 100 * baseline.test_std
         ax.axhline(mean, color="black", linestyle="--", linewidth=1.2,
                    label=f"baseline (no distillation) {mean_and_spread(baseline)} %")
         if std:
@@ -105,44 +105,44 @@ def _series_name(params: dict, keys: list[str]) -> str:
     return ", ".join(f"{k}={shown(params.get(k))}" for k in keys)
 
 
-def accuracy_vs_temperature(summary: list[dict]) -> Plot | None:
+def accuracy_vs_temperature(summary: list[SettingRow]) -> Plot | None:
     rows = _finished_rows(summary, "temperature")
-    if len({r["params"]["temperature"] for r in rows}) < 2:
+    if len({r.params["temperature"] for r in rows}) < 2:
         return None
     # one line per combination of the other varied parameters (e.g. alpha)
-    others = sorted({k for r in rows for k in r["params"] if k != "temperature"
-                     and len({json.dumps(x["params"].get(k)) for x in rows}) > 1})
-    series: dict[str, list[dict]] = {}
+    others = sorted({k for r in rows for k in r.params if k != "temperature"
+                     and len({json.dumps(x.params.get(k)) for x in rows}) > 1})
+    series: dict[str, list[SettingRow]] = {}
     for row in rows:
-        series.setdefault(_series_name(row["params"], others) if others else "distilled", []).append(row)
+        series.setdefault(_series_name(row.params, others) if others else "distilled", []).append(row)
     figure, (ax,) = _figure()
     for name, points in sorted(series.items()):
-        points.sort(key=lambda r: r["params"]["temperature"])
-        ax.errorbar([r["params"]["temperature"] for r in points], [100 * r["test_mean"] for r in points],
-                    yerr=[100 * r["test_std"] for r in points], marker="o", capsize=3, label=name)
+        points.sort(key=lambda r: r.params["temperature"])
+        ax.errorbar([r.params["temperature"] for r in points], [100 * r.test_mean for r in points],
+                    yerr=[100 * r.test_std for r in points], marker="o", capsize=3, label=name)
     _draw_baseline(ax, _baseline(summary))
-    temperatures = [r["params"]["temperature"] for r in rows]
+    temperatures = [r.params["temperature"] for r in rows]
     if max(temperatures) / min(temperatures) >= 10:
         ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Test accuracy vs temperature")
     ax.legend(fontsize="small")
-    seeds = max(r["n"] for r in rows)
+    seeds = max(r.n for r in rows)
     return Plot("accuracy_vs_temperature", "Test accuracy vs temperature",
                 f"Mean test accuracy per temperature; error bars: standard deviation over up to {seeds} seed(s). "
                 "Dashed line: the student trained without distillation (band: ± std).", _png(figure))
 
 
-def heatmap(summary: list[dict]) -> Plot | None:
+def heatmap(summary: list[SettingRow]) -> Plot | None:
     if not _is_alpha_temperature_grid(summary):
         return None
-    rows = [r for r in summary if r["n"] and "temperature" in r["params"] and "alpha" in r["params"]]
-    temperatures = sorted({r["params"]["temperature"] for r in rows})
-    alphas = sorted({r["params"]["alpha"] for r in rows})
+    rows = [r for r in summary if r.n and "temperature" in r.params and "alpha" in r.params]
+    temperatures = sorted({r.params["temperature"] for r in rows})
+    alphas = sorted({r.params["alpha"] for r in rows})
     cells = np.full((len(temperatures), len(alphas)), np.nan)
     for r in rows:
-        cells[temperatures.index(r["params"]["temperature"]), alphas.index(r["params"]["alpha"])] = 100 * r["test_mean"]
+        cells[temperatures.index(r.params["temperature"]), alphas.index(r.params["alpha"])] = 100 * r.test_mean
     baseline = _baseline(summary)
     figure, (ax,) = _figure(width=max(5.0, 1.3 * len(alphas) + 2.5), height=max(3.5, 0.6 * len(temperatures) + 1.8))
     image = ax.imshow(cells, cmap="viridis", aspect="auto", origin="lower")
@@ -150,13 +150,13 @@ def heatmap(summary: list[dict]) -> Plot | None:
     for i, j in zip(*np.where(~np.isnan(cells))):
         text = f"{cells[i, j]:.2f}"
         if baseline:
-            text += f"\n({cells[i, j] - 100 * baseline['test_mean']:+.2f})"
+            text += f"\n({cells[i, j] - 100 * baseline.test_mean:+.2f})"
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if cells[i, j] < middle else "black")
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
     ax.set_xlabel("alpha (weight of the soft term)")
     ax.set_ylabel("temperature T")
-    note = f"; baseline {100 * baseline['test_mean']:.2f} %" if baseline else ""
+    note = f"; baseline {100 * baseline.test_mean:.2f} %" if baseline else ""
     ax.set_title(f"Test accuracy (%) over alpha x T{note}")
     figure.colorbar(image, ax=ax, label="test accuracy (%)")
     return Plot("heatmap_alpha_temperature", "Test accuracy over alpha x T",
@@ -164,15 +164,15 @@ def heatmap(summary: list[dict]) -> Plot | None:
                 "the baseline student.", _png(figure))
 
 
-def accuracy_per_link_set(summary: list[dict]) -> Plot | None:
-    if len({r["params"]["links"] for r in _finished_rows(summary, "links")}) < 2:
+def accuracy_per_link_set(summary: list[SettingRow]) -> Plot | None:
+    if len({r.params["links"] for r in _finished_rows(summary, "links")}) < 2:
         return None
-    rows = [r for r in summary if r["n"] and r["label"] != BASELINE_LABEL]
+    rows = [r for r in summary if r.n and r.label != BASELINE_LABEL]
     figure, (ax,) = _figure(width=max(6.0, 0.8 * len(rows) + 2))
-    ax.errorbar(range(len(rows)), [100 * r["test_mean"] for r in rows], yerr=[100 * r["test_std"] for r in rows],
+    ax.errorbar(range(len(rows)), [100 * r.test_mean for r in rows], yerr=[100 * r.test_std for r in rows],
                 fmt="o", capsize=4, label="distilled student (mean ± std)")
     _draw_baseline(ax, _baseline(summary))
-    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right")
+    ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right")
     ax.set_xlabel("link set (and weights)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Test accuracy per link set")
@@ -182,7 +182,7 @@ def accuracy_per_link_set(summary: list[dict]) -> Plot | None:
                 "last layer only. Dashed line: the baseline student.", _png(figure))
 
 
-def _chosen_trials(final: list[dict], summary: list[dict]) -> list[dict]:
+def _chosen_trials(final: list[TrialRecord], summary: list[SettingRow]) -> list[TrialRecord]:
     """The best distilled configuration's best seed (by validation accuracy) and the baseline's first seed."""
     chosen = []
     for label in (pick_best(summary, include_baseline=False), BASELINE_LABEL):
@@ -192,7 +192,7 @@ def _chosen_trials(final: list[dict], summary: list[dict]) -> list[dict]:
     return chosen
 
 
-def loss_terms(study: StudyRuns, final: list[dict], summary: list[dict]) -> Plot | None:
+def loss_terms(study: StudyRuns, final: list[TrialRecord], summary: list[SettingRow]) -> Plot | None:
     chosen = _chosen_trials(final, summary)
     if not chosen:
         return None
@@ -223,7 +223,8 @@ OUTCOME_STYLE = {  # outcome -> (colour, line width, marker at the last epoch)
 }
 
 
-def val_acc_per_epoch(study: StudyRuns, trials: list[dict], summary: list[dict], search: bool) -> Plot | None:
+def val_acc_per_epoch(study: StudyRuns, trials: list[TrialRecord], summary: list[SettingRow],
+                      search: bool) -> Plot | None:
     if not trials:
         return None
     best = pick_best(summary, include_baseline=False)
@@ -271,7 +272,7 @@ def _trial_style(trial: dict, best: str | None, search: bool) -> tuple[str, tupl
 
 # ---- parameter importance (searches) ------------------------------------------------------------
 
-def parameter_importance(search_trials: list[dict]) -> Plot | None:
+def parameter_importance(search_trials: list[TrialRecord]) -> Plot | None:
     """fANOVA importance of each sampled parameter for validation accuracy. A conditional parameter (sampled
     only for some methods) gets its own panel over the trials that sampled it."""
     scored = [t for t in search_trials if not t.failed and "val_acc" in t.metrics and t.params]
@@ -293,7 +294,7 @@ def parameter_importance(search_trials: list[dict]) -> Plot | None:
                 "ones (linear), since MLflow does not record the search space itself.", _png(figure))
 
 
-def importance_panels(trials: list[dict]) -> list[tuple[str, int, dict[str, float]]]:
+def importance_panels(trials: list[TrialRecord]) -> list[tuple[str, int, dict[str, float]]]:
     """[(title, trials used, {param: importance})]: all trials over the parameters every trial has, then each
     set of conditional parameters over the trials that sampled them."""
     import optuna
@@ -320,7 +321,7 @@ def importance_panels(trials: list[dict]) -> list[tuple[str, int, dict[str, floa
     return panels
 
 
-def _rebuilt_study(trials: list[dict]):
+def _rebuilt_study(trials: list[TrialRecord]):
     """An in-memory Optuna study holding the search trials; distributions inferred from the observed values."""
     import optuna
 

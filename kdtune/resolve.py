@@ -22,7 +22,7 @@ from kdtune.config import TrialConfig
 from kdtune.distill.registry import StudyBase, trial_config
 from kdtune.data import Dataset
 from kdtune.errors import ConfigError
-from kdtune.log_levels import logger_level
+from kdtune.scoped import logger_level
 from kdtune.sources import resolve_dataset
 from kdtune.teachers import TeacherPlan, plan_teacher
 

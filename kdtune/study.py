@@ -37,7 +37,7 @@ from kdtune.study_files import read_study_file, write_study_file
 from kdtune.study_log import log_study_results
 from kdtune.study_kind import kind_of
 from kdtune.storage import Location, check_storage
-from kdtune.results import format_table, skipped_row, summarise
+from kdtune.results import SettingRow, format_table, skipped_row, summarise
 from kdtune.trial import MEMBERS_KEY, close_runs_callback, describe, members_of
 from kdtune.tags import (BASELINE_LABEL, ROLE_STUDY, ROLE_TAG, STUDY_TAG, TEACHER_TAG, TEACHER_VERSION_TAG, TEACHER_WEIGHTS_TAG,
                          TRAIN_SET_TAG)
@@ -113,7 +113,7 @@ class StudySpec:
 class StudyResult:
     spec: StudySpec
     trials: list[TrialRecord]  # the trials that make the final table (grid, or confirm after a search)
-    summary: list[dict]
+    summary: list[SettingRow]
     phases: dict[str, list[TrialRecord]]
     best_label: str | None
     registration: "registry.Decision | None"

@@ -13,17 +13,17 @@ def log_study_results(client, parent_id: str, result) -> None:
     import csv
     import io
 
-    best = next((r for r in result.summary if r["label"] == result.best_label), None)
-    baseline = next((r for r in result.summary if r["label"] == BASELINE_LABEL and r["n"]), None)
+    best = next((r for r in result.summary if r.label == result.best_label), None)
+    baseline = next((r for r in result.summary if r.label == BASELINE_LABEL and r.n), None)
     all_trials = [t for p in result.phases.values() for t in p]
     metrics = {"wall_time_s": result.wall_time_s, "training_time_s": result.training_time_s,
                "trials": len(all_trials), "trials_failed": sum(1 for t in all_trials if t.failed),
                "trials_stopped_early": sum(1 for t in all_trials if t.stopped),
                "epochs_trained": sum(t.metrics.get("epoch", 0) for t in all_trials)}
     if best:
-        metrics.update(best_test_acc=best["test_mean"], best_val_acc=best["val_mean"])
+        metrics.update(best_test_acc=best.test_mean, best_val_acc=best.val_mean)
     if baseline:
-        metrics["baseline_test_acc"] = baseline["test_mean"]
+        metrics["baseline_test_acc"] = baseline.test_mean
     tracking.log_metrics(client, parent_id, metrics, step=0)
     buffer = io.StringIO()
     writer = csv.writer(buffer)

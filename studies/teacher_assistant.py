@@ -73,7 +73,7 @@ def main() -> int:
         def table(result):
             ta = results["assistant"].summary[0]
             return (f"teacher {results['direct'].teacher} -> assistant {assistant}: assistant test acc "
-                    f"{100 * ta['test_mean']:.2f}% ({ta['n']} seed(s))\n" + format_table(rows(result), "student"))
+                    f"{100 * ta.test_mean:.2f}% ({ta.n} seed(s))\n" + format_table(rows(result), "student"))
 
         return finish(chain, spec_direct, table=table, summary=rows)
 

@@ -164,9 +164,9 @@ def test_a_fused_grid_keeps_a_run_a_row_and_a_failure_per_member(local_ray, mlfl
                      overrides={"epochs": 3}, teacher_overrides={"epochs": 6}, tracking_uri=mlflow_server.uri,
                      storage=str(tmp_path), register_as="test-fused-student")
     result = run_study(spec, echo=lambda *a: None)
-    rows = {r["label"]: r for r in result.summary}
-    assert [rows[k]["n"] for k in ("baseline", "T=2", "T=5")] == [2, 2, 2]
-    assert rows["huge lr"]["failed"] == 2 and rows["huge lr"]["n"] == 0
+    rows = {r.label: r for r in result.summary}
+    assert [rows[k].n for k in ("baseline", "T=2", "T=5")] == [2, 2, 2]
+    assert rows["huge lr"].failed == 2 and rows["huge lr"].n == 0
     assert len(result.trials) == 8  # 4 settings x 2 seeds, from 2 fused trials
     assert len({t.path for t in result.trials}) == 2
     client = client_for(mlflow_server.uri)

@@ -17,7 +17,7 @@ from kdtune.pareto import Pareto, front_indices
 from kdtune.pareto.front import list_front
 from kdtune.spaces import MethodSpace
 from kdtune.study import Search, StudySpec, run_study
-from kdtune.tracking import client_for
+from kdtune.tracking import client_for, use_tracking
 
 SIZES = [f"vgg:blocks=8x16x16,fc=32,width={w}" for w in ("0.25", "1", "4")]
 
@@ -141,10 +141,10 @@ def test_a_pareto_study_registers_its_front_with_costs_and_picks_the_champion_wi
         assert int(version.tags["parameters"]) == run.costs[student]["params"]
         assert int(version.tags["flops"]) == run.costs[student]["flops"] > 0
         assert float(version.tags["latency_ms_batch1"]) > 0 and version.tags["latency_device"].startswith("cpu")
-    within = [r for r in run.rows if r["costs"]["params"] <= budget]
-    chosen = max(within, key=lambda r: r["front"]["val_mean"])
+    within = [r for r in run.rows if r.costs["params"] <= budget]
+    chosen = max(within, key=lambda r: r.front.val_mean)
     champion = client.get_model_version_by_alias("test-test_pareto", "champion")
-    assert champion.tags["student"] == chosen["student"] and int(champion.tags["parameters"]) <= budget
+    assert champion.tags["student"] == chosen.student and int(champion.tags["parameters"]) <= budget
     assert "within parameters <= " in champion.tags["gate"]
     # the report: the front figure and its table, from MLflow alone
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
@@ -165,7 +165,7 @@ def test_a_pareto_study_registers_its_front_with_costs_and_picks_the_champion_wi
     assert f"Pareto front of study run {result.parent_run_id} ({len(students)} members" in listed
     rows = [line for line in listed.splitlines() if re.match(r"v\d", line)]
     assert [next(s for s in students if s in line) for line in rows] == students
-    assert "@champion" in next(line for line in rows if chosen["student"] in line)
+    assert "@champion" in next(line for line in rows if chosen.student in line)
     assert list_front(client, "test-test_pareto") == listed.rstrip("\n")
 
 
@@ -183,13 +183,14 @@ def test_int8_twins_join_the_front_measured_in_onnxruntime_and_registered_beside
                   calibration_samples=64, repeats=3, warmup=1, latency_batch=16)
     result = run_study(_study("test_pareto_int8", plan, tmp_path, mlflow_server.uri, samples=2), echo=print)
     run, name = result.kind, "test-test_pareto_int8"
-    fp32 = {r["student"]: r for r in run.rows if r["precision"] == "float32"}
-    int8 = {r["student"]: r for r in run.rows if r["precision"] == "int8"}
+    fp32 = {r.student: r for r in run.rows if r.precision == "float32"}
+    int8 = {r.student: r for r in run.rows if r.precision == "int8"}
     assert fp32 and set(int8) == set(fp32)  # every front member has its int8 twin on the front
     client = client_for(mlflow_server.uri)
     versions = {(v.tags["student"], v.tags["precision"]): v for v in client.search_model_versions(f"name = '{name}'")}
     assert set(versions) == {(s, p) for s in fp32 for p in ("float32", "int8")}
     test_images = (digits.test_images.float() * digits.scale).numpy()
+    use_tracking(mlflow_server.uri)  # run_study gave MLflow's global settings back: the fluent API needs the server
     for student, row in int8.items():
         version, twin = versions[(student, "int8")], versions[(student, "float32")]
         assert version.tags["fp32_version"] == twin.version and version.run_id == twin.run_id
@@ -205,9 +206,9 @@ def test_int8_twins_join_the_front_measured_in_onnxruntime_and_registered_beside
         accuracy = float((logits.argmax(1) == digits.test_labels.numpy()).mean())
         assert accuracy == pytest.approx(float(version.tags["test_acc"]), abs=1e-3)
         # int8 costs accuracy, not much of it; measured on the same validation split as its twin
-        assert abs(row["front"]["val_mean"] - fp32[student]["front"]["val_mean"]) <= 0.05
-        assert row["speed_ratio"] > 0
-    confirm = client.get_run(int8[next(iter(int8))]["trial"].run_id)
+        assert abs(row.front.val_mean - fp32[student].front.val_mean) <= 0.05
+        assert row.speed_ratio > 0
+    confirm = client.get_run(int8[next(iter(int8))].trial.run_id)
     assert {"int8_val_acc", "int8_test_acc", "int8_agreement"} <= set(confirm.data.metrics)
     front_text = client.download_artifacts(result.parent_run_id, "results/pareto_front.txt", str(tmp_path))
     text = open(front_text).read()

@@ -88,8 +88,8 @@ def test_grid_report_tables_hold_the_numbers_of_the_study(grid_study, grid_repor
     assert matrix == format_matrix(grid_study.summary, "temperature", "alpha", "T", "alpha")
     page = grid_report.read_text()
     for row in grid_study.summary:  # every setting's mean ± std is in the HTML table
-        assert f"<td>{row['label']}</td>" in page
-        assert f"<td>{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f}</td>" in page
+        assert f"<td>{row.label}</td>" in page
+        assert f"<td>{100 * row.test_mean:.2f} ± {100 * row.test_std:.2f}</td>" in page
     rows = matrix.splitlines()[1:4]  # T=2, T=6, then the column means (no overall mean)
     for line, padding in zip(rows, ["", "", "<td></td>"]):
         assert "<tr>" + "".join(f"<td>{cell}</td>" for cell in line.split()) + padding + "</tr>" in page

@@ -25,28 +25,28 @@ def study(kd_tests, baseline_tests, kd_vals=None, baseline_vals=None):
 
 
 def test_statistics_per_setting_over_seeds():
-    rows = {r["label"]: r for r in summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86]))}
+    rows = {r.label: r for r in summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86]))}
     kd = rows["T=4"]
-    assert kd["n"] == 3
-    assert kd["test_mean"] == pytest.approx(0.92)
-    assert kd["test_std"] == pytest.approx(0.02)  # sample standard deviation (n - 1)
-    assert kd["test_median"] == pytest.approx(0.92)
+    assert kd.n == 3
+    assert kd.test_mean == pytest.approx(0.92)
+    assert kd.test_std == pytest.approx(0.02)  # sample standard deviation (n - 1)
+    assert kd.test_median == pytest.approx(0.92)
 
 
 def test_gain_and_its_interval_are_welchs():
     kd_tests, baseline_tests = [0.90, 0.92, 0.94], [0.85, 0.86, 0.87]
-    rows = {r["label"]: r for r in summarise(study(kd_tests, baseline_tests))}
+    rows = {r.label: r for r in summarise(study(kd_tests, baseline_tests))}
     expected = stats.ttest_ind(kd_tests, baseline_tests, equal_var=False).confidence_interval(0.95)
-    assert rows["T=4"]["gain"] == pytest.approx(0.06)
-    assert rows["T=4"]["gain_low"] == pytest.approx(expected.low)
-    assert rows["T=4"]["gain_high"] == pytest.approx(expected.high)
-    assert math.isnan(rows["baseline"]["gain"])  # the baseline is the reference, not a gain
+    assert rows["T=4"].gain == pytest.approx(0.06)
+    assert rows["T=4"].gain_low == pytest.approx(expected.low)
+    assert rows["T=4"].gain_high == pytest.approx(expected.high)
+    assert math.isnan(rows["baseline"].gain)  # the baseline is the reference, not a gain
 
 
 def test_one_seed_has_a_gain_but_no_interval():
-    kd = next(r for r in summarise(study([0.93], [0.90])) if r["label"] == "T=4")
-    assert kd["gain"] == pytest.approx(0.03)
-    assert math.isnan(kd["gain_low"]) and math.isnan(kd["gain_high"])
+    kd = next(r for r in summarise(study([0.93], [0.90])) if r.label == "T=4")
+    assert kd.gain == pytest.approx(0.03)
+    assert math.isnan(kd.gain_low) and math.isnan(kd.gain_high)
 
 
 def test_the_best_setting_is_chosen_on_validation_not_test():
@@ -59,9 +59,9 @@ def test_the_best_setting_is_chosen_on_validation_not_test():
 def test_failed_and_stopped_trials_are_counted_apart_from_the_statistics():
     trials = study([0.90, 0.92], [0.85, 0.86]) + [trial("T=4", 2, error="loss became nan at epoch 3"),
                                                   trial("T=4", 3, val=0.3)]  # ASHA stopped it: no test_acc
-    kd = next(r for r in summarise(trials) if r["label"] == "T=4")
-    assert (kd["n"], kd["failed"], kd["stopped"]) == (2, 1, 1)
-    assert kd["test_mean"] == pytest.approx(0.91)
+    kd = next(r for r in summarise(trials) if r.label == "T=4")
+    assert (kd.n, kd.failed, kd.stopped) == (2, 1, 1)
+    assert kd.test_mean == pytest.approx(0.91)
 
 
 def test_the_table_shows_spread_only_where_there_are_several_seeds():
@@ -85,7 +85,7 @@ def test_tied_points_are_shown_as_a_tie_and_broken_by_the_lowest_validation_loss
     trials = [tuned("baseline", "lr=0.00333", 5 / 6, 0.61, 0.918), tuned("baseline", "lr=0.01", 5 / 6, 0.48, 0.95),
               tuned("baseline", "lr=0.03", 5 / 6, 0.35, 0.969)]
     (row,) = summarise(trials)
-    assert row["point"] == "lr=0.03" and row["tied"] == 3
+    assert row.point == "lr=0.03" and row.tied == 3
     table = format_table([row], "setting")
     assert "lr=0.03 (tie of 3)" in table
     assert "the one shown has the lowest validation loss (cross-entropy)" in table
@@ -94,7 +94,7 @@ def test_tied_points_are_shown_as_a_tie_and_broken_by_the_lowest_validation_loss
 def test_a_point_that_wins_on_accuracy_is_no_tie():
     trials = [tuned("baseline", "lr=0.01", 0.9, 0.2, 0.9), tuned("baseline", "lr=0.03", 0.95, 0.9, 0.9)]
     (row,) = summarise(trials)
-    assert row["point"] == "lr=0.03" and row["tied"] == 1
+    assert row.point == "lr=0.03" and row.tied == 1
     assert "tie" not in format_table([row], "setting")
 
 
@@ -139,8 +139,19 @@ def test_a_failure_at_a_tuned_point_that_was_not_chosen_is_counted_and_listed():
                at("baseline", 1, "lr=1", 0.5, 0.5)]
     summary = summarise(trials)
     table = format_table(summary, "setting")
-    assert summary[0]["point"] == "lr=0.01"
+    assert summary[0].point == "lr=0.01"
     assert "2/2*" in table and "other points: 1 of 2 failed" in table  # the row does not read as all done
     failures = format_failures(summary)
     assert "1 of 4 trials failed" in failures
     assert "failed: baseline lr=1 seed 0: TrainingDiverged: loss became nan (a point not chosen)" in failures
+
+
+def test_a_summary_row_is_typed_and_reads_the_same_as_a_plain_record():
+    from dataclasses import FrozenInstanceError
+
+    kd = next(r for r in summarise(study([0.90, 0.94, 0.92], [0.85, 0.87, 0.86])) if r.label == "T=4")
+    with pytest.raises(FrozenInstanceError):
+        kd.gain = 1.0  # a table's numbers cannot be changed behind the table's back
+    record = kd.as_dict()
+    assert record["n"] == 3 and record["test_mean"] == pytest.approx(0.92) and record["label"] == "T=4"
+    assert record["total"] == 3 and record["gain"] == pytest.approx(kd.gain)

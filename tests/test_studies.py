@@ -70,8 +70,8 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(local_ray
                                {"label": "huge lr", "method": "none", "lr": 1e6}],
                      tracking_uri=mlflow_server.uri, storage=str(tmp_path), register_as="test-divergence")
     result = run_study(spec, echo=lambda *a: None)
-    rows = {r["label"]: r for r in result.summary}
-    assert rows["baseline"]["n"] == 1 and rows["huge lr"]["n"] == 0 and rows["huge lr"]["failed"] == 1
+    rows = {r.label: r for r in result.summary}
+    assert rows["baseline"].n == 1 and rows["huge lr"].n == 0 and rows["huge lr"].failed == 1
     failed = next(t for t in result.trials if t.label == "huge lr")
     assert failed.failed and "loss term 'hard' became nan in epoch 1" in failed.error
     client = client_for(mlflow_server.uri)

@@ -29,9 +29,9 @@ def test_each_setting_is_reported_at_its_own_best_point_chosen_on_validation():
               for lr, val, test in ((0.01, 0.90, 0.91), (0.03, 0.97, 0.96))]
     trials += [record("T=4", s, val, test, f"lr={lr}") for s in range(2)
                for lr, val, test in ((0.01, 0.95, 0.99), (0.03, 0.96, 0.93))]  # best test is not best val
-    rows = {r["label"]: r for r in summarise(trials, order=["baseline", "T=4"])}
-    assert rows["baseline"]["point"] == "lr=0.03" and rows["T=4"]["point"] == "lr=0.03"
-    assert rows["T=4"]["gain"] == pytest.approx(0.93 - 0.96)
+    rows = {r.label: r for r in summarise(trials, order=["baseline", "T=4"])}
+    assert rows["baseline"].point == "lr=0.03" and rows["T=4"].point == "lr=0.03"
+    assert rows["T=4"].gain == pytest.approx(0.93 - 0.96)
     assert "lr=0.03" in format_table(list(rows.values()), "T")
 
 
@@ -40,21 +40,21 @@ def test_a_point_or_setting_with_a_failed_seed_is_flagged_and_not_chosen():
     trials += [record("T=4", 0, 0.99, 0.99), record("T=4", 1, 0, 0, error="TrainingDiverged: nan"),
                record("T=4", 2, 0.98, 0.98)]
     summary = summarise(trials, order=["baseline", "T=4"])
-    kd = next(r for r in summary if r["label"] == "T=4")
-    assert (kd["n"], kd["total"], kd["failed"]) == (2, 3, 1)
+    kd = next(r for r in summary if r.label == "T=4")
+    assert (kd.n, kd.total, kd.failed) == (2, 3, 1)
     assert pick_best(summary) == "baseline" and pick_best(summary, allow_failed=True) == "T=4"
     assert "2/3!" in format_table(summary, "T")
-    assert kd["failures"] == ["seed 1: TrainingDiverged: nan"]
+    assert kd.failures == ("seed 1: TrainingDiverged: nan",)
     # within a setting, a tuned point with a failed seed loses to a clean one
     points = [record("b", s, 0.99 if lr == 0.1 else 0.9, 0.9, f"lr={lr}", "nan" if lr == 0.1 and s == 0 else None)
               for s in range(2) for lr in (0.01, 0.1)]
-    assert summarise(points)[0]["point"] == "lr=0.01"
+    assert summarise(points)[0].point == "lr=0.01"
 
 
 def test_agreeing_seeds_give_no_interval_and_the_verdict_says_what_the_table_shows():
     same = [record("baseline", s, 0.9, 0.9) for s in range(3)] + [record("T=4", s, 0.95, 0.95) for s in range(3)]
-    kd = next(r for r in summarise(same) if r["label"] == "T=4")
-    assert math.isnan(kd["gain_low"])  # no spread measured: no point interval that reads as certainty
+    kd = next(r for r in summarise(same) if r.label == "T=4")
+    assert math.isnan(kd.gain_low)  # no spread measured: no point interval that reads as certainty
     tuned = "every setting at lr in {0.01, 0.03}, each chosen on validation"
     assert "no spread over seeds" in verdict(summarise(same), tuned)
     worse = [record("baseline", s, 0.9, 0.97 + 0.005 * s) for s in range(3)]
@@ -89,11 +89,11 @@ def test_a_diverged_seed_shows_as_2_of_3_is_not_selected_and_is_listed(local_ray
                      overrides={"epochs": 3}, tracking_uri=mlflow_server.uri, storage=str(tmp_path),
                      register_as="test-failed-seed", max_failures=0)
     result = run_study(spec, echo=lambda *a: None)
-    rows = {r["label"]: r for r in result.summary}
-    assert (rows["fragile"]["n"], rows["fragile"]["total"]) == (2, 3)
+    rows = {r.label: r for r in result.summary}
+    assert (rows["fragile"].n, rows["fragile"].total) == (2, 3)
     assert result.best_label != "fragile"
     assert "2/3!" in result.table()
-    assert any("seed 1" in f and "became nan" in f for f in rows["fragile"]["failures"])
+    assert any("seed 1" in f and "became nan" in f for f in rows["fragile"].failures)
     client = client_for(mlflow_server.uri)
     table = client.download_artifacts(result.parent_run_id, "results/table.txt")
     text = open(table).read()
@@ -118,7 +118,10 @@ def test_a_search_can_choose_a_two_stage_method(local_ray, mlflow_server, tmp_pa
     result = run_study(spec, echo=lambda *a: None)
     search = result.phases["search"]
     hints = [t for t in search if t.params.get("method") == "hints"]
-    assert any(t.finished and t.metrics["epoch"] == 5 for t in hints)  # 3 hint epochs + 2 main epochs
+    # every hints trial got past its 3 hint epochs: a finished one ran 3 + 2 epochs, a stopped one was judged on
+    # its main stage (which hints trials ASHA stops depends on the order trials report in: not asserted)
+    assert hints and all(t.metrics["epoch"] == 5 if t.finished else t.metrics.get("main_epoch", 0) >= 1
+                         for t in hints)
     assert all(t.metrics.get("main_epoch", 0) >= 1 for t in search if t.stopped)  # never cut in a first stage
     assert [t.label for t in result.trials][1].startswith("best: adversarial_pretrained")
     assert result.best_label.startswith("best: adversarial_pretrained")
@@ -157,7 +160,7 @@ def test_a_failed_trial_at_a_point_not_chosen_is_in_table_txt_and_the_report(loc
                      overrides={"epochs": 1}, tracking_uri=mlflow_server.uri, storage=str(tmp_path),
                      register_as="test-failed-other-point", max_failures=0)
     result = run_study(spec, echo=lambda *a: None)
-    assert result.summary[0]["point"] == "lr=0.03" and result.summary[0]["n"] == 1
+    assert result.summary[0].point == "lr=0.03" and result.summary[0].n == 1
     client = client_for(mlflow_server.uri)
     text = open(client.download_artifacts(result.parent_run_id, "results/table.txt", str(tmp_path))).read()
     assert "1/1*" in text and "other points: 1 of 1 failed" in text

@@ -17,11 +17,13 @@ too (`--latency-runtime onnxruntime`): one front compares latencies of one runti
 """
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdtune.pareto.rows import FrontRow
+from kdtune.results import SettingRow
 from kdtune.tags import INT8_MODEL, INT8_PREFIX
 
 PRECISIONS = ("int8",)
@@ -57,31 +59,29 @@ def quantise_trial(study, trial, ref, folder: Path, calibration: int) -> Quantis
                      on_test.agreement)
 
 
-def summary_of(quantised: list[Quantised]) -> dict:
-    """The fields of a results summary row the front reads, over the int8 students of one member's seeds."""
-    val, test = [q.val_acc for q in quantised], [q.test_acc for q in quantised]
-    return {"n": len(quantised), "val": val, "test": test, "val_mean": statistics.fmean(val),
-            "test_mean": statistics.fmean(test), "test_std": statistics.stdev(test) if len(test) > 1 else 0.0}
+def summary_of(label: str, quantised: list[Quantised]) -> SettingRow:
+    """The int8 students of one member's seeds as a summary row (what the front and the registry read)."""
+    return SettingRow(label, val=tuple(q.val_acc for q in quantised), test=tuple(q.test_acc for q in quantised))
 
 
-def int8_rows(study, run, final: list, echo=print) -> list[dict]:
+def int8_rows(study, run, final: list, echo=print) -> list[FrontRow]:
     """A front row for the int8 twin of every registered fp32 row of `run` (a ParetoRun), its model logged and
     its latency measured; registering is the caller's (one registration path for both precisions)."""
     from kdtune import cluster
     from kdtune.train import costs as costs_module
 
     plan, spec = run.plan, study.spec
-    members = [r for r in run.rows if r["version"]]
+    members = [r for r in run.rows if r.version]
     if not members:
         return []
     with tempfile.TemporaryDirectory() as scratch:
-        chosen: dict[str, tuple[dict, list[Quantised], Quantised]] = {}
+        chosen: dict[str, tuple[FrontRow, list[Quantised], Quantised]] = {}
         for row in members:
-            trials = [t for t in final if t.label == row["label"] and t.finished and "weights_uri" in t.metrics]
-            quantised = [quantise_trial(study, t, run.refs[row["student"]], Path(scratch) / t.run_id,
+            trials = [t for t in final if t.label == row.label and t.finished and "weights_uri" in t.metrics]
+            quantised = [quantise_trial(study, t, run.refs[row.student], Path(scratch) / t.run_id,
                                         plan.calibration_samples) for t in trials]
             best = max(quantised, key=lambda q: q.val_acc)  # the int8 file registered: best on validation
-            chosen[row["student"]] = (row, quantised, best)
+            chosen[row.student] = (row, quantised, best)
             _log_seed_metrics(study.client, quantised)
         files = {}
         for student, (_, _, best) in chosen.items():
@@ -98,18 +98,18 @@ def int8_rows(study, run, final: list, echo=print) -> list[dict]:
             latency = table[("int8", student)]
             paired = table[("fp32", student)]
             uri = _log_int8_model(study, best)
-            rows.append({**row, "label": INT8_PREFIX + student, "precision": "int8",
-                         "costs": {**row["costs"], **latency}, "front": summary_of(quantised),
-                         "params": best.trial.params, "version": None, "alias": "", "trial": best.trial,
-                         "model_uri": uri, "fp32_version": row["version"],
-                         "speed_ratio": paired["latency_ms_batch1"] / latency["latency_ms_batch1"],
-                         "tags": {"precision": "int8", "quantization": "onnxruntime static QDQ, int8 weights per "
-                                  "channel and activations, MinMax", "calibration_samples": plan.calibration_samples,
-                                  "calibration_split": "training", "fp32_version": row["version"],
-                                  "val_acc": f"{best.val_acc:.4f}", "test_acc": f"{best.test_acc:.4f}",
-                                  "test_acc_per_seed": ",".join(f"{q.test_acc:.4f}" for q in quantised),
-                                  "int8_agreement_test": f"{best.agreement:.4f}",
-                                  "fp32_latency_ms_batch1_same_run": f"{paired['latency_ms_batch1']:.4f}"}})
+            rows.append(dataclasses.replace(
+                row, label=INT8_PREFIX + student, precision="int8", costs={**row.costs, **latency},
+                front=summary_of(INT8_PREFIX + student, quantised), params=best.trial.params, version=None, alias="",
+                trial=best.trial, model_uri=uri, fp32_version=row.version,
+                speed_ratio=paired["latency_ms_batch1"] / latency["latency_ms_batch1"],
+                tags={"precision": "int8", "calibration_samples": plan.calibration_samples,
+                      "quantization": "onnxruntime static QDQ, int8 weights per channel and activations, MinMax",
+                      "calibration_split": "training", "fp32_version": row.version,
+                      "val_acc": f"{best.val_acc:.4f}", "test_acc": f"{best.test_acc:.4f}",
+                      "test_acc_per_seed": ",".join(f"{q.test_acc:.4f}" for q in quantised),
+                      "int8_agreement_test": f"{best.agreement:.4f}",
+                      "fp32_latency_ms_batch1_same_run": f"{paired['latency_ms_batch1']:.4f}"}))
     return rows
 
 

@@ -2,12 +2,15 @@
 its confirm runs beside the same students without distillation, and its registration within the budget."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 from kdtune.train.costs import COST_KEYS, latency_tags
 from kdtune.errors import ConfigError
 from kdtune.pareto import Pareto, front_indices
+from kdtune.pareto.rows import FrontRow
+from kdtune.results import SettingRow
 from kdtune.tags import (BASELINE_PREFIX, COST_TAG, COST_TEXT, DEVICE_TAG, FRONT_PREFIX, FRONT_STUDY_TAG, ON_FRONT_TAG,
                          PHASE_TAG, PRECISION_TAG, STUDENT_TAG, cost_metric, pareto_model_name)
 
@@ -47,7 +50,7 @@ class ParetoRun:
         self.device = next(iter(costs.values()))["device"] if costs else "?"
         self.front: list = []  # search trials on the front, by cost
         self.baseline_tuned: dict[str, bool] = {}
-        self.rows: list[dict] = []
+        self.rows: list[FrontRow] = []
         self.selected: str | None = None
         self.decisions: dict = {}
         self.phases, self.parent_id, self.dataset_name, self.seeds = {}, "", "", 1
@@ -139,32 +142,30 @@ class ParetoRun:
         return variants
 
     # registering and recording -----------------------------------------------------------------
-    def finish(self, study, phases: dict, final: list, summary: list[dict], parent_id: str):
+    def finish(self, study, phases: dict, final: list, summary: list[SettingRow], parent_id: str):
         """Register every front member, choose the champion within the budget, record costs and the front.
         Returns (the selected member's label or None, its registry decision or None)."""
         self.phases, self.parent_id = phases, parent_id
         self.dataset_name, self.seeds = study.dataset.name, study.spec.seeds
-        rows = {r["label"]: r for r in summary}
+        rows = {r.label: r for r in summary}
         self.rows = []
         for member in self.front:
             student = self.student_of(member)
             front, baseline = rows.get(FRONT_PREFIX + student), rows.get(BASELINE_PREFIX + student)
-            self.rows.append({"student": student, "label": FRONT_PREFIX + student, "costs": self.costs[student],
-                              "search_val": member.metrics["val_acc"], "front": front, "baseline": baseline,
-                              "baseline_tuned": self.baseline_tuned.get(student, False), "params": member.params,
-                              "version": None, "alias": "", "precision": "float32"})
+            self.rows.append(FrontRow(student, FRONT_PREFIX + student, self.costs[student], member.metrics["val_acc"],
+                                      front, baseline, self.baseline_tuned.get(student, False), member.params))
         self._record_runs(study, final)
         name = study.spec.register_as or pareto_model_name(study.dataset.name)
         for row in self.rows:
-            row["version"] = self._register(study, final, row, name)
+            row.version = self._register(study, final, row, name)
         if self.plan.quantize:
             from kdtune.pareto.int8 import int8_rows
 
             quantised = int8_rows(study, self, final, study.echo)
             for row in quantised:
-                row["version"] = self._register(study, final, row, name)
-            twins = {row["student"]: row for row in quantised}
-            self.rows = [r for row in self.rows for r in (row, twins.get(row["student"])) if r is not None]
+                row.version = self._register(study, final, row, name)
+            twins = {row.student: row for row in quantised}
+            self.rows = [r for row in self.rows for r in (row, twins.get(row.student)) if r is not None]
         decision = self._choose_champion(study, name)
         self._log_front(study)
         return self.selected, decision
@@ -189,54 +190,52 @@ class ParetoRun:
             if trial.run_id in on_front:
                 study.client.set_tag(trial.run_id, ON_FRONT_TAG, "1")
 
-    def _register(self, study, final: list, row: dict, name: str) -> str | None:
+    def _register(self, study, final: list, row: FrontRow, name: str) -> str | None:
         from kdtune.records import OBJECTIVE
         from kdtune.registration import register_trial, validation_set
 
-        candidates = [t for t in final if t.label == row["label"] and t.finished
-                      and "weights_uri" in t.metrics]
-        best = row.get("trial") or OBJECTIVE.best_trial(candidates)  # an int8 row names the run it came from
-        summary = row["front"]
-        if best is None or not summary or not summary["n"]:
+        candidates = [t for t in final if t.label == row.label and t.finished and "weights_uri" in t.metrics]
+        best = row.trial or OBJECTIVE.best_trial(candidates)  # an int8 row names the run it came from
+        if best is None or row.front is None or not row.front.n:
             return None
-        costs = row["costs"]
-        tags = {"label": row["label"], "parameters": costs["params"], "flops": costs["flops"], **latency_tags(costs),
-                FRONT_STUDY_TAG: self.parent_id, "pareto_cost": self.plan.cost_key, PRECISION_TAG: row["precision"],
-                **({"baseline_test_acc_mean": f"{row['baseline']['test_mean']:.6f}"}
-                   if row["baseline"] and row["baseline"]["n"] else {}),
-                **row.get("tags", {})}
-        model_uri = row.get("model_uri") or _model_uri(study, best, self.refs[row["student"]])
-        decision = register_trial(study, best, {**summary, "point": "-"}, name, model_uri, row["student"], tags,
-                                  gated=False)
-        row["val_set"] = validation_set(study, best)
-        self.decisions[row["label"]] = decision
+        costs = row.costs
+        tags = {"label": row.label, "parameters": costs["params"], "flops": costs["flops"], **latency_tags(costs),
+                FRONT_STUDY_TAG: self.parent_id, "pareto_cost": self.plan.cost_key, PRECISION_TAG: row.precision,
+                **({"baseline_test_acc_mean": f"{row.baseline_test_acc:.6f}"}
+                   if row.baseline_test_acc is not None else {}),
+                **row.tags}
+        model_uri = row.model_uri or _model_uri(study, best, self.refs[row.student])
+        decision = register_trial(study, best, dataclasses.replace(row.front, point="-"), name, model_uri,
+                                  row.student, tags, gated=False)
+        row.val_set = validation_set(study, best)
+        self.decisions[row.label] = decision
         return decision.version
 
     def _choose_champion(self, study, name: str):
         """The most accurate registered member on validation within the budget, through the gate."""
         from kdtune import registry
 
-        registered = [r for r in self.rows if r["version"]]
-        within = [r for r in registered if self.plan.meets(r["costs"])]
+        registered = [r for r in self.rows if r.version]
+        within = [r for r in registered if self.plan.meets(r.costs)]
         if not within:
             study.echo(f"pareto: no front member meets the budget ({self.plan.budget_text()}); "
                        "the champion is unchanged")
             return None
-        chosen = max(within, key=lambda r: (r["front"]["val_mean"], -r["costs"][self.plan.cost_key]))
-        self.selected = chosen["label"]
+        chosen = max(within, key=lambda r: (r.front.val_mean, -r.costs[self.plan.cost_key]))
+        self.selected = chosen.label
         takes, reason = self._gate(study.client, name, chosen, study.spec.margin)
         alias = registry.CHAMPION if takes else registry.CHALLENGER
         why = (f"the most accurate front member on validation within {self.plan.budget_text()}" if
                self.plan.budget_text() else "the most accurate front member on validation (no budget)")
         reason = f"{why}; {reason}"
-        study.client.set_registered_model_alias(name, alias, chosen["version"])
-        study.client.set_model_version_tag(name, chosen["version"], "gate", reason)
-        chosen["alias"] = alias
-        decision = registry.Decision(name, chosen["version"], alias, reason)
-        study.echo(f"registry: {name} version {chosen['version']} -> @{alias} ({reason})")
+        study.client.set_registered_model_alias(name, alias, chosen.version)
+        study.client.set_model_version_tag(name, chosen.version, "gate", reason)
+        chosen.alias = alias
+        decision = registry.Decision(name, chosen.version, alias, reason)
+        study.echo(f"registry: {name} version {chosen.version} -> @{alias} ({reason})")
         return decision
 
-    def _gate(self, client, name: str, chosen: dict, margin: float) -> tuple[bool, str]:
+    def _gate(self, client, name: str, chosen: FrontRow, margin: float) -> tuple[bool, str]:
         """The gate on validation; with a budget, a champion that does not meet it (or whose latency was
         measured on another device) cannot stay: a budget is a constraint the champion must satisfy."""
         from kdtune import registry
@@ -259,7 +258,7 @@ class ParetoRun:
                 problem = "it records no costs"
             if problem:
                 return True, f"champion version {champion.version} is outside the budget ({problem})"
-        return registry.gate(client, name, chosen["front"]["val_mean"], chosen.get("val_set", ""), margin)
+        return registry.gate(client, name, chosen.front.val_mean, chosen.val_set, margin)
 
     def _log_front(self, study) -> None:
         from kdtune import tracking
@@ -270,56 +269,42 @@ class ParetoRun:
         tracking.log_metrics(client, parent, {"latency_measure_time_s": self.seconds,
                                               "pareto_front_size": len(self.rows)}, step=0)
         client.log_text(parent, self.table() + "\n", "results/pareto_front.txt")
-        client.log_text(parent, json.dumps(self.records(), indent=2), "results/pareto_front.json")
+        client.log_text(parent, json.dumps([row.record() for row in self.rows], indent=2), "results/pareto_front.json")
 
     # text --------------------------------------------------------------------------------------
-    def records(self) -> list[dict]:
-        out = []
-        for row in self.rows:
-            front, base = row["front"] or {}, row["baseline"] or {}
-            out.append({"student": row["student"], "precision": row["precision"],
-                        **{k: row["costs"][k] for k in (*COST_KEYS, "device", "runtime")},
-                        "search_val_acc": row["search_val"], "val_acc": front.get("val_mean"),
-                        "test_acc": front.get("test_mean"), "test_acc_std": front.get("test_std"),
-                        "baseline_val_acc": base.get("val_mean"), "baseline_test_acc": base.get("test_mean"),
-                        "baseline_tuned": row["baseline_tuned"], "seeds": front.get("n"),
-                        "version": row["version"], "alias": row["alias"], "hyperparameters": row["params"],
-                        **({"fp32_version": row["fp32_version"], "int8_speedup_vs_fp32_same_run": row["speed_ratio"]}
-                           if row["precision"] == "int8" else {})})
-        return out
-
     def table(self) -> str:
-        return format_front(self.records(), self.plan, self.device, self.dataset_name, self.seeds, self.seconds,
+        return format_front(self.rows, self.plan, self.device, self.dataset_name, self.seeds, self.seconds,
                             len(self.costs))
 
 
-def format_front(records: list[dict], plan: Pareto, device: str, dataset: str, seeds: int, seconds: float,
+def format_front(rows: list[FrontRow], plan: Pareto, device: str, dataset: str, seeds: int, seconds: float,
                  candidates: int) -> str:
     def pct(value):
         return "-" if value is None or value != value else f"{100 * value:.2f}"
 
-    def name(r):
-        return r["student"] + (" int8" if r.get("precision") == "int8" else "")
+    def name(r: FrontRow):
+        return r.student + (" int8" if r.precision == "int8" else "")
 
-    width = max([7] + [len(name(r)) for r in records])
+    width = max([7] + [len(name(r)) for r in rows])
     lines = [f"Pareto front of {dataset}: validation accuracy vs {COST_TEXT[plan.cost_key]} (chosen on validation; "
              f"test over {seeds} seed(s)); latency on {device}",
              f"{'student':<{width}}  {'ms b=1':>8}  {'ms/img':>8}  {'params':>9}  {'MFLOPs':>8}  {'val KD':>6}  "
              f"{'test KD':>7}  {'test no KD':>10}  {'gain':>8}  {'version':>9}"]
-    for r in records:
-        gain = (f"{100 * (r['test_acc'] - r['baseline_test_acc']):+.2f}pt"
-                if r["test_acc"] is not None and r["baseline_test_acc"] is not None else "-")
-        version = f"v{r['version']}" + (f" @{r['alias']}" if r["alias"] else "") if r["version"] else "-"
-        note = "" if r["baseline_tuned"] else "*"
-        lines.append(f"{name(r):<{width}}  {r['latency_ms_batch1']:>8.4f}  {r['latency_ms_per_image']:>8.5f}  "
-                     f"{r['params']:>9,}  {r['flops'] / 1e6:>8.3f}  {pct(r['val_acc']):>6}  {pct(r['test_acc']):>7}  "
-                     f"{pct(r['baseline_test_acc']) + note:>10}  {gain:>8}  {version:>9}")
-    for r in records:
-        if r.get("precision") == "int8":
-            lines.append(f"{name(r)}: post-training int8 of v{r['fp32_version']} (onnxruntime), "
-                         f"{r['int8_speedup_vs_fp32_same_run']:.2f}x the speed of its fp32 file at batch 1, timed "
+    for r in rows:
+        record = r.record()
+        gain = (f"{100 * (r.test_acc - r.baseline_test_acc):+.2f}pt"
+                if r.test_acc is not None and r.baseline_test_acc is not None else "-")
+        version = f"v{r.version}" + (f" @{r.alias}" if r.alias else "") if r.version else "-"
+        note = "" if r.baseline_tuned else "*"
+        lines.append(f"{name(r):<{width}}  {r.costs['latency_ms_batch1']:>8.4f}  {r.costs['latency_ms_per_image']:>8.5f}  "
+                     f"{r.costs['params']:>9,}  {r.costs['flops'] / 1e6:>8.3f}  {pct(record['val_acc']):>6}  "
+                     f"{pct(r.test_acc):>7}  {pct(r.baseline_test_acc) + note:>10}  {gain:>8}  {version:>9}")
+    for r in rows:
+        if r.precision == "int8":
+            lines.append(f"{name(r)}: post-training int8 of v{r.fp32_version} (onnxruntime), "
+                         f"{r.speed_ratio:.2f}x the speed of its fp32 file at batch 1, timed "
                          "side by side in one process")
-    if any(not r["baseline_tuned"] for r in records):
+    if any(not r.baseline_tuned for r in rows):
         lines.append("* the baseline search did not try this architecture: its baseline ran at the member's recipe values")
     budget = plan.budget_text()
     lines.append(f"champion rule: the most accurate member on validation{' within ' + budget if budget else ''}, "

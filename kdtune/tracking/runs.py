@@ -15,6 +15,7 @@ from torch import nn
 
 from kdtune import metric_writer, mlflow_auth
 from kdtune.errors import TrackingError
+from kdtune.scoped import environment_restored
 
 from kdtune.tags import FAILURE_TAG, MODEL_TAG, PARENT_TAG, TRIAL_KEY_TAG, WEIGHTS_TAG
 from kdtune.tracking.models import log_model
@@ -57,18 +58,13 @@ def tracking_at(uri: str):
     an environment variable, for subprocesses): unset both, then put the caller's variables back."""
     import mlflow
 
-    saved = {key: os.environ.get(key) for key in _TRACKING_ENV}
-    use_tracking(uri)
-    try:
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environment_restored(_TRACKING_ENV):
+        use_tracking(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
 
 
 def client_for(uri: str):
