@@ -132,7 +132,7 @@ class PhaseProgress(Callback):
             parts[0] += f", {counts['running']} running"
         best = counts["best"]
         if best is not None:
-            member, value = best
+            member, value, _ = best
             parts.append(f"best {_metric_text(value)} ({self._setting(member)})")
         elapsed = now - self._started if self._started is not None else 0.0
         if counts["running"] and self._first_running is None:
@@ -191,8 +191,10 @@ class PhaseProgress(Callback):
                     work += 1.0
                     continue
                 value = metrics.get(OBJECTIVE.metric)
-                if isinstance(value, (int, float)) and (best is None or OBJECTIVE.better(value, best[1])):
-                    best = (m, float(value))
+                if isinstance(value, (int, float)):  # ties broken as selection breaks them (the table agrees)
+                    rank = OBJECTIVE.rank(float(value), metrics.get(OBJECTIVE.tie_metric))
+                    if best is None or rank > best[2]:
+                        best = (m, float(value), rank)
                 if finished or ended:
                     done += 1
                     work += 1.0

@@ -93,6 +93,18 @@ def test_the_line_says_phase_runs_done_failed_running_best_setting_and_time_left
     assert "best val 91.00% (T=2)" in p.line(trials)  # a failed run is never the best
 
 
+def test_a_tie_on_validation_is_broken_as_the_table_breaks_it_by_the_lower_validation_loss():
+    p, _, _ = make(total=2, label_header="T")
+    a, b = trial("a", ["baseline"], status="TERMINATED"), trial("b", ["2"], status="TERMINATED")
+    report(a, baseline=(4, 0.90))
+    report(b, **{"2": (4, 0.90)})
+    for t, loss in ((a, 0.40), (b, 0.30)):  # the same accuracy: T=2 has the lower loss, so the table picks it
+        rows = json.loads(t.last_result[MEMBERS_KEY])
+        rows[0]["metrics"]["val_loss"] = loss
+        t.last_result[MEMBERS_KEY] = json.dumps(rows)
+    assert "best val 90.00% (T=2)" in p.line([a, b])
+
+
 @pytest.mark.parametrize("header, label, point, shown", [
     ("T", "2", "lr=0.03", "T=2 lr=0.03"), ("T", "baseline", "", "baseline"), ("method", "kd", "", "method=kd"),
     ("T", "T=2", "", "T=2"), ("configuration", "kd T=4 a=0.5", "", "kd T=4 a=0.5"),
