@@ -156,10 +156,16 @@ def test_a_pareto_study_registers_its_front_with_costs_and_picks_the_champion_wi
     front = json.loads(open(client.download_artifacts(result.parent_run_id, "results/pareto_front.json",
                                                       str(tmp_path))).read())
     assert [r["student"] for r in front] == students and all(r["baseline_test_acc"] is not None for r in front)
+    # what studies/pareto.py prints after the study: the front, and how many members it registered
+    from kdtune.pareto.script import print_result
+
+    capsys.readouterr()  # the study's own output
+    assert print_result(result) == 0
+    printed = capsys.readouterr().out
+    assert f"registered {len(students)} front member(s)" in printed and "Pareto front of digits" in printed
     # `kdtune models pareto NAME` lists the front, cheapest first, with its costs and the champion marked
     from kdtune.cli import main
 
-    capsys.readouterr()  # the study's own output
     assert main(["models", "pareto", "test-test_pareto", "--tracking-uri", mlflow_server.uri]) == 0
     listed = capsys.readouterr().out
     assert f"Pareto front of study run {result.parent_run_id} ({len(students)} members" in listed

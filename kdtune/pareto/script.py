@@ -186,7 +186,7 @@ def print_result(result) -> int:
     if decision:
         print(f"\nchampion: {decision.name} version {decision.version} -> @{decision.alias}: {decision.reason}")
     name = decision.name if decision else (result.spec.register_as or "NAME")
-    print(f"registered {sum(1 for r in run.rows if r['version'])} front member(s) (kdtune models pareto {name} "
+    print(f"registered {sum(1 for r in run.rows if r.version)} front member(s) (kdtune models pareto {name} "
           "lists them)")
     share = run.seconds / result.wall_time_s if result.wall_time_s else 0.0
     print(f"wall time {result.wall_time_s:.1f}s; latency measurement {run.seconds:.1f}s ({100 * share:.1f}% of it); "
