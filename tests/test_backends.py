@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
+from kdtune.scoped import environment_restored
 from kdtune.tracking import client_for, free_port, use_tracking
 
 pytestmark = pytest.mark.e2e
@@ -92,22 +93,18 @@ def s3_server():
     process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    aws = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+           "AWS_EC2_METADATA_DISABLED")
     try:
-        _wait_http(f"{endpoint}/", 30, process)
-        s3 = boto3.client("s3")
-        for bucket in (ARTIFACT_BUCKET, RESULTS_BUCKET):
-            s3.create_bucket(Bucket=bucket)
-        yield s3
+        with environment_restored(aws):
+            os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                              AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+            _wait_http(f"{endpoint}/", 30, process)
+            s3 = boto3.client("s3")
+            for bucket in (ARTIFACT_BUCKET, RESULTS_BUCKET):
+                s3.create_bucket(Bucket=bucket)
+            yield s3
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
 

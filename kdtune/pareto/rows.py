@@ -33,6 +33,10 @@ class FrontRow:
     tags: dict = field(default_factory=dict)
 
     @property
+    def val_acc(self) -> float | None:
+        return _mean(self.front, "val_mean")
+
+    @property
     def test_acc(self) -> float | None:
         return _mean(self.front, "test_mean")
 
@@ -44,7 +48,7 @@ class FrontRow:
         """The row as results/pareto_front.json holds it."""
         return {"student": self.student, "precision": self.precision,
                 **{k: self.costs[k] for k in (*COST_KEYS, "device", "runtime")},
-                "search_val_acc": self.search_val, "val_acc": _mean(self.front, "val_mean"),
+                "search_val_acc": self.search_val, "val_acc": self.val_acc,
                 "test_acc": self.test_acc, "test_acc_std": self.front.test_std if self.front else None,
                 "baseline_val_acc": _mean(self.baseline, "val_mean"), "baseline_test_acc": self.baseline_test_acc,
                 "baseline_tuned": self.baseline_tuned, "seeds": self.front.n if self.front else None,

@@ -291,13 +291,12 @@ def format_front(rows: list[FrontRow], plan: Pareto, device: str, dataset: str, 
              f"{'student':<{width}}  {'ms b=1':>8}  {'ms/img':>8}  {'params':>9}  {'MFLOPs':>8}  {'val KD':>6}  "
              f"{'test KD':>7}  {'test no KD':>10}  {'gain':>8}  {'version':>9}"]
     for r in rows:
-        record = r.record()
         gain = (f"{100 * (r.test_acc - r.baseline_test_acc):+.2f}pt"
                 if r.test_acc is not None and r.baseline_test_acc is not None else "-")
         version = f"v{r.version}" + (f" @{r.alias}" if r.alias else "") if r.version else "-"
         note = "" if r.baseline_tuned else "*"
         lines.append(f"{name(r):<{width}}  {r.costs['latency_ms_batch1']:>8.4f}  {r.costs['latency_ms_per_image']:>8.5f}  "
-                     f"{r.costs['params']:>9,}  {r.costs['flops'] / 1e6:>8.3f}  {pct(record['val_acc']):>6}  "
+                     f"{r.costs['params']:>9,}  {r.costs['flops'] / 1e6:>8.3f}  {pct(r.val_acc):>6}  "
                      f"{pct(r.test_acc):>7}  {pct(r.baseline_test_acc) + note:>10}  {gain:>8}  {version:>9}")
     for r in rows:
         if r.precision == "int8":
